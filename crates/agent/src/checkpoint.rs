@@ -1,0 +1,436 @@
+//! The manager thread and the checkpoint sequence.
+//!
+//! freeze -> `FROZEN` -> describe the process (kernel state, descriptors, memory map, page
+//! scan) -> suspend point -> stream the image -> `DONE` -> wait for `RESUME` (or be killed).
+//! Any failure before the stream ends releases the threads and reports `FAILED`: the
+//! program keeps running. The manager's own suspend point is where a restored manager
+//! continues ([`crate::restart::continue_manager`]).
+
+use crate::arch::{self, Ctx};
+use crate::fds::{self, FdTable};
+use crate::freeze::{self, FreezeError};
+use crate::global::*;
+use crate::libc;
+use crate::maps::{self, Maps};
+use crate::process;
+use crate::scan::{self, Scan, ScanError};
+use crate::scratch::Scratch;
+use crate::stream::Out;
+use crate::{ctl, restart};
+use core::ffi::c_void;
+use core::sync::atomic::Ordering;
+use limitless_image::ctl::{ckpt_flags, msg, Checkpoint, Done, Frozen, Hello};
+use limitless_image::format::*;
+use limitless_sys as sys;
+
+/// Starts the manager thread with every signal blocked.
+pub fn start_manager() {
+    let all: u64 = !0;
+    let mut old: u64 = 0;
+    let _ = sys::rt_sigprocmask(sys::SIG_SETMASK, Some(&all), Some(&mut old));
+    let mut attr = [0u64; 8];
+    let mut t: u64 = 0;
+    // SAFETY: `attr` is large enough for pthread_attr_t (56 bytes); the thread function has
+    // the right signature and takes no argument. This runs at load time.
+    unsafe {
+        libc::pthread_attr_init(attr.as_mut_ptr() as *mut c_void);
+        libc::pthread_attr_setstacksize(attr.as_mut_ptr() as *mut c_void, 512 * 1024);
+        libc::pthread_attr_setdetachstate(attr.as_mut_ptr() as *mut c_void, 1);
+        libc::pthread_create(&mut t, attr.as_ptr() as *const c_void, manager_main, core::ptr::null_mut());
+    }
+    let _ = sys::rt_sigprocmask(sys::SIG_SETMASK, Some(&old), None);
+}
+
+extern "C" fn manager_main(_: *mut c_void) -> *mut c_void {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string.
+    let _ = unsafe { sys::prctl(sys::PR_SET_NAME, b"limitless\0".as_ptr() as usize, 0, 0, 0) };
+    let hello = Hello {
+        pid: sys::getpid() as u32,
+        agent_version: crate::AGENT_VERSION,
+        ctl_fd: CTL_FD.load(Ordering::Relaxed),
+        sig_ckpt: SIG.load(Ordering::Relaxed) as u32,
+    };
+    let _ = ctl::send_wire(msg::HELLO, &hello);
+    serve();
+    core::ptr::null_mut()
+}
+
+/// Serves control requests until the supervisor goes away.
+pub fn serve() {
+    loop {
+        match ctl::recv() {
+            Ok(Some(p)) if p.kind == msg::CHECKPOINT => match Checkpoint::decode(&p.body[..p.len]) {
+                Some(c) if p.fd >= 0 => checkpoint(&c, p.fd),
+                _ => {
+                    if p.fd >= 0 {
+                        let _ = sys::close(p.fd);
+                    }
+                    ctl::send_text(msg::FAILED, &[b"bad checkpoint request"]);
+                }
+            },
+            Ok(Some(p)) => {
+                if p.fd >= 0 {
+                    let _ = sys::close(p.fd);
+                }
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+/// What the write phase needs (static: the manager's stack frames above its suspend point
+/// must not change while they are being written).
+struct Job {
+    out_fd: i32,
+    flags: u32,
+    freeze_ns: u64,
+    maps: *const Maps,
+    scan: *const Scan,
+    fds: *const FdTable,
+    membuf: *mut u8,
+    mem_fd: i32,
+    result: sys::Result<(u64, u64)>,
+    write_ns: u64,
+}
+
+static JOB: Shared<Job> = Shared::new(Job {
+    out_fd: -1,
+    flags: 0,
+    freeze_ns: 0,
+    maps: core::ptr::null(),
+    scan: core::ptr::null(),
+    fds: core::ptr::null(),
+    membuf: core::ptr::null_mut(),
+    mem_fd: -1,
+    result: Ok((0, 0)),
+    write_ns: 0,
+});
+
+fn fail(parts: &[&[u8]]) {
+    ctl::send_text(msg::FAILED, parts);
+}
+
+fn resident_pages() -> usize {
+    let mut b = [0u8; 128];
+    let n = process::read_file(b"/proc/self/statm\0", &mut b);
+    let mut it = b[..n].split(|&c| c == b' ');
+    it.next();
+    it.next().and_then(sys::parse_u64).map_or(0, |v| v.0 as usize)
+}
+
+fn checkpoint(c: &Checkpoint, out_fd: i32) {
+    let t0 = sys::monotonic_ns();
+    let resident = resident_pages();
+    let scratch = Scratch::new((64 << 20) + resident * 64 + (16 << 20));
+    let Ok(mut s) = scratch else {
+        let _ = sys::close(out_fd);
+        return fail(&[b"cannot reserve memory for the checkpoint"]);
+    };
+    let timeout = (c.freeze_timeout_ms.max(10) as u64) * 1_000_000;
+    if let Err(e) = freeze::freeze(timeout) {
+        freeze::thaw();
+        let _ = sys::close(out_fd);
+        return report_freeze_error(e, c.freeze_timeout_ms);
+    }
+    let freeze_ns = sys::monotonic_ns() - t0;
+    let threads = live_threads() + 1;
+    let _ = ctl::send_wire(msg::FROZEN, &Frozen { threads: threads as u32, reserved: 0, freeze_ns });
+
+    // The manager describes itself into the last slot.
+    let mi = NSLOTS.load(Ordering::Relaxed);
+    SLOTS[mi].tid.store(sys::gettid(), Ordering::Relaxed);
+    SLOTS[mi].state.store(slot::PARKED, Ordering::Relaxed);
+    // SAFETY: the manager owns its own slot; a null ucontext is allowed.
+    unsafe { freeze::describe(&mut *SLOTS[mi].info.get(), core::ptr::null()) };
+    // SAFETY: as above.
+    unsafe { (*SLOTS[mi].info.get()).role = role::MANAGER };
+    NSLOTS.store(mi + 1, Ordering::Release);
+    MANAGER_SLOT.store(mi, Ordering::Release);
+
+    // SAFETY: every other thread is parked; the manager owns the saved state.
+    let sv = unsafe { saved() };
+    process::save_kernel_state(sv);
+    let ctl_fd = CTL_FD.load(Ordering::Relaxed);
+    let fdt = match fds::collect(&mut s, sv, &[ctl_fd, out_fd], c.stdio_ino) {
+        Ok(t) => t,
+        Err(e) => {
+            freeze::thaw();
+            let _ = sys::close(out_fd);
+            return match e {
+                Ok(e) => {
+                    let mut d = [0u8; 20];
+                    fail(&[b"fd ", sys::fmt_u64(e.fd as u64, &mut d), b" (", &e.path[..e.path_len], b") is ", e.what.as_bytes()])
+                }
+                Err(_) => fail(&[b"cannot list the open file descriptors"]),
+            };
+        }
+    };
+    if let Some(child) = has_children() {
+        freeze::thaw();
+        let _ = sys::close(out_fd);
+        let mut d = [0u8; 20];
+        return fail(&[b"the program has a child process (pid ", sys::fmt_u64(child, &mut d), b"); process trees are not supported yet"]);
+    }
+    let cap = 16 << 20;
+    let maps = match maps::read(&mut s, cap) {
+        Ok(m) => m,
+        Err(_) => {
+            freeze::thaw();
+            let _ = sys::close(out_fd);
+            return fail(&[b"cannot read /proc/self/maps"]);
+        }
+    };
+    let max_wins = resident + 2 * maps.n + 1024;
+    let scan = match scan::scan(&maps, &mut s, max_wins) {
+        Ok(sc) => sc,
+        Err(e) => {
+            freeze::thaw();
+            let _ = sys::close(out_fd);
+            return match e {
+                ScanError::Unsupported(u) => {
+                    let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+                    let name = &maps.text[u.name_off as usize..(u.name_off + u.name_len) as usize];
+                    fail(&[b"memory area ", sys::fmt_hex(u.start, &mut a), b"-", sys::fmt_hex(u.end, &mut b), b" ", name, b" is ", u.why.as_bytes()])
+                }
+                ScanError::NoMem => fail(&[b"the checkpoint ran out of scratch memory"]),
+                ScanError::Io(e) => {
+                    let mut d = [0u8; 20];
+                    fail(&[b"cannot read /proc/self/pagemap or /proc/self/mem (errno ", sys::fmt_u64(e.0 as u64, &mut d), b")"])
+                }
+            };
+        }
+    };
+    let membuf = s.array::<u8>((WINDOW_PAGES * PAGE) as usize);
+    let mem_fd = sys::openat(sys::AT_FDCWD, b"/proc/self/mem\0", sys::O_RDONLY | sys::O_CLOEXEC, 0).unwrap_or(-1);
+    GENERATION.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: the manager owns JOB during a checkpoint.
+    unsafe {
+        let j = &mut *JOB.ptr();
+        j.out_fd = out_fd;
+        j.flags = c.flags;
+        j.freeze_ns = freeze_ns;
+        j.maps = &maps;
+        j.scan = &scan;
+        j.fds = &fdt;
+        j.membuf = membuf.map_or(core::ptr::null_mut(), |m| m.as_mut_ptr());
+        j.mem_fd = mem_fd;
+        j.result = Ok((0, 0));
+    }
+    // SAFETY: the manager's context lives in its slot (static memory, part of the image).
+    let r = unsafe { arch::suspend_point(SLOTS[mi].ctx.get(), write_image) };
+    if r != 0 {
+        // This is a restored process: the scratch mapping, the maps and the scan no longer
+        // exist; do not touch or unmap them.
+        core::mem::forget(s);
+        core::mem::forget(fdt);
+        core::mem::forget(maps);
+        core::mem::forget(scan);
+        restart::continue_manager();
+        return;
+    }
+    if mem_fd >= 0 {
+        let _ = sys::close(mem_fd);
+    }
+    let _ = sys::close(out_fd);
+    // SAFETY: the write phase is over; the manager owns JOB.
+    let (result, write_ns) = unsafe { ((*JOB.ptr()).result, (*JOB.ptr()).write_ns) };
+    drop(s);
+    match result {
+        Ok((bytes, pages)) => {
+            let _ = ctl::send_wire(msg::DONE, &Done { bytes, pages, write_ns });
+        }
+        Err(e) => {
+            let mut d = [0u8; 20];
+            fail(&[b"writing the image failed (errno ", sys::fmt_u64(e.0 as u64, &mut d), b")"]);
+        }
+    }
+    // Wait for the supervisor: RESUME, or it kills the process.
+    loop {
+        match ctl::recv() {
+            Ok(Some(p)) => {
+                if p.fd >= 0 {
+                    let _ = sys::close(p.fd);
+                }
+                if p.kind == msg::RESUME {
+                    break;
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    freeze::thaw();
+}
+
+fn live_threads() -> usize {
+    SLOTS.iter().take(NSLOTS.load(Ordering::Relaxed)).filter(|s| s.state.load(Ordering::Acquire) == slot::PARKED).count()
+}
+
+fn report_freeze_error(e: FreezeError, timeout_ms: u32) {
+    let mut d = [0u8; 20];
+    let mut t = [0u8; 20];
+    match e {
+        FreezeError::Stuck(tid) => {
+            let mut comm = [0u8; 32];
+            let mut path = [0u8; 64];
+            let pre = b"/proc/self/task/";
+            path[..pre.len()].copy_from_slice(pre);
+            let ds = sys::fmt_u64(tid as u64, &mut d);
+            let mut n = pre.len();
+            path[n..n + ds.len()].copy_from_slice(ds);
+            n += ds.len();
+            path[n..n + 6].copy_from_slice(b"/comm\0");
+            let cl = process::read_file(&path[..n + 6], &mut comm);
+            let name = comm[..cl].strip_suffix(b"\n").unwrap_or(&comm[..cl]);
+            let mut d2 = [0u8; 20];
+            fail(&[
+                b"thread ",
+                sys::fmt_u64(tid as u64, &mut d2),
+                b" (",
+                name,
+                b") did not stop within ",
+                sys::fmt_u64(timeout_ms as u64, &mut t),
+                b" ms; it may block the checkpoint signal",
+            ])
+        }
+        FreezeError::TooMany => fail(&[b"the program has more threads than the agent supports (", sys::fmt_u64(MAX_THREADS as u64, &mut d), b")"]),
+        FreezeError::Proc(e) => fail(&[b"cannot list the program's threads in /proc/self/task (errno ", sys::fmt_u64(e.0 as u64, &mut d), b")"]),
+    }
+}
+
+/// The pid of a child process of any thread, if there is one.
+fn has_children() -> Option<u64> {
+    for s in SLOTS.iter().take(NSLOTS.load(Ordering::Relaxed)) {
+        if s.state.load(Ordering::Acquire) != slot::PARKED {
+            continue;
+        }
+        let mut path = [0u8; 64];
+        let pre = b"/proc/self/task/";
+        path[..pre.len()].copy_from_slice(pre);
+        let mut d = [0u8; 20];
+        let ds = sys::fmt_u64(s.tid.load(Ordering::Relaxed) as u64, &mut d);
+        let mut n = pre.len();
+        path[n..n + ds.len()].copy_from_slice(ds);
+        n += ds.len();
+        path[n..n + 10].copy_from_slice(b"/children\0");
+        let mut b = [0u8; 64];
+        let len = process::read_file(&path[..n + 10], &mut b);
+        if let Some((pid, _)) = sys::parse_u64(&b[..len]) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// The write phase, run at the manager's suspend point.
+unsafe extern "C" fn write_image(_ctx: *mut Ctx) -> u64 {
+    let t0 = sys::monotonic_ns();
+    // SAFETY: the manager owns JOB; the pointers in it refer to its live stack frame.
+    let j = unsafe { &mut *JOB.ptr() };
+    // SAFETY: as above.
+    let (maps, scan, fdt) = unsafe { (&*j.maps, &*j.scan, &*j.fds) };
+    let mut buf = [0u8; 65536];
+    let mut out = Out::new(j.out_fd, &mut buf);
+    let r = write_all(&mut out, j, maps, scan, fdt, t0);
+    j.write_ns = sys::monotonic_ns() - t0;
+    j.result = r.map(|_| (out.bytes, scan.pages));
+    0
+}
+
+fn write_all(out: &mut Out, j: &Job, maps: &Maps, scan: &Scan, fdt: &FdTable, t0: u64) -> sys::Result<()> {
+    // SAFETY: the manager owns the saved state during a checkpoint.
+    let sv = unsafe { saved() };
+    let mut p = ProcessInfo::zeroed();
+    let mut exe = [0u8; 4096];
+    process::describe(sv, &mut p, &mut exe);
+    let threads: usize = SLOTS.iter().take(NSLOTS.load(Ordering::Relaxed)).filter(|s| s.state.load(Ordering::Acquire) == slot::PARKED).count();
+    p.thread_count = threads as u32;
+    p.vma_count = scan.n_areas as u32;
+    p.fd_count = fdt.n as u32;
+    p.vdso = scan.vdso;
+    p.vdso.vdso_hash = scan.vdso_hash;
+    if j.flags & ckpt_flags::LEAVE_RUNNING != 0 {
+        p.flags |= pflags::LEFT_RUNNING;
+    }
+    if sv.main_exited {
+        p.flags |= pflags::MAIN_EXITED;
+    }
+    let mut pb = [0u8; ProcessInfo::SIZE];
+    p.encode(&mut pb).ok_or(sys::Errno::EINVAL)?;
+    out.record(kind::PROCESS, &[&pb, &sv.cwd[..p.cwd_len as usize], &exe[..p.exe_len as usize]])?;
+    for s in SLOTS.iter().take(NSLOTS.load(Ordering::Relaxed)) {
+        if s.state.load(Ordering::Acquire) != slot::PARKED {
+            continue;
+        }
+        // SAFETY: parked threads published their info; the manager wrote its own.
+        let (mut info, ctx) = unsafe { (*s.info.get(), *s.ctx.get()) };
+        info.ctx = SavedCtx {
+            rbx: ctx.rbx,
+            rbp: ctx.rbp,
+            r12: ctx.r12,
+            r13: ctx.r13,
+            r14: ctx.r14,
+            r15: ctx.r15,
+            rsp: ctx.rsp,
+            rip: ctx.rip,
+            mxcsr: ctx.mxcsr,
+            fcw: ctx.fcw & 0xffff,
+        };
+        out.wire(kind::THREAD, &info, &[])?;
+    }
+    for a in scan.areas[..scan.n_areas].iter() {
+        let mut v = a.info;
+        let name = &maps.text[a.name_off as usize..(a.name_off + a.name_len) as usize];
+        v.name_len = name.len() as u32;
+        out.wire(kind::VMA, &v, name)?;
+    }
+    for r in fdt.recs[..fdt.n].iter() {
+        out.wire(kind::FD, &r.info, fdt.path(r))?;
+    }
+    for w in scan.wins[..scan.n_wins].iter() {
+        let area = &scan.areas[w.area as usize];
+        let mut runs = [(0usize, 0usize); 130];
+        let mut nr = 0;
+        if area.via_mem {
+            if j.membuf.is_null() || j.mem_fd < 0 {
+                return Err(sys::Errno::ENOMEM);
+            }
+            let mut off = 0usize;
+            let mut err = None;
+            w.hdr.runs(|a, l| {
+                // SAFETY: membuf holds WINDOW_PAGES pages; the runs of one window fit.
+                let dst = unsafe { core::slice::from_raw_parts_mut(j.membuf.add(off), l as usize) };
+                scan::read_mem(j.mem_fd, dst, a);
+                if nr < runs.len() {
+                    runs[nr] = (j.membuf as usize + off, l as usize);
+                    nr += 1;
+                } else {
+                    err = Some(sys::Errno::EINVAL);
+                }
+                off += l as usize;
+            });
+            if let Some(e) = err {
+                return Err(e);
+            }
+        } else {
+            w.hdr.runs(|a, l| {
+                if nr < runs.len() {
+                    runs[nr] = (a as usize, l as usize);
+                    nr += 1;
+                }
+            });
+        }
+        // SAFETY: the runs are present pages of readable areas (the program is frozen), or
+        // the scratch buffer just filled.
+        unsafe { out.pages(&w.hdr, &runs[..nr])? };
+    }
+    let end = EndInfo {
+        records: out.records + 1,
+        pages: scan.pages,
+        zero_pages: scan.zero_pages,
+        freeze_ns: j.freeze_ns,
+        write_ns: sys::monotonic_ns() - t0,
+        reserved: [0; 3],
+    };
+    out.wire(kind::END, &end, &[])?;
+    out.flush()
+}

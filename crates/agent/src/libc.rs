@@ -1,0 +1,135 @@
+//! The few libc functions the agent uses, all at load time or on the program's own threads
+//! (never while threads are frozen): symbol lookup for the interposed functions, the
+//! manager thread, fork handling, and `errno`.
+
+use crate::global::{Saved, ACTIVE, CTL_FD, RSEQ_OFFSET, RSEQ_SIZE};
+use core::ffi::c_void;
+use core::sync::atomic::{AtomicUsize, Ordering};
+use limitless_sys as sys;
+
+#[link(name = "c")]
+extern "C" {
+    fn dlsym(handle: *mut c_void, name: *const u8) -> *mut c_void;
+    fn pthread_atfork(prepare: Option<extern "C" fn()>, parent: Option<extern "C" fn()>, child: Option<extern "C" fn()>) -> i32;
+    fn gnu_get_libc_version() -> *const u8;
+    fn __errno_location() -> *mut i32;
+    pub fn pthread_create(t: *mut u64, attr: *const c_void, f: extern "C" fn(*mut c_void) -> *mut c_void, arg: *mut c_void) -> i32;
+    pub fn pthread_attr_init(attr: *mut c_void) -> i32;
+    pub fn pthread_attr_setstacksize(attr: *mut c_void, size: usize) -> i32;
+    pub fn pthread_attr_setdetachstate(attr: *mut c_void, state: i32) -> i32;
+}
+
+const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
+const RTLD_DEFAULT: *mut c_void = core::ptr::null_mut();
+
+/// The next definition of each interposed function (0: not found yet).
+pub struct Next {
+    pub sigaction: AtomicUsize,
+    pub signal: AtomicUsize,
+    pub sigprocmask: AtomicUsize,
+    pub pthread_sigmask: AtomicUsize,
+    pub sigsuspend: AtomicUsize,
+    pub close: AtomicUsize,
+    pub close_range: AtomicUsize,
+    pub closefrom: AtomicUsize,
+    pub dup2: AtomicUsize,
+    pub dup3: AtomicUsize,
+    pub nanosleep: AtomicUsize,
+    pub clock_nanosleep: AtomicUsize,
+    pub sem_wait: AtomicUsize,
+    pub sem_timedwait: AtomicUsize,
+}
+
+pub static NEXT: Next = Next {
+    sigaction: AtomicUsize::new(0),
+    signal: AtomicUsize::new(0),
+    sigprocmask: AtomicUsize::new(0),
+    pthread_sigmask: AtomicUsize::new(0),
+    sigsuspend: AtomicUsize::new(0),
+    close: AtomicUsize::new(0),
+    close_range: AtomicUsize::new(0),
+    closefrom: AtomicUsize::new(0),
+    dup2: AtomicUsize::new(0),
+    dup3: AtomicUsize::new(0),
+    nanosleep: AtomicUsize::new(0),
+    clock_nanosleep: AtomicUsize::new(0),
+    sem_wait: AtomicUsize::new(0),
+    sem_timedwait: AtomicUsize::new(0),
+};
+
+/// Looks up the next definition of `name` (NUL-terminated), caching it in `slot`.
+pub fn next(slot: &AtomicUsize, name: &[u8]) -> usize {
+    let v = slot.load(Ordering::Relaxed);
+    if v != 0 {
+        return v;
+    }
+    // SAFETY: `name` is NUL-terminated; dlsym is called on a program thread outside any
+    // checkpoint (wrappers and init only).
+    let p = unsafe { dlsym(RTLD_NEXT, name.as_ptr()) } as usize;
+    slot.store(p, Ordering::Relaxed);
+    p
+}
+
+/// Resolves everything at load time so that wrappers rarely need `dlsym` later.
+pub fn init(sv: &mut Saved) {
+    let n = &NEXT;
+    for (slot, name) in [
+        (&n.sigaction, &b"sigaction\0"[..]),
+        (&n.signal, b"signal\0"),
+        (&n.sigprocmask, b"sigprocmask\0"),
+        (&n.pthread_sigmask, b"pthread_sigmask\0"),
+        (&n.sigsuspend, b"sigsuspend\0"),
+        (&n.close, b"close\0"),
+        (&n.close_range, b"close_range\0"),
+        (&n.closefrom, b"closefrom\0"),
+        (&n.dup2, b"dup2\0"),
+        (&n.dup3, b"dup3\0"),
+        (&n.nanosleep, b"nanosleep\0"),
+        (&n.clock_nanosleep, b"clock_nanosleep\0"),
+        (&n.sem_wait, b"sem_wait\0"),
+        (&n.sem_timedwait, b"sem_timedwait\0"),
+    ] {
+        next(slot, name);
+    }
+    // SAFETY: plain symbol lookups with NUL-terminated names.
+    unsafe {
+        let off = dlsym(RTLD_DEFAULT, b"__rseq_offset\0".as_ptr()) as *const isize;
+        let size = dlsym(RTLD_DEFAULT, b"__rseq_size\0".as_ptr()) as *const u32;
+        if !off.is_null() && !size.is_null() {
+            RSEQ_OFFSET.store(*off as u64, Ordering::Relaxed);
+            RSEQ_SIZE.store(*size, Ordering::Relaxed);
+        }
+        let v = gnu_get_libc_version();
+        if !v.is_null() {
+            let mut i = 0;
+            while i < sv.glibc_version.len() && *v.add(i) != 0 {
+                sv.glibc_version[i] = *v.add(i);
+                i += 1;
+            }
+        }
+        pthread_atfork(None, None, Some(after_fork_child));
+    }
+}
+
+/// In a child made by `fork`, the agent is dormant: the manager thread does not exist
+/// there and the control socket belongs to the parent.
+extern "C" fn after_fork_child() {
+    if ACTIVE.swap(false, Ordering::AcqRel) {
+        let fd = CTL_FD.swap(-1, Ordering::AcqRel);
+        if fd >= 0 {
+            let _ = sys::close(fd);
+        }
+    }
+}
+
+/// Sets the calling thread's `errno`.
+pub fn set_errno(e: i32) {
+    // SAFETY: __errno_location returns the calling thread's errno slot.
+    unsafe { *__errno_location() = e };
+}
+
+/// The calling thread's `errno`.
+pub fn get_errno() -> i32 {
+    // SAFETY: __errno_location returns the calling thread's errno slot.
+    unsafe { *__errno_location() }
+}

@@ -1,0 +1,125 @@
+//! Writes the agent's record stream to the fd the supervisor passed: small records through
+//! a buffer, page data straight from the program's memory with `writev`.
+
+use limitless_image::format::{PagesHeader, RecordHeader};
+use limitless_image::wire::Wire;
+use limitless_sys as sys;
+
+/// A buffered writer of records.
+pub struct Out<'a> {
+    fd: i32,
+    buf: &'a mut [u8],
+    len: usize,
+    pub bytes: u64,
+    pub records: u64,
+}
+
+impl<'a> Out<'a> {
+    pub fn new(fd: i32, buf: &'a mut [u8]) -> Self {
+        Out { fd, buf, len: 0, bytes: 0, records: 0 }
+    }
+
+    fn put(&mut self, mut b: &[u8]) -> sys::Result<()> {
+        while !b.is_empty() {
+            if self.len == self.buf.len() {
+                self.flush()?;
+            }
+            let k = b.len().min(self.buf.len() - self.len);
+            self.buf[self.len..self.len + k].copy_from_slice(&b[..k]);
+            self.len += k;
+            b = &b[k..];
+        }
+        Ok(())
+    }
+
+    /// Writes out the buffer.
+    pub fn flush(&mut self) -> sys::Result<()> {
+        sys::write_all(self.fd, &self.buf[..self.len])?;
+        self.bytes += self.len as u64;
+        self.len = 0;
+        Ok(())
+    }
+
+    /// Appends a record whose payload is the concatenation of `parts`.
+    pub fn record(&mut self, kind: u32, parts: &[&[u8]]) -> sys::Result<()> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let h = RecordHeader { kind, flags: 0, stored_len: total as u64, raw_len: total as u64, reserved: 0 };
+        let mut hb = [0u8; RecordHeader::SIZE];
+        h.put(&mut hb);
+        self.put(&hb)?;
+        for p in parts {
+            self.put(p)?;
+        }
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Appends a record made of one wire structure and an optional byte tail.
+    pub fn wire<T: Wire>(&mut self, kind: u32, v: &T, tail: &[u8]) -> sys::Result<()> {
+        let mut b = [0u8; 4096];
+        if T::SIZE > b.len() {
+            return Err(sys::Errno::EINVAL);
+        }
+        v.put(&mut b);
+        self.record(kind, &[&b[..T::SIZE], tail])
+    }
+
+    /// Appends a `PAGES` record whose data comes from `runs` (address, length) of memory.
+    ///
+    /// # Safety
+    /// Every run must be readable memory of this process.
+    pub unsafe fn pages(&mut self, h: &PagesHeader, runs: &[(usize, usize)]) -> sys::Result<()> {
+        self.flush()?;
+        let data: usize = runs.iter().map(|r| r.1).sum();
+        let rh = RecordHeader {
+            kind: limitless_image::format::kind::PAGES,
+            flags: 0,
+            stored_len: (PagesHeader::SIZE + data) as u64,
+            raw_len: (PagesHeader::SIZE + data) as u64,
+            reserved: 0,
+        };
+        let mut hb = [0u8; RecordHeader::SIZE + PagesHeader::SIZE];
+        rh.put(&mut hb);
+        h.put(&mut hb[RecordHeader::SIZE..]);
+        let mut iov = [sys::Iovec { base: 0, len: 0 }; 160];
+        iov[0] = sys::Iovec { base: hb.as_ptr() as usize, len: hb.len() };
+        let mut n = 1;
+        for &(a, l) in runs {
+            if n == iov.len() {
+                return Err(sys::Errno::EINVAL);
+            }
+            iov[n] = sys::Iovec { base: a, len: l };
+            n += 1;
+        }
+        // SAFETY: the caller guarantees the runs are readable; the header lives on our stack.
+        unsafe { writev_all(self.fd, &mut iov[..n])? };
+        self.bytes += (hb.len() + data) as u64;
+        self.records += 1;
+        Ok(())
+    }
+}
+
+/// `writev` until everything is written.
+///
+/// # Safety
+/// Every iovec must describe readable memory.
+unsafe fn writev_all(fd: i32, mut iov: &mut [sys::Iovec]) -> sys::Result<()> {
+    while !iov.is_empty() {
+        // SAFETY: forwarded to the caller.
+        let mut done = match unsafe { sys::writev(fd, iov) } {
+            Ok(0) => return Err(sys::Errno::EIO),
+            Ok(n) => n,
+            Err(sys::Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        };
+        while !iov.is_empty() && done >= iov[0].len {
+            done -= iov[0].len;
+            iov = &mut iov[1..];
+        }
+        if done > 0 {
+            iov[0].base += done;
+            iov[0].len -= done;
+        }
+    }
+    Ok(())
+}

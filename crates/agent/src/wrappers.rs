@@ -1,0 +1,352 @@
+//! Functions the agent interposes (by `LD_PRELOAD` symbol precedence) so that the program
+//! cannot take the checkpoint away from it, and so that a checkpoint stays invisible:
+//!
+//! - the checkpoint signal cannot be blocked (`sigprocmask`, `pthread_sigmask`,
+//!   `sigsuspend`) or given another handler (`sigaction`, `signal`);
+//! - the control socket cannot be closed (`close`, `close_range`, `closefrom`) or
+//!   overwritten (`dup2`, `dup3` move it out of the way first);
+//! - sleeps and semaphore waits interrupted by a checkpoint carry on instead of returning
+//!   `EINTR` (`nanosleep`, `clock_nanosleep`, `sleep`, `usleep`, `sem_wait`,
+//!   `sem_timedwait`). Other blocking calls are restarted by the kernel (`SA_RESTART`) or
+//!   return `EINTR` as POSIX allows (see docs/engine.md).
+//!
+//! These run on the program's own threads, never while a checkpoint is freezing them, so
+//! calling the next definition through libc is fine.
+
+use crate::global::{ACTIVE, CTL_FD, EPOCH, SIG};
+use crate::libc::{next, set_errno, NEXT};
+use core::sync::atomic::Ordering;
+use limitless_sys as sys;
+
+const EINTR: i32 = 4;
+const EBADF: i32 = 9;
+const EINVAL: i32 = 22;
+const TIMER_ABSTIME: i32 = 1;
+
+fn ours(sig: i32) -> bool {
+    ACTIVE.load(Ordering::Relaxed) && sig == SIG.load(Ordering::Relaxed)
+}
+
+fn ctl() -> i32 {
+    if ACTIVE.load(Ordering::Relaxed) {
+        CTL_FD.load(Ordering::Relaxed)
+    } else {
+        -1
+    }
+}
+
+macro_rules! call_next {
+    ($slot:ident, $name:literal, fn($($t:ty),*) -> $r:ty, $($a:expr),*) => {{
+        let p = next(&NEXT.$slot, concat!($name, "\0").as_bytes());
+        if p == 0 {
+            set_errno(38);
+            return !0 as $r;
+        }
+        // SAFETY: `p` is the next definition of this libc function, with this signature.
+        let f: unsafe extern "C" fn($($t),*) -> $r = unsafe { core::mem::transmute(p) };
+        // SAFETY: the arguments are the caller's, passed through unchanged or as valid copies.
+        unsafe { f($($a),*) }
+    }};
+}
+
+/// A copy of a 128-byte `sigset_t` without the checkpoint signal.
+///
+/// # Safety
+/// `set` must point at a `sigset_t`.
+unsafe fn strip(set: *const u64) -> [u64; 16] {
+    let mut c = [0u64; 16];
+    // SAFETY: the caller passes a full sigset_t (128 bytes).
+    unsafe { core::ptr::copy_nonoverlapping(set, c.as_mut_ptr(), 16) };
+    let sig = SIG.load(Ordering::Relaxed);
+    if ACTIVE.load(Ordering::Relaxed) {
+        c[0] &= !(1u64 << (sig - 1));
+    }
+    c
+}
+
+/// `sigaction(2)`: the checkpoint signal's handler cannot be replaced.
+///
+/// # Safety
+/// As for libc `sigaction`.
+#[no_mangle]
+pub unsafe extern "C" fn sigaction(sig: i32, act: *const u8, old: *mut u8) -> i32 {
+    if ours(sig) {
+        if !old.is_null() {
+            // SAFETY: glibc's struct sigaction is 152 bytes; all-zero means SIG_DFL.
+            unsafe { core::ptr::write_bytes(old, 0, 152) };
+        }
+        if !act.is_null() {
+            set_errno(EINVAL);
+            return -1;
+        }
+        return 0;
+    }
+    call_next!(sigaction, "sigaction", fn(i32, *const u8, *mut u8) -> i32, sig, act, old)
+}
+
+/// `signal(2)`.
+///
+/// # Safety
+/// As for libc `signal`.
+#[no_mangle]
+pub unsafe extern "C" fn signal(sig: i32, handler: usize) -> usize {
+    if ours(sig) {
+        set_errno(EINVAL);
+        return usize::MAX; // SIG_ERR
+    }
+    call_next!(signal, "signal", fn(i32, usize) -> usize, sig, handler)
+}
+
+/// `sigprocmask(2)`: the checkpoint signal stays unblocked.
+///
+/// # Safety
+/// As for libc `sigprocmask`.
+#[no_mangle]
+pub unsafe extern "C" fn sigprocmask(how: i32, set: *const u64, old: *mut u64) -> i32 {
+    if !set.is_null() && how != sys::SIG_UNBLOCK {
+        // SAFETY: `set` is a sigset_t from the caller.
+        let c = unsafe { strip(set) };
+        return call_next!(sigprocmask, "sigprocmask", fn(i32, *const u64, *mut u64) -> i32, how, c.as_ptr(), old);
+    }
+    call_next!(sigprocmask, "sigprocmask", fn(i32, *const u64, *mut u64) -> i32, how, set, old)
+}
+
+/// `pthread_sigmask(3)`: the checkpoint signal stays unblocked.
+///
+/// # Safety
+/// As for libc `pthread_sigmask`.
+#[no_mangle]
+pub unsafe extern "C" fn pthread_sigmask(how: i32, set: *const u64, old: *mut u64) -> i32 {
+    if !set.is_null() && how != sys::SIG_UNBLOCK {
+        // SAFETY: `set` is a sigset_t from the caller.
+        let c = unsafe { strip(set) };
+        return call_next!(pthread_sigmask, "pthread_sigmask", fn(i32, *const u64, *mut u64) -> i32, how, c.as_ptr(), old);
+    }
+    call_next!(pthread_sigmask, "pthread_sigmask", fn(i32, *const u64, *mut u64) -> i32, how, set, old)
+}
+
+/// `sigsuspend(2)`.
+///
+/// # Safety
+/// As for libc `sigsuspend`.
+#[no_mangle]
+pub unsafe extern "C" fn sigsuspend(mask: *const u64) -> i32 {
+    if mask.is_null() {
+        return call_next!(sigsuspend, "sigsuspend", fn(*const u64) -> i32, mask);
+    }
+    // SAFETY: `mask` is a sigset_t from the caller.
+    let c = unsafe { strip(mask) };
+    call_next!(sigsuspend, "sigsuspend", fn(*const u64) -> i32, c.as_ptr())
+}
+
+/// `close(2)`: the control socket cannot be closed.
+///
+/// # Safety
+/// As for libc `close`.
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: i32) -> i32 {
+    if fd >= 0 && fd == ctl() {
+        set_errno(EBADF);
+        return -1;
+    }
+    call_next!(close, "close", fn(i32) -> i32, fd)
+}
+
+/// `close_range(2)`: skips the control socket.
+///
+/// # Safety
+/// As for libc `close_range`.
+#[no_mangle]
+pub unsafe extern "C" fn close_range(first: u32, last: u32, flags: i32) -> i32 {
+    let c = ctl();
+    if c >= 0 && first <= c as u32 && c as u32 <= last {
+        let c = c as u32;
+        if c > first {
+            let r = call_next!(close_range, "close_range", fn(u32, u32, i32) -> i32, first, c - 1, flags);
+            if r != 0 {
+                return r;
+            }
+        }
+        if c < last {
+            return call_next!(close_range, "close_range", fn(u32, u32, i32) -> i32, c + 1, last, flags);
+        }
+        return 0;
+    }
+    call_next!(close_range, "close_range", fn(u32, u32, i32) -> i32, first, last, flags)
+}
+
+/// `closefrom(3)`: skips the control socket.
+///
+/// # Safety
+/// As for libc `closefrom`.
+#[no_mangle]
+pub unsafe extern "C" fn closefrom(low: i32) {
+    let c = ctl();
+    if c >= 0 && c >= low {
+        if c > low {
+            let _ = sys::close_range(low as u32, c as u32 - 1, 0);
+        }
+        let _ = sys::close_range(c as u32 + 1, u32::MAX, 0);
+        return;
+    }
+    let p = next(&NEXT.closefrom, b"closefrom\0");
+    if p != 0 {
+        // SAFETY: `p` is libc's closefrom.
+        let f: unsafe extern "C" fn(i32) = unsafe { core::mem::transmute(p) };
+        // SAFETY: forwarding the caller's argument.
+        unsafe { f(low) }
+    }
+}
+
+/// Moves the control socket to another descriptor when the program wants its number.
+fn evict_ctl(new: i32) {
+    let c = ctl();
+    if c >= 0 && new == c {
+        if let Ok(n) = sys::fcntl(c, sys::F_DUPFD, (c as usize).max(100) + 1) {
+            CTL_FD.store(n as i32, Ordering::Release);
+            crate::env_set_fd(n as i32);
+        }
+    }
+}
+
+/// `dup2(2)`.
+///
+/// # Safety
+/// As for libc `dup2`.
+#[no_mangle]
+pub unsafe extern "C" fn dup2(old: i32, new: i32) -> i32 {
+    if old != new {
+        evict_ctl(new);
+    }
+    call_next!(dup2, "dup2", fn(i32, i32) -> i32, old, new)
+}
+
+/// `dup3(2)`.
+///
+/// # Safety
+/// As for libc `dup3`.
+#[no_mangle]
+pub unsafe extern "C" fn dup3(old: i32, new: i32, flags: i32) -> i32 {
+    if old != new {
+        evict_ctl(new);
+    }
+    call_next!(dup3, "dup3", fn(i32, i32, i32) -> i32, old, new, flags)
+}
+
+/// `nanosleep(2)`: a checkpoint does not cut the sleep short.
+///
+/// # Safety
+/// As for libc `nanosleep`.
+#[no_mangle]
+pub unsafe extern "C" fn nanosleep(req: *const sys::Timespec, rem: *mut sys::Timespec) -> i32 {
+    if req.is_null() {
+        return call_next!(nanosleep, "nanosleep", fn(*const sys::Timespec, *mut sys::Timespec) -> i32, req, rem);
+    }
+    // SAFETY: `req` is the caller's timespec.
+    let mut want = unsafe { *req };
+    loop {
+        let e0 = EPOCH.load(Ordering::Acquire);
+        let mut left = sys::Timespec::default();
+        let r = call_next!(nanosleep, "nanosleep", fn(*const sys::Timespec, *mut sys::Timespec) -> i32, &want, &mut left);
+        if r == -1 && errno() == EINTR && EPOCH.load(Ordering::Acquire) != e0 {
+            want = left;
+            continue;
+        }
+        if r == -1 && !rem.is_null() {
+            // SAFETY: `rem` is the caller's timespec.
+            unsafe { *rem = left };
+        }
+        return r;
+    }
+}
+
+/// `clock_nanosleep(2)`.
+///
+/// # Safety
+/// As for libc `clock_nanosleep`.
+#[no_mangle]
+pub unsafe extern "C" fn clock_nanosleep(clock: i32, flags: i32, req: *const sys::Timespec, rem: *mut sys::Timespec) -> i32 {
+    if req.is_null() {
+        return call_next!(clock_nanosleep, "clock_nanosleep", fn(i32, i32, *const sys::Timespec, *mut sys::Timespec) -> i32, clock, flags, req, rem);
+    }
+    // SAFETY: `req` is the caller's timespec.
+    let mut want = unsafe { *req };
+    loop {
+        let e0 = EPOCH.load(Ordering::Acquire);
+        let mut left = sys::Timespec::default();
+        let r = call_next!(clock_nanosleep, "clock_nanosleep", fn(i32, i32, *const sys::Timespec, *mut sys::Timespec) -> i32, clock, flags, &want, &mut left);
+        if r == EINTR && EPOCH.load(Ordering::Acquire) != e0 {
+            if flags & TIMER_ABSTIME == 0 {
+                want = left;
+            }
+            continue;
+        }
+        if r == EINTR && !rem.is_null() && flags & TIMER_ABSTIME == 0 {
+            // SAFETY: `rem` is the caller's timespec.
+            unsafe { *rem = left };
+        }
+        return r;
+    }
+}
+
+/// `sleep(3)`, through the `nanosleep` wrapper.
+///
+/// # Safety
+/// As for libc `sleep`.
+#[no_mangle]
+pub unsafe extern "C" fn sleep(secs: u32) -> u32 {
+    let req = sys::Timespec { sec: secs as i64, nsec: 0 };
+    let mut rem = sys::Timespec::default();
+    // SAFETY: both timespecs are local.
+    if unsafe { nanosleep(&req, &mut rem) } == -1 {
+        return rem.sec as u32 + (rem.nsec != 0) as u32;
+    }
+    0
+}
+
+/// `usleep(3)`, through the `nanosleep` wrapper.
+///
+/// # Safety
+/// As for libc `usleep`.
+#[no_mangle]
+pub unsafe extern "C" fn usleep(usec: u32) -> i32 {
+    let req = sys::Timespec { sec: (usec / 1_000_000) as i64, nsec: (usec % 1_000_000) as i64 * 1000 };
+    // SAFETY: the timespec is local.
+    unsafe { nanosleep(&req, core::ptr::null_mut()) }
+}
+
+/// `sem_wait(3)`: a checkpoint does not make it fail with `EINTR`.
+///
+/// # Safety
+/// As for libc `sem_wait`.
+#[no_mangle]
+pub unsafe extern "C" fn sem_wait(sem: *mut u8) -> i32 {
+    loop {
+        let e0 = EPOCH.load(Ordering::Acquire);
+        let r = call_next!(sem_wait, "sem_wait", fn(*mut u8) -> i32, sem);
+        if r == -1 && errno() == EINTR && EPOCH.load(Ordering::Acquire) != e0 {
+            continue;
+        }
+        return r;
+    }
+}
+
+/// `sem_timedwait(3)`.
+///
+/// # Safety
+/// As for libc `sem_timedwait`.
+#[no_mangle]
+pub unsafe extern "C" fn sem_timedwait(sem: *mut u8, abs: *const sys::Timespec) -> i32 {
+    loop {
+        let e0 = EPOCH.load(Ordering::Acquire);
+        let r = call_next!(sem_timedwait, "sem_timedwait", fn(*mut u8, *const sys::Timespec) -> i32, sem, abs);
+        if r == -1 && errno() == EINTR && EPOCH.load(Ordering::Acquire) != e0 {
+            continue;
+        }
+        return r;
+    }
+}
+
+fn errno() -> i32 {
+    crate::libc::get_errno()
+}

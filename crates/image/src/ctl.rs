@@ -1,0 +1,147 @@
+//! The control protocol between the supervisor and the agent.
+//!
+//! One `SOCK_SEQPACKET` socket pair; each packet is a [`CtlHeader`] and a fixed payload, so
+//! message boundaries need no framing. File descriptors (the image stream) travel with
+//! `SCM_RIGHTS`.
+//!
+//! A checkpoint: supervisor `CHECKPOINT` (+ stream fd) -> agent `FROZEN` -> the agent writes
+//! the stream and closes it -> agent `DONE` (or `FAILED`, program resumed) -> supervisor
+//! `RESUME` (leave running or the image could not be stored) or kills the program.
+//! After a restore the agent sends `RESTORED`.
+
+use crate::wire;
+
+/// `b"LMTC"` as a little-endian u32.
+pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"LMTC");
+/// Version of this protocol.
+pub const CTL_VERSION: u16 = 1;
+/// Largest packet.
+pub const MAX_PACKET: usize = 4096;
+
+/// Message kinds.
+pub mod msg {
+    /// agent -> supervisor, once at start: [`Hello`](super::Hello).
+    pub const HELLO: u16 = 1;
+    /// supervisor -> agent: [`Checkpoint`](super::Checkpoint) + the stream fd.
+    pub const CHECKPOINT: u16 = 2;
+    /// agent -> supervisor: every thread is stopped: [`Frozen`](super::Frozen).
+    pub const FROZEN: u16 = 3;
+    /// agent -> supervisor: the stream is complete: [`Done`](super::Done).
+    pub const DONE: u16 = 4;
+    /// agent -> supervisor: the checkpoint failed, the program runs on: text payload.
+    pub const FAILED: u16 = 5;
+    /// supervisor -> agent: let the program continue.
+    pub const RESUME: u16 = 6;
+    /// agent -> supervisor, after a restore: [`Restored`](super::Restored).
+    pub const RESTORED: u16 = 7;
+}
+
+wire! {
+    /// Starts every packet.
+    pub struct CtlHeader {
+        pub magic: u32,
+        pub version: u16,
+        pub kind: u16,
+        pub len: u32,
+        pub seq: u32,
+    }
+}
+
+wire! {
+    /// The agent announces itself.
+    pub struct Hello {
+        pub pid: u32,
+        pub agent_version: u32,
+        pub ctl_fd: i32,
+        pub sig_ckpt: u32,
+    }
+}
+
+/// Checkpoint flags.
+pub mod ckpt_flags {
+    /// Keep the program running after the image is written.
+    pub const LEAVE_RUNNING: u32 = 1;
+}
+
+wire! {
+    /// Take a checkpoint into the attached fd.
+    pub struct Checkpoint {
+        pub flags: u32,
+        /// How long to wait for every thread to stop, in milliseconds.
+        pub freeze_timeout_ms: u32,
+        /// Inodes of the supervisor's stdin, stdout and stderr pipes (0: not a pipe), so the
+        /// agent can tell them from the program's own pipes.
+        pub stdio_ino: [u64; 3],
+    }
+}
+
+wire! {
+    /// Every thread is stopped.
+    pub struct Frozen {
+        pub threads: u32,
+        pub reserved: u32,
+        pub freeze_ns: u64,
+    }
+}
+
+wire! {
+    /// The stream is complete.
+    pub struct Done {
+        pub bytes: u64,
+        pub pages: u64,
+        pub write_ns: u64,
+    }
+}
+
+wire! {
+    /// The program was restored and runs.
+    pub struct Restored {
+        pub pid: u32,
+        pub threads: u32,
+        pub restore_ns: u64,
+    }
+}
+
+/// Encodes a packet into `out`; returns its length.
+pub fn encode(kind: u16, seq: u32, payload: &[u8], out: &mut [u8]) -> Option<usize> {
+    let n = CtlHeader::SIZE + payload.len();
+    if n > out.len() || n > MAX_PACKET {
+        return None;
+    }
+    let h = CtlHeader { magic: CTL_MAGIC, version: CTL_VERSION, kind, len: payload.len() as u32, seq };
+    h.encode(out)?;
+    out[CtlHeader::SIZE..n].copy_from_slice(payload);
+    Some(n)
+}
+
+/// Decodes a packet: its header and payload.
+pub fn decode(packet: &[u8]) -> Option<(CtlHeader, &[u8])> {
+    let h = CtlHeader::decode(packet)?;
+    if h.magic != CTL_MAGIC || h.version != CTL_VERSION {
+        return None;
+    }
+    let end = CtlHeader::SIZE.checked_add(h.len as usize)?;
+    if end != packet.len() {
+        return None;
+    }
+    Some((h, &packet[CtlHeader::SIZE..end]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packets_round_trip() {
+        let mut p = [0u8; 64];
+        let mut b = [0u8; Frozen::SIZE];
+        Frozen { threads: 5, reserved: 0, freeze_ns: 1234 }.encode(&mut b).unwrap();
+        let n = encode(msg::FROZEN, 9, &b, &mut p).unwrap();
+        let (h, body) = decode(&p[..n]).unwrap();
+        assert_eq!((h.kind, h.seq), (msg::FROZEN, 9));
+        assert_eq!(Frozen::decode(body).unwrap().threads, 5);
+        assert!(decode(&p[..n - 1]).is_none(), "length must match the packet");
+        p[0] ^= 1;
+        assert!(decode(&p[..n]).is_none(), "bad magic");
+    }
+}

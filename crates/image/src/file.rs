@@ -1,0 +1,779 @@
+//! Reading, validating and writing image files (`std` feature).
+//!
+//! [`Writer`] turns the agent's record stream into a file: header, records, index (one
+//! BLAKE3 hash per record), trailer. [`Image::open`] reads one back and checks every byte
+//! that it returns: the header and trailer against hashes in the trailer, each record
+//! header against its index entry, each metadata payload against its hash, and the meaning
+//! of every field (ranges, counts, addresses, ordering) before anything may use it. Page
+//! payloads are large, so their hashes are checked when they are read
+//! ([`Image::read_pages`]), which a restore does before the data reaches the program.
+
+use crate::format::*;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Why an image cannot be used.
+#[derive(Debug)]
+pub enum ImageError {
+    /// Reading or writing failed.
+    Io(io::Error),
+    /// The file does not start with the image magic.
+    NotAnImage,
+    /// The file ends before its trailer: it was not completely written.
+    Truncated(String),
+    /// The image needs a newer or different reader.
+    Version { major: u16, minor: u16 },
+    /// A checksum or a field is wrong.
+    Corrupt(String),
+}
+
+impl fmt::Display for ImageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageError::Io(e) => write!(f, "{e}"),
+            ImageError::NotAnImage => write!(f, "not a Limitless checkpoint image (bad magic)"),
+            ImageError::Truncated(w) => write!(f, "image is truncated ({w}): it was not completely written"),
+            ImageError::Version { major, minor } => write!(
+                f,
+                "image format {major}.{minor} is not supported by this build (it reads {FORMAT_MAJOR}.0 to {FORMAT_MAJOR}.{FORMAT_MINOR}); use the limitless version that wrote it"
+            ),
+            ImageError::Corrupt(w) => write!(f, "image is corrupt: {w}"),
+        }
+    }
+}
+
+impl std::error::Error for ImageError {}
+
+impl From<io::Error> for ImageError {
+    fn from(e: io::Error) -> Self {
+        ImageError::Io(e)
+    }
+}
+
+fn corrupt(s: impl Into<String>) -> ImageError {
+    ImageError::Corrupt(s.into())
+}
+
+/// BLAKE3 of `parts` concatenated.
+pub fn hash(parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    *h.finalize().as_bytes()
+}
+
+fn enc<T: crate::wire::Wire>(v: &T) -> Vec<u8> {
+    let mut b = vec![0u8; T::SIZE];
+    v.put(&mut b);
+    b
+}
+
+// ---------------------------------------------------------------------------------------
+// Writing.
+
+/// Writes an image file record by record.
+pub struct Writer<W: Write> {
+    out: W,
+    offset: u64,
+    header_hash: [u8; 32],
+    index: Vec<IndexEntry>,
+}
+
+impl<W: Write> Writer<W> {
+    /// Starts an image: writes the file header.
+    pub fn new(mut out: W, created_unix_ns: u64) -> io::Result<Self> {
+        let h = FileHeader {
+            magic: MAGIC,
+            major: FORMAT_MAJOR,
+            minor: FORMAT_MINOR,
+            header_size: FileHeader::SIZE as u32,
+            flags: 0,
+            created_unix_ns,
+            reserved: [0; 32],
+        };
+        let b = enc(&h);
+        out.write_all(&b)?;
+        Ok(Writer { out, offset: b.len() as u64, header_hash: hash(&[&b]), index: Vec::new() })
+    }
+
+    /// Appends a record whose payload is stored as given (`raw_len` is its decompressed
+    /// length when `flags` says it is compressed, else `payload.len()`).
+    pub fn record(&mut self, kind: u32, flags: u32, raw_len: u64, payload: &[u8]) -> io::Result<()> {
+        let rh = RecordHeader { kind, flags, stored_len: payload.len() as u64, raw_len, reserved: 0 };
+        self.out.write_all(&enc(&rh))?;
+        self.out.write_all(payload)?;
+        self.index.push(IndexEntry {
+            offset: self.offset,
+            kind,
+            flags,
+            stored_len: payload.len() as u64,
+            raw_len,
+            hash: hash(&[payload]),
+        });
+        self.offset += RecordHeader::SIZE as u64 + payload.len() as u64;
+        Ok(())
+    }
+
+    /// Appends an uncompressed record.
+    pub fn plain(&mut self, kind: u32, payload: &[u8]) -> io::Result<()> {
+        self.record(kind, 0, payload.len() as u64, payload)
+    }
+
+    /// Records written so far.
+    pub fn records(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.offset
+    }
+
+    /// Writes the index and the trailer; returns the output and the file length.
+    pub fn finish(mut self) -> io::Result<(W, u64)> {
+        let mut payload = Vec::with_capacity(self.index.len() * IndexEntry::SIZE);
+        for e in &self.index {
+            payload.extend_from_slice(&enc(e));
+        }
+        let rh = RecordHeader {
+            kind: kind::INDEX,
+            flags: 0,
+            stored_len: payload.len() as u64,
+            raw_len: payload.len() as u64,
+            reserved: 0,
+        };
+        let rhb = enc(&rh);
+        let index_offset = self.offset;
+        self.out.write_all(&rhb)?;
+        self.out.write_all(&payload)?;
+        self.offset += rhb.len() as u64 + payload.len() as u64;
+        let file_len = self.offset + Trailer::SIZE as u64;
+        let mut t = Trailer {
+            magic: END_MAGIC,
+            index_offset,
+            record_count: self.index.len() as u64,
+            file_len,
+            header_hash: self.header_hash,
+            index_hash: hash(&[&rhb, &payload]),
+            trailer_hash: [0; 32],
+        };
+        let tb = enc(&t);
+        t.trailer_hash = hash(&[&tb[..Trailer::SIZE - 32]]);
+        self.out.write_all(&enc(&t))?;
+        Ok((self.out, file_len))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading.
+
+/// A memory area and its name.
+#[derive(Clone, Debug)]
+pub struct Vma {
+    pub info: VmaInfo,
+    pub name: Vec<u8>,
+}
+
+/// A file descriptor and its path.
+#[derive(Clone, Debug)]
+pub struct Fd {
+    pub info: FdInfo,
+    pub path: Vec<u8>,
+}
+
+/// Where one `PAGES` record is.
+#[derive(Clone, Copy, Debug)]
+pub struct PageRecord {
+    /// Position in the index.
+    pub index: usize,
+    pub header: PagesHeader,
+}
+
+/// A validated image: every metadata field checked, page records located.
+#[derive(Debug)]
+pub struct Image {
+    file: File,
+    pub header: FileHeader,
+    pub trailer: Trailer,
+    pub index: Vec<IndexEntry>,
+    pub process: ProcessInfo,
+    pub cwd: Vec<u8>,
+    pub exe: Vec<u8>,
+    pub threads: Vec<ThreadInfo>,
+    pub vmas: Vec<Vma>,
+    pub fds: Vec<Fd>,
+    pub pages: Vec<PageRecord>,
+    pub stdin: Vec<u8>,
+    pub end: EndInfo,
+}
+
+fn read_exact_at(f: &File, buf: &mut [u8], off: u64, what: &str) -> Result<(), ImageError> {
+    f.read_exact_at(buf, off).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ImageError::Truncated(format!("{what} at offset {off} is cut short"))
+        } else {
+            ImageError::Io(e)
+        }
+    })
+}
+
+fn path_str(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+impl Image {
+    /// Opens and validates an image file.
+    pub fn open(path: &Path) -> Result<Image, ImageError> {
+        let file = File::open(path)?;
+        Image::from_file(file)
+    }
+
+    /// Validates an image from an open file.
+    pub fn from_file(file: File) -> Result<Image, ImageError> {
+        let len = file.metadata()?.len();
+        let mut hb = [0u8; FileHeader::SIZE];
+        if len < 8 {
+            return Err(if len == 0 { ImageError::Truncated("the file is empty".into()) } else { ImageError::NotAnImage });
+        }
+        let n = len.min(FileHeader::SIZE as u64) as usize;
+        read_exact_at(&file, &mut hb[..n], 0, "the file header")?;
+        if hb[..8] != MAGIC {
+            return Err(ImageError::NotAnImage);
+        }
+        if n < FileHeader::SIZE {
+            return Err(ImageError::Truncated("the file header".into()));
+        }
+        let header = FileHeader::decode(&hb).ok_or_else(|| corrupt("file header"))?;
+        if header.major != FORMAT_MAJOR || header.minor > FORMAT_MINOR {
+            return Err(ImageError::Version { major: header.major, minor: header.minor });
+        }
+        if header.header_size as usize != FileHeader::SIZE || header.flags != 0 || header.reserved != [0; 32] {
+            return Err(corrupt("file header fields"));
+        }
+        let min = (FileHeader::SIZE + RecordHeader::SIZE + Trailer::SIZE) as u64;
+        if len < min {
+            return Err(ImageError::Truncated(format!("{len} bytes is less than the smallest image")));
+        }
+        let mut tb = [0u8; Trailer::SIZE];
+        read_exact_at(&file, &mut tb, len - Trailer::SIZE as u64, "the trailer")?;
+        if tb[..8] != END_MAGIC {
+            return Err(ImageError::Truncated("no trailer at the end of the file".into()));
+        }
+        let trailer = Trailer::decode(&tb).ok_or_else(|| corrupt("trailer"))?;
+        if hash(&[&tb[..Trailer::SIZE - 32]]) != trailer.trailer_hash {
+            return Err(corrupt("the trailer fails its checksum"));
+        }
+        if trailer.file_len != len {
+            return Err(if trailer.file_len > len {
+                ImageError::Truncated(format!("{len} of {} bytes", trailer.file_len))
+            } else {
+                corrupt(format!("file is {len} bytes but its trailer says {}", trailer.file_len))
+            });
+        }
+        if hash(&[&hb]) != trailer.header_hash {
+            return Err(corrupt("the file header fails its checksum"));
+        }
+        if trailer.record_count == 0 || trailer.record_count > limits::MAX_RECORDS {
+            return Err(corrupt(format!("record count {}", trailer.record_count)));
+        }
+        let index_len = trailer.record_count * IndexEntry::SIZE as u64;
+        let index_end = trailer
+            .index_offset
+            .checked_add(RecordHeader::SIZE as u64)
+            .and_then(|v| v.checked_add(index_len))
+            .ok_or_else(|| corrupt("index offset"))?;
+        if trailer.index_offset < FileHeader::SIZE as u64 || index_end != len - Trailer::SIZE as u64 {
+            return Err(corrupt("index position does not match the trailer"));
+        }
+        let mut ib = vec![0u8; (RecordHeader::SIZE as u64 + index_len) as usize];
+        read_exact_at(&file, &mut ib, trailer.index_offset, "the index")?;
+        if hash(&[&ib]) != trailer.index_hash {
+            return Err(corrupt("the index fails its checksum"));
+        }
+        let irh = RecordHeader::decode(&ib).ok_or_else(|| corrupt("index header"))?;
+        if irh.kind != kind::INDEX || irh.flags != 0 || irh.stored_len != index_len || irh.raw_len != index_len || irh.reserved != 0 {
+            return Err(corrupt("index record header"));
+        }
+        let mut index = Vec::with_capacity(trailer.record_count as usize);
+        let mut expect = FileHeader::SIZE as u64;
+        for i in 0..trailer.record_count as usize {
+            let o = RecordHeader::SIZE + i * IndexEntry::SIZE;
+            let e = IndexEntry::decode(&ib[o..]).ok_or_else(|| corrupt("index entry"))?;
+            if e.offset != expect {
+                return Err(corrupt(format!("record {i} is not where the index says")));
+            }
+            if e.flags & !rflags::ALL != 0 || (e.flags == 0 && e.raw_len != e.stored_len) {
+                return Err(corrupt(format!("record {i} has bad flags or lengths")));
+            }
+            expect = e
+                .offset
+                .checked_add(RecordHeader::SIZE as u64)
+                .and_then(|v| v.checked_add(e.stored_len))
+                .ok_or_else(|| corrupt(format!("record {i} length")))?;
+            if expect > trailer.index_offset {
+                return Err(corrupt(format!("record {i} runs past the index")));
+            }
+            index.push(e);
+        }
+        if expect != trailer.index_offset {
+            return Err(corrupt("records do not end where the index starts"));
+        }
+        let mut img = Image {
+            file,
+            header,
+            trailer,
+            index,
+            process: ProcessInfo::zeroed(),
+            cwd: Vec::new(),
+            exe: Vec::new(),
+            threads: Vec::new(),
+            vmas: Vec::new(),
+            fds: Vec::new(),
+            pages: Vec::new(),
+            stdin: Vec::new(),
+            end: EndInfo::zeroed(),
+        };
+        img.load_records()?;
+        img.validate()?;
+        Ok(img)
+    }
+
+    /// Reads one record's stored payload and checks its header and hash.
+    pub fn read_record(&self, i: usize) -> Result<Vec<u8>, ImageError> {
+        let e = self.index.get(i).ok_or_else(|| corrupt("record number"))?;
+        let mut buf = vec![0u8; RecordHeader::SIZE + e.stored_len as usize];
+        read_exact_at(&self.file, &mut buf, e.offset, "a record")?;
+        self.check_header(i, &buf)?;
+        let payload = buf.split_off(RecordHeader::SIZE);
+        if hash(&[&payload]) != e.hash {
+            return Err(corrupt(format!("record {i} ({}) at offset {} fails its checksum", kind::name(e.kind), e.offset)));
+        }
+        Ok(payload)
+    }
+
+    fn check_header(&self, i: usize, b: &[u8]) -> Result<(), ImageError> {
+        let e = &self.index[i];
+        let rh = RecordHeader::decode(b).ok_or_else(|| corrupt("record header"))?;
+        if rh.kind != e.kind || rh.flags != e.flags || rh.stored_len != e.stored_len || rh.raw_len != e.raw_len || rh.reserved != 0 {
+            return Err(corrupt(format!("record {i} header at offset {} does not match the index", e.offset)));
+        }
+        Ok(())
+    }
+
+    /// Reads the page data of page record `p` (the pages only, after its header), checking
+    /// the record's hash first.
+    pub fn read_pages(&self, p: &PageRecord) -> Result<Vec<u8>, ImageError> {
+        let mut payload = self.read_record(p.index)?;
+        let e = &self.index[p.index];
+        if e.flags & rflags::ZSTD != 0 {
+            return Err(corrupt("compressed page records are not supported by this build"));
+        }
+        let h = PagesHeader::decode(&payload).ok_or_else(|| corrupt("pages header"))?;
+        if h != p.header {
+            return Err(corrupt(format!("record {} changed while it was read", p.index)));
+        }
+        Ok(payload.split_off(PagesHeader::SIZE))
+    }
+
+    /// Checks the hash of every page record (what `inspect` and `restore` verify).
+    pub fn verify_pages(&self) -> Result<(), ImageError> {
+        for p in &self.pages {
+            self.read_pages(p)?;
+        }
+        Ok(())
+    }
+
+    fn load_records(&mut self) -> Result<(), ImageError> {
+        let n = self.index.len();
+        let mut stage = 0; // 0 process, 1 threads, 2 vmas, 3 fds, 4 data, 5 end seen
+        for i in 0..n {
+            let e = self.index[i];
+            let meta_limit = match e.kind {
+                kind::PAGES => PagesHeader::SIZE as u64 + WINDOW_PAGES * PAGE,
+                kind::STDIN => limits::MAX_STDIN,
+                _ => limits::MAX_META,
+            };
+            if e.stored_len > meta_limit {
+                return Err(corrupt(format!("record {i} ({}) is {} bytes", kind::name(e.kind), e.stored_len)));
+            }
+            if e.kind != kind::PAGES && e.flags != 0 {
+                return Err(corrupt(format!("record {i} ({}) has flags", kind::name(e.kind))));
+            }
+            let want = match e.kind {
+                kind::PROCESS => 0,
+                kind::THREAD => 1,
+                kind::VMA => 2,
+                kind::FD => 3,
+                kind::PAGES | kind::STDIN => 4,
+                kind::END => 5,
+                _ => return Err(corrupt(format!("record {i} has unknown kind {}", e.kind))),
+            };
+            if want < stage || (want == 0 && i != 0) || stage == 5 || (i == 0 && want != 0) {
+                return Err(corrupt(format!("record {i} ({}) is out of order", kind::name(e.kind))));
+            }
+            stage = want;
+            match e.kind {
+                kind::PAGES => {
+                    let mut b = [0u8; RecordHeader::SIZE + PagesHeader::SIZE];
+                    if (e.stored_len as usize) < PagesHeader::SIZE {
+                        return Err(corrupt(format!("page record {i} is too short")));
+                    }
+                    read_exact_at(&self.file, &mut b, e.offset, "a page record")?;
+                    self.check_header(i, &b)?;
+                    let h = PagesHeader::decode(&b[RecordHeader::SIZE..]).ok_or_else(|| corrupt("pages header"))?;
+                    self.pages.push(PageRecord { index: i, header: h });
+                }
+                _ => {
+                    let p = self.read_record(i)?;
+                    self.parse_meta(i, e.kind, &p)?;
+                }
+            }
+        }
+        if stage != 5 {
+            return Err(ImageError::Truncated("the agent's stream has no end record".into()));
+        }
+        Ok(())
+    }
+
+    fn parse_meta(&mut self, i: usize, k: u32, p: &[u8]) -> Result<(), ImageError> {
+        let bad_len = || corrupt(format!("record {i} ({}) has the wrong length", kind::name(k)));
+        match k {
+            kind::PROCESS => {
+                let pi = ProcessInfo::decode(p).ok_or_else(bad_len)?;
+                if pi.cwd_len > limits::MAX_PATH || pi.exe_len > limits::MAX_PATH {
+                    return Err(corrupt("process paths are too long"));
+                }
+                let total = ProcessInfo::SIZE + pi.cwd_len as usize + pi.exe_len as usize;
+                if p.len() != total {
+                    return Err(bad_len());
+                }
+                self.cwd = p[ProcessInfo::SIZE..ProcessInfo::SIZE + pi.cwd_len as usize].to_vec();
+                self.exe = p[ProcessInfo::SIZE + pi.cwd_len as usize..].to_vec();
+                self.process = pi;
+            }
+            kind::THREAD => {
+                if p.len() != ThreadInfo::SIZE {
+                    return Err(bad_len());
+                }
+                self.threads.push(ThreadInfo::decode(p).ok_or_else(bad_len)?);
+            }
+            kind::VMA => {
+                let v = VmaInfo::decode(p).ok_or_else(bad_len)?;
+                if v.name_len > limits::MAX_PATH || p.len() != VmaInfo::SIZE + v.name_len as usize {
+                    return Err(bad_len());
+                }
+                self.vmas.push(Vma { info: v, name: p[VmaInfo::SIZE..].to_vec() });
+            }
+            kind::FD => {
+                let f = FdInfo::decode(p).ok_or_else(bad_len)?;
+                if f.path_len > limits::MAX_PATH || p.len() != FdInfo::SIZE + f.path_len as usize {
+                    return Err(bad_len());
+                }
+                self.fds.push(Fd { info: f, path: p[FdInfo::SIZE..].to_vec() });
+            }
+            kind::STDIN => {
+                if !self.stdin.is_empty() {
+                    return Err(corrupt("two stdin records"));
+                }
+                self.stdin = p.to_vec();
+            }
+            kind::END => {
+                if p.len() != EndInfo::SIZE {
+                    return Err(bad_len());
+                }
+                self.end = EndInfo::decode(p).ok_or_else(bad_len)?;
+            }
+            _ => return Err(corrupt(format!("record {i} has unknown kind {k}"))),
+        }
+        Ok(())
+    }
+
+    /// The memory area containing `addr`, if any.
+    pub fn vma_at(&self, addr: u64) -> Option<&Vma> {
+        let i = self.vmas.partition_point(|v| v.info.end <= addr);
+        self.vmas.get(i).filter(|v| v.info.start <= addr)
+    }
+
+    fn check_addr(&self, what: &str, addr: u64, need_prot: u32) -> Result<(), ImageError> {
+        match self.vma_at(addr) {
+            Some(v) if v.info.prot & need_prot == need_prot => Ok(()),
+            _ => Err(corrupt(format!("{what} {addr:#x} is not in a suitable memory area"))),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ImageError> {
+        let p = &self.process;
+        if p.page_size as u64 != PAGE {
+            return Err(corrupt(format!("page size {}", p.page_size)));
+        }
+        if p.thread_count == 0 || p.thread_count > limits::MAX_THREADS || p.thread_count as usize != self.threads.len() {
+            return Err(corrupt("thread count"));
+        }
+        if p.vma_count == 0 || p.vma_count > limits::MAX_VMAS || p.vma_count as usize != self.vmas.len() {
+            return Err(corrupt("memory area count"));
+        }
+        if p.fd_count > limits::MAX_FDS || p.fd_count as usize != self.fds.len() {
+            return Err(corrupt("file descriptor count"));
+        }
+        if p.flags & !pflags::ALL != 0 {
+            return Err(corrupt("process flags"));
+        }
+        if p.auxv_words as usize > AUXV_WORDS || p.auxv_words % 2 != 0 {
+            return Err(corrupt("auxv length"));
+        }
+        if p.ctl_fd < 0 || p.ctl_fd as u32 >= limits::MAX_FDS {
+            return Err(corrupt("control fd"));
+        }
+        if p.sig_ckpt < 32 || p.sig_ckpt > 64 {
+            return Err(corrupt("checkpoint signal"));
+        }
+        let m = &p.mm;
+        for (n, v) in [
+            ("start_code", m.start_code),
+            ("end_code", m.end_code),
+            ("start_data", m.start_data),
+            ("end_data", m.end_data),
+            ("start_brk", m.start_brk),
+            ("brk", m.brk),
+            ("start_stack", m.start_stack),
+            ("arg_start", m.arg_start),
+            ("arg_end", m.arg_end),
+            ("env_start", m.env_start),
+            ("env_end", m.env_end),
+        ] {
+            if v >= USER_END {
+                return Err(corrupt(format!("{n} {v:#x} is outside user space")));
+            }
+        }
+        if m.start_code > m.end_code || m.start_data > m.end_data || m.start_brk > m.brk || m.arg_start > m.arg_end || m.env_start > m.env_end {
+            return Err(corrupt("memory layout fields are out of order"));
+        }
+        // vDSO block: sorted, contiguous, page aligned.
+        let vd = &p.vdso;
+        if vd.count == 0 || vd.count > 4 || vd.areas[vd.count as usize..].iter().any(|a| *a != VdsoArea::zeroed()) {
+            return Err(corrupt("vDSO area count"));
+        }
+        let mut prev_end = 0;
+        for a in &vd.areas[..vd.count as usize] {
+            if !(1..=3).contains(&a.kind) || a.start % PAGE != 0 || a.len % PAGE != 0 || a.len == 0 || a.len > 1 << 20 || a.start.checked_add(a.len).is_none_or(|e| e > USER_END) {
+                return Err(corrupt("vDSO area"));
+            }
+            if prev_end != 0 && a.start != prev_end {
+                return Err(corrupt("vDSO areas are not contiguous"));
+            }
+            prev_end = a.start + a.len;
+        }
+        // Memory areas.
+        let mut last_end = 0;
+        let vstart = vd.areas[0].start;
+        for (i, v) in self.vmas.iter().enumerate() {
+            let x = &v.info;
+            if x.start % PAGE != 0 || x.end % PAGE != 0 || x.start >= x.end || x.end > USER_END || x.start < last_end {
+                return Err(corrupt(format!("memory area {i} ({:#x}-{:#x}) is misplaced", x.start, x.end)));
+            }
+            last_end = x.end;
+            if x.start < prev_end && x.end > vstart {
+                return Err(corrupt(format!("memory area {i} overlaps the vDSO")));
+            }
+            if x.prot > 7 || x.flags & !vflags::ALL != 0 || x.reserved != 0 || x.pgoff % PAGE != 0 || x.mtime_nsec >= 1_000_000_000 {
+                return Err(corrupt(format!("memory area {i} fields")));
+            }
+            let npages = (x.end - x.start) / PAGE;
+            if x.pages > npages {
+                return Err(corrupt(format!("memory area {i} claims more pages than it has")));
+            }
+            match x.kind {
+                vma_kind::ANON | vma_kind::HEAP | vma_kind::STACK => {}
+                vma_kind::FILE_PRIVATE | vma_kind::FILE_SHARED | vma_kind::FILE_GONE => {
+                    if v.name.first() != Some(&b'/') {
+                        return Err(corrupt(format!("memory area {i} has no file path")));
+                    }
+                    if x.kind == vma_kind::FILE_SHARED && x.pages != 0 {
+                        return Err(corrupt(format!("shared memory area {i} has pages")));
+                    }
+                }
+                _ => return Err(corrupt(format!("memory area {i} has unknown kind {}", x.kind))),
+            }
+            if v.name.contains(&0) {
+                return Err(corrupt(format!("memory area {i} name")));
+            }
+        }
+        self.check_addr("restart entry", p.restart_entry, 4)?;
+        self.check_addr("agent state", p.agent_state, 3)?;
+        // Threads.
+        let mut managers = 0;
+        let mut mains = 0;
+        let mut tids: Vec<u32> = self.threads.iter().map(|t| t.tid).collect();
+        tids.sort_unstable();
+        if tids.windows(2).any(|w| w[0] == w[1]) || tids.first() == Some(&0) {
+            return Err(corrupt("thread ids are not unique"));
+        }
+        for (i, t) in self.threads.iter().enumerate() {
+            match t.role {
+                role::MANAGER => managers += 1,
+                role::MAIN => mains += 1,
+                role::OTHER => {}
+                _ => return Err(corrupt(format!("thread {i} role"))),
+            }
+            self.check_addr(&format!("thread {i} stack pointer"), t.ctx.rsp, 3)?;
+            self.check_addr(&format!("thread {i} resume point"), t.ctx.rip, 4)?;
+            if t.fs_base >= USER_END || t.gs_base >= USER_END {
+                return Err(corrupt(format!("thread {i} TLS base")));
+            }
+            if t.tid_addr != 0 {
+                self.check_addr(&format!("thread {i} tid address"), t.tid_addr, 3)?;
+            }
+            if t.rseq_len != 0 {
+                if t.rseq_len < 32 || t.rseq_len > 1024 || t.rseq_len % 32 != 0 {
+                    return Err(corrupt(format!("thread {i} rseq length")));
+                }
+                self.check_addr(&format!("thread {i} rseq area"), t.rseq_area, 3)?;
+            }
+            if t.robust_len > 4096 || t.robust_head >= USER_END {
+                return Err(corrupt(format!("thread {i} robust list")));
+            }
+            if t.ctx.mxcsr & !0xffff != 0 || t.ctx.fcw & !0xffff != 0 || t.reserved != 0 {
+                return Err(corrupt(format!("thread {i} registers")));
+            }
+        }
+        if managers != 1 || mains > 1 || (mains == 0) != (p.flags & pflags::MAIN_EXITED != 0) {
+            return Err(corrupt("thread roles"));
+        }
+        // File descriptors.
+        let mut fds: Vec<i32> = self.fds.iter().map(|f| f.info.fd).collect();
+        fds.sort_unstable();
+        if fds.windows(2).any(|w| w[0] == w[1]) {
+            return Err(corrupt("file descriptors are not unique"));
+        }
+        for (i, f) in self.fds.iter().enumerate() {
+            let x = &f.info;
+            if x.fd < 0 || x.fd as u32 >= limits::MAX_FDS || x.fd == p.ctl_fd || x.fd_flags & !1 != 0 || x.reserved != 0 || x.mtime_nsec >= 1_000_000_000 {
+                return Err(corrupt(format!("fd record {i}")));
+            }
+            match x.kind {
+                fd_kind::STDIO => {
+                    if x.aux > 2 {
+                        return Err(corrupt(format!("fd {} stdio stream", x.fd)));
+                    }
+                }
+                fd_kind::REG | fd_kind::DIR | fd_kind::CHR => {
+                    if f.path.first() != Some(&b'/') || f.path.contains(&0) {
+                        return Err(corrupt(format!("fd {} path", x.fd)));
+                    }
+                }
+                _ => return Err(corrupt(format!("fd {} has unknown kind {}", x.fd, x.kind))),
+            }
+            if x.share != x.fd {
+                match self.fds.iter().find(|o| o.info.fd == x.share) {
+                    Some(o) if o.info.share == o.info.fd && o.info.kind == x.kind && o.info.fd < x.fd => {}
+                    _ => return Err(corrupt(format!("fd {} shares with fd {}", x.fd, x.share))),
+                }
+            }
+        }
+        // Page records: inside areas that take pages, in order, counts consistent.
+        let mut per_vma = vec![0u64; self.vmas.len()];
+        let mut last = 0u64;
+        let mut total = 0u64;
+        for pr in &self.pages {
+            let h = &pr.header;
+            let e = &self.index[pr.index];
+            let what = || format!("page record {} at {:#x}", pr.index, h.start);
+            if h.npages == 0 || h.npages as u64 > WINDOW_PAGES || h.start % PAGE != 0 || h.start < last {
+                return Err(corrupt(what()));
+            }
+            let end = h.start + h.npages as u64 * PAGE;
+            if end > USER_END || h.start / (WINDOW_PAGES * PAGE) != (end - 1) / (WINDOW_PAGES * PAGE) {
+                return Err(corrupt(what()));
+            }
+            for i in h.npages..256 {
+                if h.has(i) {
+                    return Err(corrupt(what()));
+                }
+            }
+            if h.count != h.popcount() || h.count == 0 || e.raw_len != PagesHeader::SIZE as u64 + h.count as u64 * PAGE {
+                return Err(corrupt(what()));
+            }
+            let vi = self.vmas.partition_point(|v| v.info.end <= h.start);
+            match self.vmas.get(vi) {
+                Some(v) if v.info.start <= h.start && end <= v.info.end && v.info.kind != vma_kind::FILE_SHARED => {}
+                _ => return Err(corrupt(format!("{} is outside any memory area that holds pages", what()))),
+            }
+            per_vma[vi] += h.count as u64;
+            total += h.count as u64;
+            last = end;
+        }
+        for (i, v) in self.vmas.iter().enumerate() {
+            if v.info.pages != per_vma[i] {
+                return Err(corrupt(format!("memory area {i} page count does not match its page records")));
+            }
+        }
+        if self.end.pages != total {
+            return Err(corrupt("end record page count"));
+        }
+        Ok(())
+    }
+
+    /// The image's stored bytes of page data.
+    pub fn page_bytes(&self) -> u64 {
+        self.pages.iter().map(|p| p.header.count as u64 * PAGE).sum()
+    }
+
+    /// The file length.
+    pub fn file_len(&self) -> u64 {
+        self.trailer.file_len
+    }
+
+    /// Human-readable name of a memory area.
+    pub fn vma_name(v: &Vma) -> String {
+        path_str(&v.name)
+    }
+}
+
+/// Re-writes an image with a changed process record, keeping everything else, and seals it
+/// again (used by tests to make images "from another machine").
+pub fn rewrite_process(src: &Path, dst: &Path, mut f: impl FnMut(&mut ProcessInfo)) -> Result<(), ImageError> {
+    let img = Image::open(src)?;
+    let out = File::create(dst)?;
+    let mut w = Writer::new(io::BufWriter::new(out), img.header.created_unix_ns)?;
+    for i in 0..img.index.len() {
+        let e = img.index[i];
+        let mut payload = img.read_record(i)?;
+        if e.kind == kind::PROCESS {
+            let mut p = img.process;
+            f(&mut p);
+            p.encode(&mut payload).ok_or_else(|| corrupt("process record"))?;
+        }
+        w.record(e.kind, e.flags, e.raw_len, &payload)?;
+    }
+    let (mut bw, _) = w.finish()?;
+    bw.flush()?;
+    Ok(())
+}
+
+/// Reads a whole stream of records as the agent writes them (header + payload each),
+/// calling `f` for each; stops after `END`.
+pub fn read_stream<R: Read>(mut r: R, mut f: impl FnMut(RecordHeader, Vec<u8>) -> io::Result<()>) -> io::Result<()> {
+    loop {
+        let mut hb = [0u8; RecordHeader::SIZE];
+        r.read_exact(&mut hb)?;
+        let h = RecordHeader::decode(&hb).ok_or_else(|| io::Error::other("short record header"))?;
+        let max = match h.kind {
+            kind::PAGES => PagesHeader::SIZE as u64 + WINDOW_PAGES * PAGE,
+            _ => limits::MAX_META,
+        };
+        if h.stored_len > max || h.flags != 0 || h.raw_len != h.stored_len || h.kind == kind::INDEX || h.kind == 0 || h.kind > kind::END {
+            return Err(io::Error::other(format!("the agent sent a bad record (kind {}, {} bytes)", h.kind, h.stored_len)));
+        }
+        let mut payload = vec![0u8; h.stored_len as usize];
+        r.read_exact(&mut payload)?;
+        let end = h.kind == kind::END;
+        f(h, payload)?;
+        if end {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The restore plan: the pre-digested, flat input of the restorer.
+//!
+//! The supervisor reads and validates the image, then writes a plan into a memfd: where to
+//! put the restorer while it works (candidate gaps), which memory areas to create from
+//! which fds, the runs of page data that arrive in order on the data fd, the vDSO layout,
+//! the `prctl(PR_SET_MM_MAP)` fields and where to jump. The restorer's own checks are bounds
+//! checks only (like CRIU's `struct task_restore_args`).
+
+use crate::format::{MmInfo, VdsoInfo, AUXV_WORDS};
+use crate::wire;
+
+/// `b"LMTLPLAN"`.
+pub const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"LMTLPLAN");
+/// Version of the plan layout (the restorer and supervisor always come from one build).
+pub const PLAN_VERSION: u32 = 1;
+/// Most gap candidates in a plan.
+pub const MAX_GAPS: u32 = 32;
+
+wire! {
+    /// The start of a plan.
+    pub struct PlanHeader {
+        pub magic: u64,
+        pub version: u32,
+        pub flags: u32,
+        /// Total plan length in bytes.
+        pub plan_len: u64,
+        /// Bytes the restorer needs in its gap (itself, its stack, the plan, scratch).
+        pub gap_len: u64,
+        pub n_gaps: u32,
+        pub n_vmas: u32,
+        pub n_runs: u64,
+        pub gaps_off: u64,
+        pub vmas_off: u64,
+        pub runs_off: u64,
+        /// Page data arrives here, in run order.
+        pub data_fd: i32,
+        /// Errors are written here (one line) before the restorer exits.
+        pub err_fd: i32,
+        pub vdso: VdsoInfo,
+        pub mm: MmInfo,
+        pub auxv: [u64; AUXV_WORDS],
+        pub auxv_words: u32,
+        pub reserved: u32,
+        /// Where to jump (the agent's restart entry), with a pointer to
+        /// [`RestartArgs`] in `rdi`.
+        pub restart_entry: u64,
+        pub agent_state: u64,
+        /// FS base to load before the jump (the main thread's TLS).
+        pub leader_fs: u64,
+        /// Highest fd the restorer may close when it is done (its own fds).
+        pub close_from: i32,
+        pub close_to: i32,
+    }
+}
+
+wire! {
+    /// A free range of the restored address space the restorer may occupy.
+    pub struct PlanGap {
+        pub start: u64,
+        pub len: u64,
+    }
+}
+
+/// Mapping kinds in a plan.
+pub mod pk {
+    /// `MAP_PRIVATE|MAP_ANONYMOUS`.
+    pub const ANON: u32 = 1;
+    /// `MAP_PRIVATE` of `fd` at `offset`.
+    pub const FILE_PRIVATE: u32 = 2;
+    /// `MAP_SHARED` of `fd` at `offset`.
+    pub const FILE_SHARED: u32 = 3;
+}
+
+/// Plan VMA flags.
+pub mod pvf {
+    /// Map with `MAP_GROWSDOWN` (the main stack).
+    pub const GROWSDOWN: u32 = 1;
+    /// Page data for this area follows in the data stream (map writable, then mprotect).
+    pub const HAS_DATA: u32 = 2;
+    /// `madvise(MADV_DONTFORK)`.
+    pub const DONTFORK: u32 = 4;
+    /// `madvise(MADV_WIPEONFORK)`.
+    pub const WIPEONFORK: u32 = 8;
+}
+
+wire! {
+    /// One memory area to create.
+    pub struct PlanVma {
+        pub start: u64,
+        pub len: u64,
+        pub offset: u64,
+        pub kind: u32,
+        pub prot: u32,
+        pub flags: u32,
+        pub fd: i32,
+    }
+}
+
+wire! {
+    /// A run of page data: `len` bytes to read from the data fd into `start`.
+    pub struct PlanRun {
+        pub start: u64,
+        pub len: u64,
+    }
+}
+
+/// `b"LMTLRARG"`.
+pub const RESTART_MAGIC: u64 = u64::from_le_bytes(*b"LMTLRARG");
+/// Version of [`RestartArgs`]. The agent in an image may be older than the restorer, so
+/// this layout only grows at the end.
+pub const RESTART_VERSION: u32 = 1;
+
+/// What the restorer hands to the agent's restart entry (in memory, by pointer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RestartArgs {
+    pub magic: u64,
+    pub version: u32,
+    pub pid: u32,
+    /// The restorer's gap, to unmap once every thread has left it.
+    pub gap_start: u64,
+    pub gap_len: u64,
+    /// When the restorer started (CLOCK_MONOTONIC ns).
+    pub started_ns: u64,
+    /// Bytes of page data the restorer read.
+    pub data_bytes: u64,
+}
+
+/// Exit status of a restorer that failed before the program ran.
+pub const RESTORER_FAILED: i32 = 121;

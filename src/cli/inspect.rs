@@ -1,0 +1,202 @@
+//! `limitless inspect`: what an image holds, as text or JSON.
+
+use crate::util::bytes;
+use anyhow::{anyhow, Result};
+use limitless_image::cpu;
+use limitless_image::file::Image;
+use limitless_image::format::*;
+use limitless_image::wire::unfixed;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Serialize)]
+struct Report {
+    image: String,
+    file_bytes: u64,
+    format: String,
+    verified: bool,
+    program: String,
+    cwd: String,
+    pid: u32,
+    generation: u32,
+    restores: u32,
+    left_running: bool,
+    taken_unix_ms: u64,
+    needs: Needs,
+    threads: Vec<Thread>,
+    memory: Memory,
+    files: Vec<FileRow>,
+    stdin_pending_bytes: usize,
+}
+
+#[derive(Serialize)]
+struct Needs {
+    kernel: String,
+    glibc: String,
+    agent_version: u32,
+    cpu_vendor: String,
+    cpu_features: Vec<&'static str>,
+    xcr0: String,
+    vdso: String,
+}
+
+#[derive(Serialize)]
+struct Thread {
+    tid: u32,
+    role: &'static str,
+    name: String,
+    rseq: bool,
+}
+
+#[derive(Serialize)]
+struct Memory {
+    areas: usize,
+    mapped_bytes: u64,
+    stored_bytes: u64,
+    by_kind: BTreeMap<&'static str, KindRow>,
+}
+
+#[derive(Serialize, Default)]
+struct KindRow {
+    areas: usize,
+    mapped_bytes: u64,
+    stored_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct FileRow {
+    fd: i32,
+    kind: &'static str,
+    path: String,
+    offset: u64,
+    flags: String,
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(unfixed(b)).into_owned()
+}
+
+fn flags(f: u32) -> String {
+    let mut v = vec![match f as i32 & libc::O_ACCMODE {
+        libc::O_RDONLY => "O_RDONLY",
+        libc::O_WRONLY => "O_WRONLY",
+        _ => "O_RDWR",
+    }];
+    if f as i32 & libc::O_APPEND != 0 {
+        v.push("O_APPEND");
+    }
+    if f as i32 & libc::O_NONBLOCK != 0 {
+        v.push("O_NONBLOCK");
+    }
+    v.join("|")
+}
+
+fn report(path: &Path, img: &Image, verified: bool) -> Report {
+    let p = &img.process;
+    let mut by_kind: BTreeMap<&'static str, KindRow> = BTreeMap::new();
+    let (mut mapped, mut stored) = (0, 0);
+    for v in &img.vmas {
+        let r = by_kind.entry(vma_kind::name(v.info.kind)).or_default();
+        r.areas += 1;
+        r.mapped_bytes += v.info.end - v.info.start;
+        r.stored_bytes += v.info.pages * PAGE;
+        mapped += v.info.end - v.info.start;
+        stored += v.info.pages * PAGE;
+    }
+    let vd = &p.vdso;
+    let vdso = vd.areas[..vd.count as usize].iter().map(|a| format!("{}K", a.len / 1024)).collect::<Vec<_>>().join("+");
+    Report {
+        image: path.display().to_string(),
+        file_bytes: img.file_len(),
+        format: format!("{}.{}", img.header.major, img.header.minor),
+        verified,
+        program: String::from_utf8_lossy(&img.exe).into_owned(),
+        cwd: String::from_utf8_lossy(&img.cwd).into_owned(),
+        pid: p.pid,
+        generation: p.generation,
+        restores: p.restores,
+        left_running: p.flags & pflags::LEFT_RUNNING != 0,
+        taken_unix_ms: p.realtime_ns / 1_000_000,
+        needs: Needs {
+            kernel: text(&p.kernel_release),
+            glibc: text(&p.glibc_version),
+            agent_version: p.agent_version,
+            cpu_vendor: text(&p.cpu.vendor),
+            cpu_features: cpu::FEATURES.iter().filter(|f| cpu::has(&p.cpu, f)).map(|f| f.name).collect(),
+            xcr0: format!("{:#x}", p.cpu.xcr0),
+            vdso,
+        },
+        threads: img
+            .threads
+            .iter()
+            .map(|t| Thread {
+                tid: t.tid,
+                role: match t.role {
+                    role::MAIN => "main",
+                    role::MANAGER => "agent",
+                    _ => "thread",
+                },
+                name: text(&t.name),
+                rseq: t.rseq_len != 0,
+            })
+            .collect(),
+        memory: Memory { areas: img.vmas.len(), mapped_bytes: mapped, stored_bytes: stored, by_kind },
+        files: img
+            .fds
+            .iter()
+            .map(|f| FileRow {
+                fd: f.info.fd,
+                kind: fd_kind::name(f.info.kind),
+                path: if f.info.kind == fd_kind::STDIO {
+                    ["stdin", "stdout", "stderr"][f.info.aux.min(2) as usize].to_string()
+                } else {
+                    String::from_utf8_lossy(&f.path).into_owned()
+                },
+                offset: f.info.pos,
+                flags: flags(f.info.open_flags),
+            })
+            .collect(),
+        stdin_pending_bytes: img.stdin.len(),
+    }
+}
+
+/// Prints what `image` holds.
+pub fn run(image: &Path, json: bool, verify: bool) -> Result<()> {
+    let img = Image::open(image).map_err(|e| anyhow!("{}: {e}", image.display()))?;
+    if verify {
+        img.verify_pages().map_err(|e| anyhow!("{}: {e}", image.display()))?;
+    }
+    let r = report(image, &img, verify);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("image     {} ({}, format {}{})", r.image, bytes(r.file_bytes), r.format, if verify { ", checksums verified" } else { "" });
+    println!("program   {} (pid {}, cwd {})", r.program, r.pid, r.cwd);
+    println!(
+        "history   checkpoint {} of this program, after {} restore(s){}",
+        r.generation,
+        r.restores,
+        if r.left_running { "; it kept running" } else { "" }
+    );
+    println!("needs     kernel {} (vDSO {}), glibc {}, agent v{}", r.needs.kernel, r.needs.vdso, r.needs.glibc, r.needs.agent_version);
+    println!("cpu       {} with {} features, XCR0 {}", r.needs.cpu_vendor, r.needs.cpu_features.len(), r.needs.xcr0);
+    println!("          {}", r.needs.cpu_features.join(" "));
+    println!("threads   {}", r.threads.len());
+    for t in &r.threads {
+        println!("          {:>7} {:<6} {}{}", t.tid, t.role, t.name, if t.rseq { " (rseq)" } else { "" });
+    }
+    println!("memory    {} areas, {} mapped, {} stored in the image", r.memory.areas, bytes(r.memory.mapped_bytes), bytes(r.memory.stored_bytes));
+    for (k, row) in &r.memory.by_kind {
+        println!("          {:<13} {:>4} areas {:>11} mapped {:>11} stored", k, row.areas, bytes(row.mapped_bytes), bytes(row.stored_bytes));
+    }
+    println!("files     {}", r.files.len());
+    for f in &r.files {
+        println!("          {:>4} {:<8} {} (offset {}, {})", f.fd, f.kind, f.path, f.offset, f.flags);
+    }
+    if r.stdin_pending_bytes > 0 {
+        println!("stdin     {} not yet read by the program", bytes(r.stdin_pending_bytes as u64));
+    }
+    Ok(())
+}

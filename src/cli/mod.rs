@@ -1,0 +1,185 @@
+//! The `limitless` command line: thin wrappers over the library.
+
+mod inspect;
+
+use crate::engine::api::{self, ApiRequest};
+use crate::engine::supervisor::{find_program, Options, Supervisor};
+use crate::engine::{restore, EXIT_ERROR};
+use crate::util::{bytes, parse_duration};
+use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const AFTER_HELP: &str = "\
+Exit status of launch and restore: the program's own status (128+N if it was killed by
+signal N); 75 after the program was checkpointed and stopped; 125 if limitless itself
+failed (the message says why); 126 if the program cannot be executed; 127 if it is not found.
+
+Environment: RUST_LOG sets the log level (default warn); LIMITLESS_CACHE_DIR sets where the
+embedded agent and restorer are unpacked.";
+
+/// Run any Linux program past a serverless time limit, by checkpointing and restoring it.
+#[derive(Parser, Debug)]
+#[command(name = "limitless", version, about, long_about = None, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run PROG under the checkpoint engine, in the foreground.
+    ///
+    /// PROG's stdin, stdout and stderr pass through pipes that limitless owns, so that
+    /// output is forwarded in order and nothing is lost at a checkpoint. Checkpoints are
+    /// requested with `limitless dump` on the control socket.
+    Launch {
+        /// Control socket to listen on [default: $XDG_RUNTIME_DIR/limitless/PID.sock, or
+        /// /tmp/limitless-UID/limitless/PID.sock, where PID is this limitless process].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// The program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, value_name = "PROG [ARGS]...")]
+        prog: Vec<OsString>,
+    },
+    /// Checkpoint a program run by `limitless launch` or `limitless restore`.
+    ///
+    /// IMAGE is complete and fsync'ed before this returns. Without --leave-running the
+    /// program is stopped once the image is durable (its launch/restore exits with 75); with
+    /// it, the program continues. If the checkpoint fails the program keeps running and
+    /// no image is written.
+    Dump {
+        /// The control socket of the launch/restore to checkpoint.
+        #[arg(long, value_name = "PATH", required_unless_present = "pid")]
+        socket: Option<PathBuf>,
+        /// Find the control socket at the default path of this limitless process id.
+        #[arg(long, value_name = "PID", conflicts_with = "socket")]
+        pid: Option<u32>,
+        /// Where to write the image.
+        #[arg(long, short, value_name = "IMAGE")]
+        output: PathBuf,
+        /// Keep the program running after the checkpoint.
+        #[arg(long)]
+        leave_running: bool,
+        /// How long to wait for every thread to stop.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+        freeze_timeout: Duration,
+    },
+    /// Restore a program from IMAGE as a child of this process, and continue it.
+    ///
+    /// The program gets this process's stdin, stdout and stderr, and can be checkpointed
+    /// again through the control socket. Exits with the program's exit status.
+    Restore {
+        /// Control socket to listen on [default: as for launch].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// The image to restore.
+        image: PathBuf,
+    },
+    /// Show what an image holds: threads, memory areas, files, sizes, and the kernel and
+    /// CPU it needs. Checks every checksum unless --no-verify.
+    Inspect {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Skip checking the page data checksums (faster on large images).
+        #[arg(long)]
+        no_verify: bool,
+        /// The image.
+        image: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn fail(e: impl std::fmt::Display) -> i32 {
+    eprintln!("limitless: {e}");
+    EXIT_ERROR
+}
+
+/// Runs the command line; returns the exit status.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    init_logging();
+    match cli.command {
+        Cmd::Launch { socket, prog } => launch(socket, prog),
+        Cmd::Dump { socket, pid, output, leave_running, freeze_timeout } => dump(socket, pid, output, leave_running, freeze_timeout),
+        Cmd::Restore { socket, image } => restore_cmd(socket, image),
+        Cmd::Inspect { json, no_verify, image } => match inspect::run(&image, json, !no_verify) {
+            Ok(()) => 0,
+            Err(e) => fail(format!("{e:#}")),
+        },
+    }
+}
+
+fn socket_or_default(s: Option<PathBuf>) -> PathBuf {
+    s.unwrap_or_else(|| api::default_socket(std::process::id()))
+}
+
+fn launch(socket: Option<PathBuf>, prog: Vec<OsString>) -> i32 {
+    let path = match find_program(std::path::Path::new(&prog[0])) {
+        Ok(p) => p,
+        Err((code, msg)) => {
+            eprintln!("limitless: {msg}");
+            return code;
+        }
+    };
+    let opts = Options { socket: Some(socket_or_default(socket)) };
+    match Supervisor::launch(&path, &prog[1..], &opts) {
+        Ok(sup) => sup.wait().unwrap_or_else(fail),
+        Err(e) => fail(format!("{e:#}")),
+    }
+}
+
+fn dump(socket: Option<PathBuf>, pid: Option<u32>, output: PathBuf, leave_running: bool, freeze_timeout: Duration) -> i32 {
+    let sock = match (socket, pid) {
+        (Some(s), _) => s,
+        (None, Some(p)) => api::default_socket(p),
+        (None, None) => return fail("give --socket PATH or --pid PID"),
+    };
+    let output = match std::path::absolute(&output) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("bad output path {}: {e}", output.display())),
+    };
+    let req = ApiRequest::Dump { output: output.clone(), leave_running, freeze_timeout_ms: Some(freeze_timeout.as_millis() as u64) };
+    match api::request(&sock, &req) {
+        Ok(r) if r.ok => {
+            if let Some(s) = r.stats {
+                eprintln!(
+                    "limitless: checkpointed {} thread(s) to {} ({}) in {:.1} ms, program frozen {:.1} ms{}",
+                    s.threads,
+                    output.display(),
+                    bytes(s.image_bytes),
+                    s.total_ms,
+                    s.frozen_ms,
+                    if s.left_running { ", still running" } else { ", stopped" }
+                );
+            }
+            0
+        }
+        Ok(r) => fail(r.error.unwrap_or_else(|| "the checkpoint failed".into())),
+        Err(e) => fail(format!("{e:#}")),
+    }
+}
+
+fn restore_cmd(socket: Option<PathBuf>, image: PathBuf) -> i32 {
+    let opts = Options { socket: Some(socket_or_default(socket)) };
+    match restore::restore(&image, &opts) {
+        Ok((sup, stats)) => {
+            tracing::info!("restored {} thread(s) in {:.1} ms ({} of page data)", stats.threads, stats.total_ms, bytes(stats.data_bytes));
+            sup.wait().unwrap_or_else(fail)
+        }
+        Err(e) => fail(format!("{e:#}")),
+    }
+}

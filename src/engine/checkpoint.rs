@@ -1,0 +1,203 @@
+//! Taking a checkpoint of a supervised program into an image file.
+//!
+//! The agent freezes the program and streams its records through a pipe; the supervisor
+//! meanwhile empties the program's output pipes (so everything written before the freeze
+//! is out) and copies the input it has not read yet, then writes the image file (header,
+//! records, index with per-record hashes, trailer), `fsync`s it, checks it reads back, and
+//! renames it into place. Only then is the program resumed or killed: a failure at any step
+//! leaves the program running and no image behind.
+
+use super::link::AgentMsg;
+use super::supervisor::Inner;
+use anyhow::{anyhow, bail, Context, Result};
+use limitless_image::ctl::{ckpt_flags, msg, Checkpoint};
+use limitless_image::file::{read_stream, Image, Writer};
+use limitless_image::format::kind;
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::MutexGuard;
+use std::time::{Duration, Instant};
+
+/// A checkpoint request.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub output: PathBuf,
+    pub leave_running: bool,
+    pub freeze_timeout: Duration,
+}
+
+/// What a checkpoint cost.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub threads: u32,
+    /// Time to stop every thread.
+    pub freeze_ms: f64,
+    /// Time the program was stopped in all (freeze to resume or kill).
+    pub frozen_ms: f64,
+    /// Time the agent spent writing its stream.
+    pub write_ms: f64,
+    /// Request to durable image.
+    pub total_ms: f64,
+    pub image_bytes: u64,
+    pub pages: u64,
+    pub stdin_bytes: u64,
+    /// The program keeps running.
+    pub left_running: bool,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn tmp_path(out: &Path) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+impl Inner {
+    fn next_event(&self, limit: Duration) -> Result<AgentMsg> {
+        let rx = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        rx.recv_timeout(limit).map_err(|_| anyhow!("the agent did not answer within {} s", limit.as_secs()))
+    }
+
+    /// Takes a checkpoint (see the module documentation).
+    pub fn checkpoint(&self, req: &Request) -> Result<Stats> {
+        let _one = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let t0 = Instant::now();
+        {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.closed {
+                bail!("the program has exited");
+            }
+            if st.hello.is_none() && st.restored.is_none() {
+                bail!("the program's agent has not started (is the program statically linked, or did it clear LD_PRELOAD?)");
+            }
+        }
+        if self.stopped.load(Ordering::SeqCst) {
+            bail!("the program was already checkpointed and stopped");
+        }
+        // Forget stale events from an earlier checkpoint.
+        {
+            let rx = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            while rx.try_recv().is_ok() {}
+        }
+        let dir = req.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            bail!("the directory {} does not exist", dir.display());
+        }
+        let tmp = tmp_path(&req.output);
+        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let (pr, pw) = super::stdio::pipe()?;
+        let _ = rustix::pipe::fcntl_setpipe_size(&pw, 1 << 20);
+        let c = Checkpoint {
+            flags: if req.leave_running { ckpt_flags::LEAVE_RUNNING } else { 0 },
+            freeze_timeout_ms: req.freeze_timeout.as_millis().min(u32::MAX as u128) as u32,
+            stdio_ino: self.stdio_ino,
+        };
+        if let Err(e) = self.link.send_wire(msg::CHECKPOINT, &c, Some(pw.as_fd())) {
+            let _ = fs::remove_file(&tmp);
+            bail!("cannot reach the agent: {e}");
+        }
+        drop(pw);
+        let r = self.run_checkpoint(req, file, pr);
+        match r {
+            Ok((mut stats, frozen_at, pause)) => {
+                if let Err(e) = finish_file(&tmp, &req.output) {
+                    let _ = self.link.send(msg::RESUME, &[], None);
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                stats.image_bytes = fs::metadata(&req.output).map(|m| m.len()).unwrap_or(0);
+                if req.leave_running {
+                    let _ = self.link.send(msg::RESUME, &[], None);
+                } else {
+                    self.stopped.store(true, Ordering::SeqCst);
+                    self.kill();
+                }
+                // Input may flow again (into a program that runs on, or into nothing).
+                drop(pause);
+                stats.frozen_ms = stats.freeze_ms + ms(frozen_at.elapsed());
+                stats.total_ms = ms(t0.elapsed());
+                stats.left_running = req.leave_running;
+                Ok(stats)
+            }
+            Err(e) => {
+                let _ = self.link.send(msg::RESUME, &[], None);
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Streams the image into `file`; returns the statistics, when the program froze, and the
+    /// paused input (held until the program is resumed or killed, so no input is lost).
+    fn run_checkpoint(&self, req: &Request, file: File, pr: std::os::fd::OwnedFd) -> Result<(Stats, Instant, MutexGuard<'_, Option<File>>)> {
+        let mut stats = Stats::default();
+        let wait = req.freeze_timeout + Duration::from_secs(10);
+        match self.next_event(wait)? {
+            AgentMsg::Frozen(f) => {
+                stats.threads = f.threads;
+                stats.freeze_ms = f.freeze_ns as f64 / 1e6;
+            }
+            AgentMsg::Failed(t) => bail!("the checkpoint failed: {t}"),
+            AgentMsg::Closed => bail!("the program exited before it could be checkpointed"),
+            m => bail!("unexpected message from the agent: {m:?}"),
+        }
+        let frozen_at = Instant::now();
+        // Everything the program wrote before the freeze goes out before the image is done.
+        self.out.drain(Duration::from_secs(10));
+        self.err.drain(Duration::from_secs(10));
+        let (pause, stdin) = self.input.pause_and_peek();
+        stats.stdin_bytes = stdin.len() as u64;
+        let mut w = Writer::new(BufWriter::with_capacity(1 << 20, file), now_unix_ns())?;
+        let reader = BufReader::with_capacity(1 << 20, File::from(pr));
+        let streamed = read_stream(reader, |h, payload| {
+            if h.kind == kind::END && !stdin.is_empty() {
+                w.plain(kind::STDIN, &stdin)?;
+            }
+            w.plain(h.kind, &payload)
+        });
+        if let Err(e) = streamed {
+            // The agent says why, if it can.
+            let why = match self.next_event(Duration::from_secs(5)) {
+                Ok(AgentMsg::Failed(t)) => t,
+                Ok(AgentMsg::Closed) => "the program exited during the checkpoint".into(),
+                _ => format!("the image stream broke off ({e})"),
+            };
+            drop(pause);
+            bail!("the checkpoint failed: {why}");
+        }
+        match self.next_event(Duration::from_secs(30))? {
+            AgentMsg::Done(d) => {
+                stats.pages = d.pages;
+                stats.write_ms = d.write_ns as f64 / 1e6;
+            }
+            AgentMsg::Failed(t) => bail!("the checkpoint failed: {t}"),
+            AgentMsg::Closed => bail!("the program exited during the checkpoint"),
+            m => bail!("unexpected message from the agent: {m:?}"),
+        }
+        let (bw, _) = w.finish()?;
+        let f = bw.into_inner().map_err(|e| anyhow!("writing the image failed: {}", e.error()))?;
+        f.sync_all().context("fsync of the image failed")?;
+        Ok((stats, frozen_at, pause))
+    }
+}
+
+/// Checks the written image reads back, renames it into place and makes the rename durable.
+fn finish_file(tmp: &Path, out: &Path) -> Result<()> {
+    Image::open(tmp).map_err(|e| anyhow!("the image just written does not read back: {e}"))?;
+    fs::rename(tmp, out).with_context(|| format!("cannot rename the image to {}", out.display()))?;
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}

@@ -1,0 +1,135 @@
+//! Building the restorer's plan from a validated image: the flat, fixed-layout input the
+//! restorer follows without parsing anything itself (see `limitless_image::plan`).
+
+use limitless_image::file::Image;
+use limitless_image::format::{role, vma_kind, PAGE, USER_END};
+use limitless_image::plan::*;
+use limitless_image::wire::Wire;
+
+/// Lowest address offered to the restorer as a gap.
+const GAP_LOW: u64 = 0x1000_0000;
+/// Smallest gap worth offering.
+const GAP_MIN: u64 = 64 << 20;
+
+/// Descriptor numbers the restorer will find open.
+pub struct PlanFds {
+    pub data_fd: i32,
+    pub err_fd: i32,
+    /// The restorer closes `close_from..=close_to` (its own fds) before the jump.
+    pub close_from: i32,
+    pub close_to: i32,
+}
+
+/// Free ranges of the restored address space, largest first.
+pub fn gaps(img: &Image) -> Vec<PlanGap> {
+    let mut used: Vec<(u64, u64)> = img.vmas.iter().map(|v| (v.info.start, v.info.end)).collect();
+    let vd = &img.process.vdso;
+    for a in &vd.areas[..vd.count as usize] {
+        used.push((a.start, a.start + a.len));
+    }
+    used.sort_unstable();
+    let mut free = Vec::new();
+    let mut at = GAP_LOW;
+    // Leave the top of the address space alone (the stack grows down from there).
+    let top = USER_END - (1 << 30);
+    for (s, e) in used {
+        if s > at && s.min(top) > at {
+            free.push((at, s.min(top)));
+        }
+        at = at.max(e);
+    }
+    if top > at {
+        free.push((at, top));
+    }
+    let mut g: Vec<PlanGap> = free
+        .into_iter()
+        .filter(|(s, e)| e - s >= GAP_MIN)
+        .map(|(s, e)| PlanGap { start: (s + PAGE - 1) & !(PAGE - 1), len: (e - s) & !(PAGE - 1) })
+        .collect();
+    g.sort_by_key(|x| std::cmp::Reverse(x.len));
+    g.truncate(MAX_GAPS as usize);
+    g
+}
+
+/// Builds the plan. `vma_fd(i)` is the fd number at which the file of area `i` is open
+/// (or -1 for anonymous areas).
+pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, fds: &PlanFds) -> Vec<u8> {
+    let gaps = gaps(img);
+    let mut vmas = Vec::with_capacity(img.vmas.len());
+    for (i, v) in img.vmas.iter().enumerate() {
+        let x = &v.info;
+        let mut flags = 0;
+        if x.pages > 0 {
+            flags |= pvf::HAS_DATA;
+        }
+        if x.kind == vma_kind::STACK {
+            flags |= pvf::GROWSDOWN;
+        }
+        if x.flags & limitless_image::format::vflags::DONTFORK != 0 {
+            flags |= pvf::DONTFORK;
+        }
+        if x.flags & limitless_image::format::vflags::WIPEONFORK != 0 {
+            flags |= pvf::WIPEONFORK;
+        }
+        let (kind, fd, offset) = match x.kind {
+            vma_kind::FILE_PRIVATE => (pk::FILE_PRIVATE, vma_fd(i), x.pgoff),
+            vma_kind::FILE_SHARED => (pk::FILE_SHARED, vma_fd(i), x.pgoff),
+            _ => (pk::ANON, -1, 0),
+        };
+        vmas.push(PlanVma { start: x.start, len: x.end - x.start, offset, kind, prot: x.prot, flags, fd });
+    }
+    let mut runs = Vec::new();
+    for p in &img.pages {
+        p.header.runs(|s, l| match runs.last_mut() {
+            Some(PlanRun { start, len }) if *start + *len == s => *len += l,
+            _ => runs.push(PlanRun { start: s, len: l }),
+        });
+    }
+    let gaps_off = PlanHeader::SIZE as u64;
+    let vmas_off = gaps_off + (gaps.len() * PlanGap::SIZE) as u64;
+    let runs_off = vmas_off + (vmas.len() * PlanVma::SIZE) as u64;
+    let plan_len = runs_off + (runs.len() * PlanRun::SIZE) as u64;
+    let p = &img.process;
+    let leader_fs = img.threads.iter().find(|t| t.role == role::MAIN).map_or(0, |t| t.fs_base);
+    let h = PlanHeader {
+        magic: PLAN_MAGIC,
+        version: PLAN_VERSION,
+        flags: 0,
+        plan_len,
+        gap_len: 0,
+        n_gaps: gaps.len() as u32,
+        n_vmas: vmas.len() as u32,
+        n_runs: runs.len() as u64,
+        gaps_off,
+        vmas_off,
+        runs_off,
+        data_fd: fds.data_fd,
+        err_fd: fds.err_fd,
+        vdso: p.vdso,
+        mm: p.mm,
+        auxv: p.auxv,
+        auxv_words: p.auxv_words,
+        reserved: 0,
+        restart_entry: p.restart_entry,
+        agent_state: p.agent_state,
+        leader_fs,
+        close_from: fds.close_from,
+        close_to: fds.close_to,
+    };
+    let mut out = vec![0u8; plan_len as usize];
+    h.put(&mut out);
+    let mut o = gaps_off as usize;
+    for g in &gaps {
+        g.put(&mut out[o..]);
+        o += PlanGap::SIZE;
+    }
+    for v in &vmas {
+        v.put(&mut out[o..]);
+        o += PlanVma::SIZE;
+    }
+    for r in &runs {
+        r.put(&mut out[o..]);
+        o += PlanRun::SIZE;
+    }
+    out
+}

@@ -1,0 +1,229 @@
+//! Restoring an image as a child of this process.
+//!
+//! Everything that can be checked is checked before the restorer starts: the image (every
+//! field), the kernel's vDSO layout, the CPU's features, the files the program had mapped
+//! (same size and time) and open (they must open again). The supervisor then opens every
+//! file the program needs at its recorded number, writes the restore plan into a memfd,
+//! starts the restorer, and streams the page data to it, checking each record's hash
+//! before sending it. The program runs only after the last byte arrived and the agent
+//! reports `RESTORED`; any failure before that kills the restorer, so there is never a
+//! partly restored program, and the image file is only ever read.
+
+use super::embedded::{self, EngineFiles};
+use super::plan::{self, PlanFds};
+use super::spawn::FdMap;
+use super::supervisor::{Options, Plumbing, Supervisor};
+use super::host;
+use anyhow::{anyhow, bail, Context, Result};
+use limitless_image::file::Image;
+use limitless_image::format::{fd_kind, vma_kind};
+use limitless_image::plan::RESTORER_FAILED;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Statistics of a restore.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RestoreStats {
+    pub total_ms: f64,
+    pub data_bytes: u64,
+    pub threads: u32,
+}
+
+/// Validates `image` for this machine; returns it.
+pub fn open_checked(image: &Path) -> Result<Image> {
+    let img = Image::open(image).map_err(|e| anyhow!("{}: {e}", image.display()))?;
+    host::check_vdso(&img.process.vdso)?;
+    host::check_cpu(&img.process.cpu)?;
+    host::check_files(&img, |p| {
+        embedded::is_our_agent(p) && embedded::ensure_file(p, embedded::AGENT, embedded::AGENT_HASH, 0o755).is_ok()
+    })?;
+    Ok(img)
+}
+
+/// Opens every descriptor the program had, for its number in the child.
+fn program_fds(img: &Image, pl: &Plumbing, fds: &mut FdMap) -> Result<()> {
+    let mut leaders: HashMap<i32, OwnedFd> = HashMap::new();
+    for f in &img.fds {
+        let x = &f.info;
+        let fd: OwnedFd = match x.kind {
+            fd_kind::STDIO => match x.aux {
+                0 => pl.stdin_r.try_clone()?,
+                1 => pl.out_w.try_clone()?,
+                _ => pl.err_w.try_clone()?,
+            },
+            _ if x.share != x.fd => leaders.get(&x.share).ok_or_else(|| anyhow!("fd {} shares a missing fd", x.fd))?.try_clone()?,
+            _ => {
+                let path = String::from_utf8_lossy(&f.path).into_owned();
+                let acc = x.open_flags as i32 & libc::O_ACCMODE;
+                let mut o = OpenOptions::new();
+                o.read(acc == libc::O_RDONLY || acc == libc::O_RDWR).write(acc == libc::O_WRONLY || acc == libc::O_RDWR);
+                let keep = libc::O_APPEND | libc::O_NONBLOCK | libc::O_DSYNC | libc::O_SYNC | libc::O_NOATIME | libc::O_DIRECT | libc::O_NOCTTY;
+                let mut extra = x.open_flags as i32 & keep & !libc::O_APPEND;
+                if x.open_flags as i32 & libc::O_APPEND != 0 {
+                    o.append(true);
+                }
+                if x.kind == fd_kind::DIR {
+                    extra |= libc::O_DIRECTORY;
+                    o.read(true).write(false);
+                }
+                o.custom_flags(extra);
+                let mut file = o.open(&path).with_context(|| format!("cannot reopen fd {} ({path})", x.fd))?;
+                if x.kind != fd_kind::CHR || x.pos != 0 {
+                    if let Err(e) = file.seek(SeekFrom::Start(x.pos)) {
+                        if x.kind != fd_kind::CHR {
+                            return Err(anyhow!("cannot seek fd {} ({path}) to {}: {e}", x.fd, x.pos));
+                        }
+                    }
+                }
+                let fd = OwnedFd::from(file);
+                leaders.insert(x.fd, fd.try_clone()?);
+                fd
+            }
+        };
+        fds.add(fd, x.fd);
+    }
+    Ok(())
+}
+
+/// Restores `image` and supervises it.
+pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats)> {
+    let t0 = Instant::now();
+    let files: EngineFiles = embedded::unpack()?;
+    let img = Arc::new(open_checked(image)?);
+    let pl = Plumbing::new()?;
+    let mut fds = FdMap::default();
+    program_fds(&img, &pl, &mut fds)?;
+    let ctl = img.process.ctl_fd;
+    fds.add(pl.child_ctl.try_clone()?, ctl);
+    // Our own descriptors go above all of the program's.
+    let mut next = img.fds.iter().map(|f| f.info.fd).chain([ctl, 2]).max().unwrap_or(2) + 1;
+    let close_from = next;
+    let mut alloc = || {
+        let n = next;
+        next += 1;
+        n
+    };
+    // One fd per mapped file (and access mode).
+    let mut by_path: HashMap<(String, bool), i32> = HashMap::new();
+    let mut vma_fd = vec![-1; img.vmas.len()];
+    for (i, v) in img.vmas.iter().enumerate() {
+        if v.info.kind != vma_kind::FILE_PRIVATE && v.info.kind != vma_kind::FILE_SHARED {
+            continue;
+        }
+        let path = Image::vma_name(v);
+        let rw = v.info.kind == vma_kind::FILE_SHARED && v.info.prot & 2 != 0;
+        if let Some(&n) = by_path.get(&(path.clone(), rw)) {
+            vma_fd[i] = n;
+            continue;
+        }
+        let f = OpenOptions::new().read(true).write(rw).open(&path).with_context(|| format!("cannot open {path}, which the program had mapped"))?;
+        let n = alloc();
+        fds.add(OwnedFd::from(f), n);
+        by_path.insert((path, rw), n);
+        vma_fd[i] = n;
+    }
+    let (data_r, data_w) = super::stdio::pipe()?;
+    let _ = rustix::pipe::fcntl_setpipe_size(&data_w, 1 << 20);
+    let (err_r, err_w) = super::stdio::pipe()?;
+    let data_fd = alloc();
+    let err_fd = alloc();
+    let plan_fd = alloc();
+    fds.add(data_r, data_fd);
+    fds.add(err_w, err_fd);
+    let pfds = PlanFds { data_fd, err_fd, close_from, close_to: plan_fd };
+    let plan = plan::build(&img, |i| vma_fd[i], &pfds);
+    let memfd = rustix::fs::memfd_create("limitless-plan", rustix::fs::MemfdFlags::CLOEXEC)?;
+    let mut mf = File::from(memfd);
+    mf.write_all(&plan)?;
+    fds.add(OwnedFd::from(mf), plan_fd);
+    pl.stdio_fds(&mut fds)?;
+
+    let mut cmd = Command::new(&files.restorer);
+    cmd.arg(plan_fd.to_string()).env_clear();
+    let child = fds.spawn(cmd).with_context(|| format!("cannot start the restorer {}", files.restorer.display()))?;
+
+    // Stream the page data, each record checked against its hash before it is sent.
+    let data_err: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let streamer = {
+        let img = img.clone();
+        let data_err = data_err.clone();
+        std::thread::spawn(move || {
+            let mut w = File::from(data_w);
+            let mut total = 0u64;
+            for p in &img.pages {
+                match img.read_pages(p) {
+                    Ok(d) => {
+                        if w.write_all(&d).is_err() {
+                            return total; // the restorer is gone; its own report says why
+                        }
+                        total += d.len() as u64;
+                    }
+                    Err(e) => {
+                        *data_err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                        return total;
+                    }
+                }
+            }
+            total
+        })
+    };
+    let errtext = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = File::from(err_r).read_to_string(&mut s);
+        s
+    });
+
+    let sup = Supervisor::from_restored(child, pl, opts, img.stdin.clone())?;
+    let deadline = Duration::from_secs(300);
+    let mut failure: Option<String> = None;
+    loop {
+        if let Some(e) = data_err.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            failure = Some(e);
+            break;
+        }
+        let st = sup.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.restored.is_some() {
+            break;
+        }
+        if let Some(t) = &st.failed {
+            failure = Some(t.clone());
+            break;
+        }
+        if st.closed {
+            failure = Some(String::new());
+            break;
+        }
+        if t0.elapsed() > deadline {
+            failure = Some(format!("the restore did not finish within {} s", deadline.as_secs()));
+            break;
+        }
+        drop(sup.inner.changed.wait_timeout(st, Duration::from_millis(20)));
+    }
+    if let Some(f) = failure {
+        sup.inner.kill();
+        let code = sup.wait().unwrap_or(1);
+        let text = errtext.join().unwrap_or_default();
+        let text = text.trim();
+        let why = if !f.is_empty() {
+            f
+        } else if !text.is_empty() {
+            text.to_string()
+        } else if code == RESTORER_FAILED {
+            "the restorer failed".to_string()
+        } else {
+            format!("the restored process died (status {code}) before it ran")
+        };
+        bail!("restore failed: {why}");
+    }
+    let data_bytes = streamer.join().unwrap_or(0);
+    drop(errtext);
+    let threads = sup.inner.state.lock().map(|s| s.restored.map_or(0, |r| r.threads)).unwrap_or(0);
+    Ok((sup, RestoreStats { total_ms: t0.elapsed().as_secs_f64() * 1000.0, data_bytes, threads }))
+}

@@ -1,0 +1,283 @@
+//! The supervisor: the parent of the program (launched or restored). It owns the program's
+//! standard streams and the control socket to its agent, serves checkpoint requests, and
+//! ends with the program's exit status.
+
+use super::api::ApiServer;
+use super::embedded;
+use super::link::{AgentMsg, Link};
+use super::spawn::FdMap;
+use super::stdio::{self, Forwarder, Input};
+use super::{EXIT_CHECKPOINTED, SIG_CKPT};
+use anyhow::{bail, Context, Result};
+use limitless_image::ctl::{Hello, Restored};
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Options shared by `launch` and `restore`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Where to listen for control requests (`None`: nowhere).
+    pub socket: Option<PathBuf>,
+}
+
+/// What the agent has told us outside of a checkpoint.
+#[derive(Default)]
+pub struct AgentState {
+    pub hello: Option<Hello>,
+    pub restored: Option<Restored>,
+    pub failed: Option<String>,
+    pub closed: bool,
+}
+
+/// The parts of a supervisor that the control-request thread shares.
+pub struct Inner {
+    pub link: Link,
+    pub state: Mutex<AgentState>,
+    pub changed: Condvar,
+    /// FROZEN, DONE and FAILED messages, for the checkpoint in progress.
+    pub events: Mutex<mpsc::Receiver<AgentMsg>>,
+    pub input: Input,
+    pub out: Forwarder,
+    pub err: Forwarder,
+    pub stdio_ino: [u64; 3],
+    pub pidfd: OwnedFd,
+    pub pid: u32,
+    /// The program was stopped after a checkpoint (exit with EXIT_CHECKPOINTED).
+    pub stopped: AtomicBool,
+    /// Only one checkpoint at a time.
+    pub busy: Mutex<()>,
+}
+
+impl Inner {
+    /// Sends `SIGKILL` to the program (race-free through its pidfd).
+    pub fn kill(&self) {
+        let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
+    }
+
+    /// Waits until `f` holds for the agent state, or `limit` passes; returns whether it held.
+    pub fn wait_state(&self, limit: Duration, f: impl Fn(&AgentState) -> bool) -> bool {
+        let end = Instant::now() + limit;
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if f(&g) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            g = self.changed.wait_timeout(g, end - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
+/// A running, supervised program.
+pub struct Supervisor {
+    child: Child,
+    pub inner: Arc<Inner>,
+    api: Option<ApiServer>,
+}
+
+/// The pieces every supervised child needs, made before it starts.
+pub struct Plumbing {
+    pub link: Link,
+    pub child_ctl: OwnedFd,
+    pub input: Input,
+    pub stdin_r: OwnedFd,
+    pub out_r: OwnedFd,
+    pub out_w: OwnedFd,
+    pub err_r: OwnedFd,
+    pub err_w: OwnedFd,
+}
+
+impl Plumbing {
+    pub fn new() -> Result<Plumbing> {
+        let (link, child_ctl) = Link::pair().context("cannot create the control socket")?;
+        let (input, stdin_r) = Input::new().context("cannot create the stdin pipe")?;
+        let (out_r, out_w) = stdio::pipe()?;
+        let (err_r, err_w) = stdio::pipe()?;
+        Ok(Plumbing { link, child_ctl, input, stdin_r, out_r, out_w, err_r, err_w })
+    }
+
+    /// Adds the standard streams of the child to `fds` at 0, 1 and 2 (clones, so that an
+    /// image's extra descriptors can share them too).
+    pub fn stdio_fds(&self, fds: &mut FdMap) -> Result<()> {
+        fds.add(self.stdin_r.try_clone()?, 0);
+        fds.add(self.out_w.try_clone()?, 1);
+        fds.add(self.err_w.try_clone()?, 2);
+        Ok(())
+    }
+
+    /// Starts the supervisor around a spawned child.
+    pub fn supervise(self, child: Child, opts: &Options, preload_stdin: Vec<u8>) -> Result<Supervisor> {
+        let pid = child.id();
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(pid as i32).context("bad child pid")?,
+            rustix::process::PidfdFlags::empty(),
+        )
+        .context("pidfd_open")?;
+        let stdio_ino = [self.input.ino(), stdio::ino(self.out_w.as_fd()), stdio::ino(self.err_w.as_fd())];
+        drop(self.stdin_r);
+        drop(self.out_w);
+        drop(self.err_w);
+        drop(self.child_ctl);
+        let out = Forwarder::start(self.out_r, 1);
+        let err = Forwarder::start(self.err_r, 2);
+        self.input.start(preload_stdin);
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
+            link: self.link,
+            state: Mutex::new(AgentState::default()),
+            changed: Condvar::new(),
+            events: Mutex::new(rx),
+            input: self.input,
+            out,
+            err,
+            stdio_ino,
+            pidfd,
+            pid,
+            stopped: AtomicBool::new(false),
+            busy: Mutex::new(()),
+        });
+        start_reader(inner.clone(), tx);
+        let api = match &opts.socket {
+            Some(p) => Some(ApiServer::start(p, inner.clone())?),
+            None => None,
+        };
+        Ok(Supervisor { child, inner, api })
+    }
+}
+
+fn start_reader(inner: Arc<Inner>, tx: mpsc::Sender<AgentMsg>) {
+    let _ = std::thread::Builder::new().name("limitless-ctl".into()).spawn(move || loop {
+        let m = inner.link.recv().unwrap_or(AgentMsg::Closed);
+        let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        let done = matches!(m, AgentMsg::Closed);
+        match &m {
+            AgentMsg::Hello(h) => st.hello = Some(*h),
+            AgentMsg::Restored(r) => st.restored = Some(*r),
+            AgentMsg::Failed(t) => st.failed = Some(t.clone()),
+            AgentMsg::Closed => st.closed = true,
+            _ => {}
+        }
+        drop(st);
+        inner.changed.notify_all();
+        let _ = tx.send(m);
+        if done {
+            return;
+        }
+    });
+}
+
+/// Finds `prog` like a shell does: as given if it has a slash, else in `$PATH`.
+pub fn find_program(prog: &Path) -> Result<PathBuf, (i32, String)> {
+    let check = |p: &Path| -> Option<Result<PathBuf, (i32, String)>> {
+        let md = std::fs::metadata(p).ok()?;
+        if md.is_dir() {
+            return Some(Err((126, format!("{} is a directory", p.display()))));
+        }
+        if rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_err() {
+            return Some(Err((126, format!("{} is not executable", p.display()))));
+        }
+        Some(Ok(p.to_path_buf()))
+    };
+    if prog.as_os_str().to_string_lossy().contains('/') {
+        return check(prog).unwrap_or_else(|| Err((127, format!("program not found: {}", prog.display()))));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
+    for dir in std::env::split_paths(&path) {
+        if let Some(r) = check(&dir.join(prog)) {
+            return r;
+        }
+    }
+    Err((127, format!("program not found in PATH: {}", prog.display())))
+}
+
+/// The fd number for the agent's control socket in a launched program.
+fn ctl_fd_number() -> i32 {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024);
+    (soft.min(1024) as i32 - 1).max(10)
+}
+
+impl Supervisor {
+    /// Launches `prog` under the engine.
+    pub fn launch(prog: &Path, args: &[OsString], opts: &Options) -> Result<Supervisor> {
+        let files = embedded::unpack()?;
+        let pl = Plumbing::new()?;
+        let ctl = ctl_fd_number();
+        let mut fds = FdMap::default();
+        pl.stdio_fds(&mut fds)?;
+        fds.add(pl.child_ctl.try_clone()?, ctl);
+        let mut cmd = Command::new(prog);
+        cmd.args(args);
+        let mut preload = files.agent.clone().into_os_string();
+        if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+            preload.push(":");
+            preload.push(old);
+        }
+        cmd.env("LD_PRELOAD", preload);
+        cmd.env("LIMITLESS_AGENT", format!("fd={ctl:05},pid={:010},sig={SIG_CKPT:02}", 0));
+        let child = fds.spawn(cmd).with_context(|| format!("cannot start {}", prog.display()))?;
+        pl.supervise(child, opts, Vec::new())
+    }
+
+    /// Starts supervising a restored child (see `restore`).
+    pub fn from_restored(child: Child, pl: Plumbing, opts: &Options, stdin: Vec<u8>) -> Result<Supervisor> {
+        pl.supervise(child, opts, stdin)
+    }
+
+    /// Waits for the agent's `HELLO` (the program has started under the engine).
+    pub fn wait_ready(&self, limit: Duration) -> bool {
+        self.inner.wait_state(limit, |s| s.hello.is_some() || s.restored.is_some() || s.closed)
+            && !self.inner.state.lock().map(|s| s.closed && s.hello.is_none()).unwrap_or(true)
+    }
+
+    /// Waits for the program to end; returns the exit status to pass on.
+    pub fn wait(mut self) -> Result<i32> {
+        let status = loop {
+            match self.child.wait() {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => bail!("waiting for the program failed: {e}"),
+            }
+        };
+        if let Some(api) = self.api.take() {
+            api.stop();
+        }
+        let inner = match Arc::try_unwrap(self.inner) {
+            Ok(i) => i,
+            Err(a) => {
+                // The control thread still holds a reference: just drain what we can.
+                a.out.drain(Duration::from_secs(2));
+                a.err.drain(Duration::from_secs(2));
+                return Ok(code(&a, status));
+            }
+        };
+        let c = code(&inner, status);
+        inner.out.finish(Duration::from_secs(5));
+        inner.err.finish(Duration::from_secs(5));
+        Ok(c)
+    }
+
+    /// The program's pid.
+    pub fn pid(&self) -> u32 {
+        self.inner.pid
+    }
+}
+
+fn code(inner: &Inner, status: std::process::ExitStatus) -> i32 {
+    if inner.stopped.load(Ordering::SeqCst) {
+        return EXIT_CHECKPOINTED;
+    }
+    match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => 1,
+    }
+}

@@ -1,0 +1,4 @@
+//! The `limitless` command; see `limitless --help`.
+fn main() {
+    std::process::exit(limitless::cli::main());
+}
