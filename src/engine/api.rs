@@ -50,11 +50,19 @@ pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ApiServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
 }
 
-impl ApiServer {
-    /// Listens on `path` (refusing one that a live supervisor uses) and serves requests.
-    pub fn start(path: &Path, inner: Arc<Inner>) -> Result<ApiServer> {
+/// A bound control socket, not yet serving (bound before the program starts, so that it
+/// exists by the time the program can be asked about).
+pub struct Bound {
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+impl Bound {
+    /// Listens on `path`, refusing one that a live supervisor uses.
+    pub fn new(path: &Path) -> Result<Bound> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 bail!("{} is in use by another limitless process; choose another --socket", path.display());
@@ -64,10 +72,16 @@ impl ApiServer {
         if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
         }
-        let l = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        Ok(Bound { path: path.to_path_buf(), listener })
+    }
+
+    /// Serves requests for `inner` on a thread.
+    pub fn serve(self, inner: Arc<Inner>) -> Result<ApiServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
-        std::thread::Builder::new().name("limitless-api".into()).spawn(move || {
+        let l = self.listener;
+        let thread = std::thread::Builder::new().name("limitless-api".into()).spawn(move || {
             for conn in l.incoming() {
                 if s2.load(Ordering::SeqCst) {
                     return;
@@ -77,13 +91,18 @@ impl ApiServer {
                 }
             }
         })?;
-        Ok(ApiServer { path: path.to_path_buf(), stop })
+        Ok(ApiServer { path: self.path, stop, thread })
     }
+}
 
-    /// Stops listening and removes the socket file.
+impl ApiServer {
+    /// Stops listening, waits until the request in progress (if any) has been answered, and
+    /// removes the socket file. A stop-checkpoint ends the program before its reply is sent,
+    /// so without the wait the client would see the connection close unanswered.
     pub fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = UnixStream::connect(&self.path);
+        let _ = self.thread.join();
         let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -97,7 +97,7 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
     let t0 = Instant::now();
     let files: EngineFiles = embedded::unpack()?;
     let img = Arc::new(open_checked(image)?);
-    let pl = Plumbing::new()?;
+    let pl = Plumbing::new(opts)?;
     let mut fds = FdMap::default();
     program_fds(&img, &pl, &mut fds)?;
     let ctl = img.process.ctl_fd;
@@ -180,7 +180,7 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
         s
     });
 
-    let sup = Supervisor::from_restored(child, pl, opts, img.stdin.clone())?;
+    let sup = pl.supervise(child, img.stdin.clone())?;
     let deadline = Duration::from_secs(300);
     let mut failure: Option<String> = None;
     loop {

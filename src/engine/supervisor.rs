@@ -2,7 +2,7 @@
 //! standard streams and the control socket to its agent, serves checkpoint requests, and
 //! ends with the program's exit status.
 
-use super::api::ApiServer;
+use super::api::{ApiServer, Bound};
 use super::embedded;
 use super::link::{AgentMsg, Link};
 use super::spawn::FdMap;
@@ -94,15 +94,18 @@ pub struct Plumbing {
     pub out_w: OwnedFd,
     pub err_r: OwnedFd,
     pub err_w: OwnedFd,
+    /// The control socket, bound before the program starts.
+    pub api: Option<Bound>,
 }
 
 impl Plumbing {
-    pub fn new() -> Result<Plumbing> {
+    pub fn new(opts: &Options) -> Result<Plumbing> {
+        let api = opts.socket.as_deref().map(Bound::new).transpose()?;
         let (link, child_ctl) = Link::pair().context("cannot create the control socket")?;
         let (input, stdin_r) = Input::new().context("cannot create the stdin pipe")?;
         let (out_r, out_w) = stdio::pipe()?;
         let (err_r, err_w) = stdio::pipe()?;
-        Ok(Plumbing { link, child_ctl, input, stdin_r, out_r, out_w, err_r, err_w })
+        Ok(Plumbing { link, child_ctl, input, stdin_r, out_r, out_w, err_r, err_w, api })
     }
 
     /// Adds the standard streams of the child to `fds` at 0, 1 and 2 (clones, so that an
@@ -115,7 +118,7 @@ impl Plumbing {
     }
 
     /// Starts the supervisor around a spawned child.
-    pub fn supervise(self, child: Child, opts: &Options, preload_stdin: Vec<u8>) -> Result<Supervisor> {
+    pub fn supervise(self, child: Child, preload_stdin: Vec<u8>) -> Result<Supervisor> {
         let pid = child.id();
         let pidfd = rustix::process::pidfd_open(
             rustix::process::Pid::from_raw(pid as i32).context("bad child pid")?,
@@ -146,8 +149,8 @@ impl Plumbing {
             busy: Mutex::new(()),
         });
         start_reader(inner.clone(), tx);
-        let api = match &opts.socket {
-            Some(p) => Some(ApiServer::start(p, inner.clone())?),
+        let api = match self.api {
+            Some(b) => Some(b.serve(inner.clone())?),
             None => None,
         };
         Ok(Supervisor { child, inner, api })
@@ -209,7 +212,7 @@ impl Supervisor {
     /// Launches `prog` under the engine.
     pub fn launch(prog: &Path, args: &[OsString], opts: &Options) -> Result<Supervisor> {
         let files = embedded::unpack()?;
-        let pl = Plumbing::new()?;
+        let pl = Plumbing::new(opts)?;
         let ctl = ctl_fd_number();
         let mut fds = FdMap::default();
         pl.stdio_fds(&mut fds)?;
@@ -224,12 +227,7 @@ impl Supervisor {
         cmd.env("LD_PRELOAD", preload);
         cmd.env("LIMITLESS_AGENT", format!("fd={ctl:05},pid={:010},sig={SIG_CKPT:02}", 0));
         let child = fds.spawn(cmd).with_context(|| format!("cannot start {}", prog.display()))?;
-        pl.supervise(child, opts, Vec::new())
-    }
-
-    /// Starts supervising a restored child (see `restore`).
-    pub fn from_restored(child: Child, pl: Plumbing, opts: &Options, stdin: Vec<u8>) -> Result<Supervisor> {
-        pl.supervise(child, opts, stdin)
+        pl.supervise(child, Vec::new())
     }
 
     /// Waits for the agent's `HELLO` (the program has started under the engine).

@@ -1,0 +1,191 @@
+//! End-to-end tests of the checkpoint engine, in the style of CRIU's zdtm: each C program in
+//! `tests/programs/` sets up some state, is checkpointed, killed and restored (or kept
+//! running), then checks its own state; its output must be identical to an uninterrupted
+//! run. Every scenario runs as uid 65534 with no capabilities and, when the tests run as
+//! root, as root too.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::time::Duration;
+
+fn each_user(name: &str, f: impl Fn(User, &Path)) {
+    for u in users() {
+        let d = workdir(name, u);
+        eprintln!("== {name} as {u:?} in {}", d.display());
+        f(u, &d);
+    }
+}
+
+/// launch -> READY -> dump (stop) -> restore with `input` -> compare with a plain run.
+fn stop_and_restore(name: &str, args: &[&str], input: &str) {
+    let prog = program(name);
+    let refdir = workdir(&format!("{name}-ref"), User::Root);
+    let want = reference_in(&prog, args, input, &refdir);
+    each_user(name, |u, d| {
+        let r = launch(u, d, &prog, args);
+        r.expect_out("READY");
+        let img = d.join("image");
+        dump_ok(u, &r, &img, false);
+        let (st, out1, err1) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "launch should exit 75 after the checkpoint; stderr: {err1}");
+        let mut r2 = restore(u, d, &img);
+        if !input.is_empty() {
+            r2.send(input);
+        }
+        let (st2, out2, err2) = r2.finish();
+        assert_eq!(st2.code(), Some(0), "restored program failed; stderr: {err2}");
+        assert_eq!(lines(&(out1 + &out2)), lines(&want), "output differs from an uninterrupted run");
+    });
+}
+
+fn reference_in(prog: &Path, args: &[&str], input: &str, dir: &Path) -> String {
+    let o = std::process::Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(input.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("reference run");
+    assert!(o.status.success(), "reference run failed");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn single_thread_keeps_registers_stack_heap_and_fp() {
+    stop_and_restore("regs", &["2500000000"], "");
+}
+
+#[test]
+fn threads_with_mutexes_condvars_sleep_read_and_join() {
+    stop_and_restore("threads", &[], "hello\n");
+}
+
+#[test]
+fn signal_handlers_mask_and_altstack_survive() {
+    stop_and_restore("signals", &[], "go\n");
+}
+
+#[test]
+fn files_keep_offsets_flags_and_sharing() {
+    stop_and_restore("files", &[], "go\n");
+}
+
+#[test]
+fn sched_getcpu_agrees_with_getcpu_after_restore() {
+    stop_and_restore("getcpu", &[], "go\n");
+}
+
+#[test]
+fn pthread_self_tls_pthread_kill_and_join_keep_working() {
+    stop_and_restore("tids", &[], "go\n");
+}
+
+#[test]
+fn chain_of_six_checkpoints_and_restores() {
+    let prog = program("ticker");
+    let args = ["250"];
+    let want = reference(&prog, &args, "");
+    each_user("chain", |u, d| {
+        let mut out = String::new();
+        let mut r = launch(u, d, &prog, &args);
+        r.expect_out("READY");
+        for step in 0..6 {
+            std::thread::sleep(Duration::from_millis(250));
+            let img = d.join(format!("image-{step}"));
+            dump_ok(u, &r, &img, false);
+            let (st, o, e) = r.finish();
+            assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "step {step}: {e}");
+            out += &o;
+            r = restore(u, d, &img);
+        }
+        let (st, o, e) = r.finish();
+        assert_eq!(st.code(), Some(0), "last step: {e}");
+        out += &o;
+        assert_eq!(lines(&out), lines(&want));
+    });
+}
+
+#[test]
+fn leave_running_checkpoint_restored_as_a_second_copy() {
+    let prog = program("leaverun");
+    let want = reference(&prog, &[], "go\n");
+    let result = want.lines().last().expect("result line").to_string();
+    each_user("leaverun", |u, d| {
+        let mut r = launch(u, d, &prog, &[]);
+        r.expect_out("READY");
+        let img = d.join("image");
+        dump_ok(u, &r, &img, true);
+        // The copy runs while the original is still alive.
+        let mut copy = restore(u, d, &img);
+        r.send("go\n");
+        let (st, out, err) = r.finish();
+        assert_eq!(st.code(), Some(0), "original: {err}");
+        assert_eq!(lines(&out), lines(&want));
+        copy.send("go\n");
+        let (st2, out2, err2) = copy.finish();
+        assert_eq!(st2.code(), Some(0), "copy: {err2}");
+        assert_eq!(lines(&out2), vec![result.as_str()], "the copy continues after READY");
+    });
+}
+
+#[test]
+fn fifty_checkpoints_while_threads_hammer_malloc_and_stdio() {
+    let prog = program("hammer");
+    each_user("hammer", |u, d| {
+        let mut r = launch(u, d, &prog, &[]);
+        r.expect_out("READY");
+        let img = d.join("image");
+        for i in 0..50 {
+            let (ok, err) = dump(u, &r.socket, &img, true);
+            assert!(ok, "checkpoint {i} failed: {err}");
+        }
+        r.send("stop\n");
+        let (st, out, err) = r.finish();
+        assert_eq!(st.code(), Some(0), "{err}");
+        assert!(out.contains("all 4 threads made progress: 1"), "{out}");
+        let mut copy = restore(u, d, &img);
+        copy.send("stop\n");
+        let (st2, out2, err2) = copy.finish();
+        assert_eq!(st2.code(), Some(0), "{err2}");
+        assert!(out2.contains("all 4 threads made progress: 1"), "{out2}");
+    });
+}
+
+#[test]
+fn unread_stdin_is_carried_in_the_image() {
+    let prog = program("slowread");
+    each_user("stdin", |u, d| {
+        let mut r = launch(u, d, &prog, &[]);
+        r.expect_out("READY");
+        r.send("first line\nsecond line\n");
+        std::thread::sleep(Duration::from_millis(100));
+        let img = d.join("image");
+        dump_ok(u, &r, &img, false);
+        let (st, out1, _) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED));
+        let mut r2 = restore(u, d, &img);
+        r2.send("third line\n");
+        r2.close_stdin();
+        let (st2, out2, err2) = r2.finish();
+        assert_eq!(st2.code(), Some(0), "{err2}");
+        assert_eq!(lines(&(out1 + &out2)), vec!["READY", "echo: first line", "echo: second line", "echo: third line", "eof"]);
+    });
+}
+
+#[test]
+fn launch_passes_on_exit_status_and_signals() {
+    let prog = program("exiter");
+    each_user("exit", |u, d| {
+        let (st, out, _) = launch(u, d, &prog, &["7"]).finish();
+        assert_eq!(st.code(), Some(7), "{out}");
+        let (st, _, _) = launch(u, d, &prog, &["kill"]).finish();
+        assert_eq!(st.code(), Some(128 + 9));
+    });
+}
