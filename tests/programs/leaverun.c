@@ -1,12 +1,12 @@
-/* For --leave-running: builds state, prints READY, waits for a line, prints a result that
- * depends on the state and the line. Both the original and a restored copy must print it. */
+/* For --leave-running: builds a table (argv[1] entries, default 1M), prints READY, waits
+ * for a line, prints a result that depends on the table and the line. Both the original and a restored copy must print it. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-int main(void) {
+int main(int argc, char **argv) {
   setvbuf(stdout, NULL, _IOLBF, 0);
-  size_t n = 1 << 20;
+  size_t n = argc > 1 ? (size_t)atol(argv[1]) : 1 << 20;
   unsigned *t = malloc(n * sizeof *t);
   for (size_t i = 0; i < n; i++) t[i] = (unsigned)(i * 2654435761u);
   printf("READY\n");

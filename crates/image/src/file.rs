@@ -777,3 +777,106 @@ pub fn read_stream<R: Read>(mut r: R, mut f: impl FnMut(RecordHeader, Vec<u8>) -
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Wire;
+
+    fn enc_all<T: Wire>(v: &T, tail: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; T::SIZE];
+        v.put(&mut b);
+        b.extend_from_slice(tail);
+        b
+    }
+
+    /// A small valid image: one anonymous area with two stored pages, one thread, no fds.
+    pub(crate) fn synthetic() -> Vec<u8> {
+        let mut p = ProcessInfo::zeroed();
+        p.pid = 42;
+        p.page_size = PAGE as u32;
+        p.thread_count = 1;
+        p.vma_count = 1;
+        p.sig_ckpt = 61;
+        p.ctl_fd = 1023;
+        p.mm.start_code = 0x10000;
+        p.mm.end_code = 0x11000;
+        p.vdso.count = 1;
+        p.vdso.areas[0] = VdsoArea { kind: vdso_kind::VDSO, reserved: 0, start: 0x7fff_0000_0000, len: 8192 };
+        p.restart_entry = 0x10100;
+        p.agent_state = 0x10200;
+        p.flags = pflags::MAIN_EXITED;
+        let mut t = ThreadInfo::zeroed();
+        t.tid = 43;
+        t.role = role::MANAGER;
+        t.ctx.rsp = 0x18000;
+        t.ctx.rip = 0x10400;
+        let v = VmaInfo { start: 0x10000, end: 0x20000, prot: 7, kind: vma_kind::ANON, pages: 2, ..VmaInfo::zeroed() };
+        let mut ph = PagesHeader { start: 0x10000, npages: 16, ..PagesHeader::zeroed() };
+        ph.set(0);
+        ph.set(3);
+        ph.count = 2;
+        let end = EndInfo { pages: 2, ..EndInfo::zeroed() };
+        let mut w = Writer::new(Vec::new(), 1).unwrap();
+        w.plain(kind::PROCESS, &enc_all(&p, &[])).unwrap();
+        w.plain(kind::THREAD, &enc_all(&t, &[])).unwrap();
+        w.plain(kind::VMA, &enc_all(&v, &[])).unwrap();
+        w.plain(kind::PAGES, &enc_all(&ph, &[7u8; 2 * PAGE as usize])).unwrap();
+        w.plain(kind::END, &enc_all(&end, &[])).unwrap();
+        w.finish().unwrap().0
+    }
+
+    fn open_bytes(b: &[u8]) -> Result<Image, ImageError> {
+        let d = std::env::temp_dir().join(format!("limitless-image-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::write(&d, b).unwrap();
+        let r = Image::open(&d).and_then(|i| i.verify_pages().map(|_| i));
+        std::fs::remove_file(&d).unwrap();
+        r
+    }
+
+    #[test]
+    fn synthetic_image_round_trips() {
+        let img = open_bytes(&synthetic()).unwrap();
+        assert_eq!(img.threads.len(), 1);
+        assert_eq!(img.vmas.len(), 1);
+        assert_eq!(img.pages.len(), 1);
+        assert_eq!(img.read_pages(&img.pages[0]).unwrap().len(), 2 * PAGE as usize);
+    }
+
+    #[test]
+    fn bad_magic_is_not_an_image() {
+        let mut b = synthetic();
+        b[0] ^= 0xff;
+        assert!(matches!(open_bytes(&b), Err(ImageError::NotAnImage)));
+        assert!(matches!(open_bytes(b"hello world, not an image"), Err(ImageError::NotAnImage)));
+    }
+
+    #[test]
+    fn other_versions_are_refused() {
+        let mut b = synthetic();
+        b[8] = 2; // major
+        assert!(matches!(open_bytes(&b), Err(ImageError::Version { major: 2, .. })));
+        let mut b = synthetic();
+        b[10] = 9; // minor newer than this reader
+        assert!(matches!(open_bytes(&b), Err(ImageError::Version { minor: 9, .. })));
+    }
+
+    #[test]
+    fn every_corrupted_byte_is_detected() {
+        let good = synthetic();
+        for i in 0..good.len() {
+            let mut b = good.clone();
+            b[i] ^= 0x41;
+            assert!(open_bytes(&b).is_err(), "a flipped byte at {i} of {} went unnoticed", good.len());
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_detected() {
+        let good = synthetic();
+        for n in (0..good.len()).step_by(7).chain([good.len() - 1]) {
+            let r = open_bytes(&good[..n]);
+            assert!(matches!(r, Err(ImageError::Truncated(_)) | Err(ImageError::NotAnImage) | Err(ImageError::Corrupt(_))), "truncated to {n}: {r:?}");
+        }
+    }
+}

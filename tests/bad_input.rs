@@ -1,0 +1,285 @@
+//! Bad input: truncated and corrupted images, files that are not images, images from
+//! another kernel or CPU, a control socket with no program behind it. Each must give one
+//! clear error line and a non-zero exit, never a crash, a hang or a partly restored
+//! program. Also a mutation fuzz of the image reader.
+
+mod common;
+
+use common::*;
+use limitless_image::cpu;
+use limitless_image::file::{rewrite_process, Image};
+use proptest::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// A real image of `leaverun` (with a small table) waiting for input, made once and shared
+/// by these tests.
+fn base_image() -> PathBuf {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| {
+        let d = workdir("bad-input-base", User::Root);
+        let prog = program("leaverun");
+        let user = users()[0];
+        let r = launch(user, &d, &prog, &["4096"]);
+        r.expect_out("READY");
+        let img = d.join("base.img");
+        dump_ok(user, &r, &img, false);
+        let (st, _, _) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED));
+        img
+    })
+    .clone()
+}
+
+/// `limitless restore IMAGE` as `user` with "go" on stdin: must fail cleanly.
+fn restore_must_fail(user: User, dir: &Path, image: &Path, want: &str) {
+    let mut r = restore(user, dir, image);
+    let _ = r.stdin.as_mut().map(|s| std::io::Write::write_all(s, b"go\n"));
+    let (st, out, err) = r.finish();
+    assert_eq!(st.code(), Some(125), "restore of {} should fail with 125; stdout: {out}; stderr: {err}", image.display());
+    assert!(out.is_empty(), "the program must not run; it printed: {out}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "want one error line, got: {err}");
+    assert!(lines[0].starts_with("limitless: "), "{err}");
+    assert!(lines[0].contains(want), "`{}` does not mention `{want}`", lines[0]);
+}
+
+fn inspect_fails(image: &Path) -> String {
+    let o = command(users()[0], LIMITLESS).arg("inspect").arg(image).output().expect("inspect");
+    assert_eq!(o.status.code(), Some(125), "inspect must fail on {}", image.display());
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    err
+}
+
+#[test]
+fn base_image_restores_and_inspects() {
+    let img = base_image();
+    let o = command(users()[0], LIMITLESS).arg("inspect").arg(&img).output().expect("inspect");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("checksums verified") && text.contains("threads   2"), "{text}");
+    let o = command(users()[0], LIMITLESS).args(["inspect", "--json"]).arg(&img).output().expect("inspect");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect --json prints JSON");
+    assert_eq!(v["threads"].as_array().map(|a| a.len()), Some(2));
+    for u in users() {
+        let d = workdir("base-restore", u);
+        let mut r = restore(u, &d, &img);
+        r.send("go\n");
+        let (st, out, err) = r.finish();
+        assert_eq!(st.code(), Some(0), "{err}");
+        assert!(out.starts_with("result go "), "{out}");
+    }
+}
+
+#[test]
+fn truncated_images_are_refused() {
+    let img = base_image();
+    let bytes = std::fs::read(&img).unwrap();
+    for u in users() {
+        let d = workdir("truncated", u);
+        for (i, n) in [0, 7, 64, 100, bytes.len() / 3, bytes.len() / 2, bytes.len() - 200, bytes.len() - 1].into_iter().enumerate() {
+            let p = d.join(format!("cut-{i}.img"));
+            std::fs::write(&p, &bytes[..n]).unwrap();
+            let want = if n < 8 { "truncated" } else { "" };
+            restore_must_fail(u, &d, &p, want);
+            inspect_fails(&p);
+        }
+    }
+}
+
+#[test]
+fn corrupted_bytes_are_detected_everywhere() {
+    let img = base_image();
+    let good = std::fs::read(&img).unwrap();
+    let parsed = Image::open(&img).unwrap();
+    // Every byte of the file header, of each record header, of the index and of the
+    // trailer; every 13th byte of metadata payloads; every 509th byte of page data. (The
+    // image crate's unit tests flip every single byte of a small image.)
+    let mut positions: Vec<usize> = (0..64).collect();
+    for (i, e) in parsed.index.iter().enumerate() {
+        let o = e.offset as usize;
+        positions.extend(o..o + 32);
+        let is_pages = parsed.pages.iter().any(|p| p.index == i);
+        let step = if is_pages { 509 } else { 13 };
+        positions.extend((o + 32..o + 32 + e.stored_len as usize).step_by(step));
+    }
+    positions.extend(parsed.trailer.index_offset as usize..good.len());
+    let d = workdir("corrupt-lib", User::Root);
+    let p = d.join("c.img");
+    for &i in &positions {
+        let mut b = good.clone();
+        b[i] ^= 0x5a;
+        std::fs::write(&p, &b).unwrap();
+        let r = Image::open(&p).and_then(|im| im.verify_pages());
+        assert!(r.is_err(), "a corrupted byte at {i} of {} went unnoticed", good.len());
+    }
+    eprintln!("checked {} corrupted positions of {}", positions.len(), good.len());
+    // Through the command, a spread of positions, as each user.
+    for u in users() {
+        let d = workdir("corrupt", u);
+        for k in 0..12 {
+            let i = positions[k * positions.len() / 12];
+            let mut b = good.clone();
+            b[i] ^= 0x5a;
+            let p = d.join(format!("c{k}.img"));
+            std::fs::write(&p, &b).unwrap();
+            restore_must_fail(u, &d, &p, "");
+        }
+        // Page data corrupted in the last record: detected while streaming, before the
+        // program runs.
+        let last = parsed.pages.last().unwrap();
+        let e = parsed.index[last.index];
+        let mut b = good.clone();
+        b[(e.offset + e.stored_len) as usize] ^= 1;
+        let p = d.join("last-page.img");
+        std::fs::write(&p, &b).unwrap();
+        restore_must_fail(u, &d, &p, "checksum");
+    }
+}
+
+#[test]
+fn files_that_are_not_images_are_refused() {
+    for u in users() {
+        let d = workdir("not-image", u);
+        let junk: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let cases: Vec<(PathBuf, &str)> = vec![
+            (d.join("empty.img"), "truncated"),
+            (d.join("junk.img"), "not a Limitless checkpoint image"),
+            (d.join("text.img"), "not a Limitless checkpoint image"),
+            (PathBuf::from("/bin/true"), "not a Limitless checkpoint image"),
+            (d.join("missing.img"), "No such file"),
+            (d.clone(), "directory"),
+        ];
+        std::fs::write(&cases[0].0, b"").unwrap();
+        std::fs::write(&cases[1].0, &junk).unwrap();
+        std::fs::write(&cases[2].0, b"just some text\n").unwrap();
+        for (p, want) in &cases {
+            restore_must_fail(u, &d, p, want);
+        }
+    }
+}
+
+#[test]
+fn image_from_a_kernel_with_another_vdso_layout_is_refused() {
+    let img = base_image();
+    for u in users() {
+        let d = workdir("vdso", u);
+        let bigger = d.join("bigger-vdso.img");
+        rewrite_process(&img, &bigger, |p| {
+            let n = p.vdso.count as usize;
+            p.vdso.areas[n - 1].len -= 4096;
+        })
+        .unwrap();
+        restore_must_fail(u, &d, &bigger, "vDSO layout");
+        let other_code = d.join("other-vdso-code.img");
+        rewrite_process(&img, &other_code, |p| p.vdso.vdso_hash ^= 1).unwrap();
+        restore_must_fail(u, &d, &other_code, "vDSO");
+    }
+}
+
+#[test]
+fn image_needing_a_cpu_feature_this_cpu_lacks_is_refused() {
+    let img = base_image();
+    let here = cpu::current();
+    let missing = cpu::FEATURES.iter().find(|f| !cpu::has(&here, f));
+    for u in users() {
+        let d = workdir("cpu", u);
+        let p = d.join("other-cpu.img");
+        match missing {
+            Some(f) => {
+                rewrite_process(&img, &p, |pi| cpu::set(&mut pi.cpu, f, true)).unwrap();
+                restore_must_fail(u, &d, &p, &format!("lacks the `{}` feature", f.name));
+            }
+            None => {
+                eprintln!("NOTE: this CPU has every listed feature; testing the XSAVE check instead");
+                rewrite_process(&img, &p, |pi| pi.cpu.xcr0 |= 1 << 62).unwrap();
+                restore_must_fail(u, &d, &p, "XSAVE");
+            }
+        }
+    }
+}
+
+#[test]
+fn dump_with_no_program_behind_the_socket() {
+    for u in users() {
+        let d = workdir("nosocket", u);
+        let img = d.join("x.img");
+        let missing = d.join("missing.sock");
+        let (ok, err) = dump(u, &missing, &img, false);
+        assert!(!ok && err.lines().count() == 1 && err.contains("no limitless launch or restore is listening"), "{err}");
+        // A socket file left behind by a dead supervisor.
+        let stale = d.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let _ = std::fs::set_permissions(&stale, std::os::unix::fs::PermissionsExt::from_mode(0o777));
+        let (ok, err) = dump(u, &stale, &img, false);
+        assert!(!ok && err.lines().count() == 1 && err.contains("no limitless launch or restore is listening"), "{err}");
+        let plain = d.join("plain.sock");
+        std::fs::write(&plain, b"").unwrap();
+        let (ok, err) = dump(u, &plain, &img, false);
+        assert!(!ok && err.lines().count() == 1, "{err}");
+        assert!(!img.exists(), "no image may be written");
+    }
+}
+
+/// One mutation of an image.
+#[derive(Debug, Clone)]
+enum Mutation {
+    Flip(usize, u8),
+    Truncate(usize),
+    Splice { from: usize, to: usize, len: usize },
+}
+
+fn apply(b: &mut Vec<u8>, m: &Mutation) {
+    let n = b.len();
+    match *m {
+        Mutation::Flip(i, x) => b[i % n] ^= x.max(1),
+        Mutation::Truncate(k) => b.truncate(k % n),
+        Mutation::Splice { from, to, len } => {
+            let (f, t) = (from % n, to % n);
+            let len = len.min(n - f).min(n - t);
+            let chunk = b[f..f + len].to_vec();
+            b[t..t + len].copy_from_slice(&chunk);
+        }
+    }
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        6 => (any::<usize>(), any::<u8>()).prop_map(|(i, x)| Mutation::Flip(i, x)),
+        1 => any::<usize>().prop_map(Mutation::Truncate),
+        2 => (any::<usize>(), any::<usize>(), 1usize..512).prop_map(|(from, to, len)| Mutation::Splice { from, to, len }),
+    ]
+}
+
+#[test]
+fn fuzz_image_reader_with_random_mutations() {
+    let img = base_image();
+    let good = std::fs::read(&img).unwrap();
+    let d = workdir("fuzz", User::Root);
+    let path = d.join("m.img");
+    let cases = std::env::var("LIMITLESS_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000u32);
+    let mut cfg = ProptestConfig::with_cases(cases);
+    cfg.failure_persistence = None;
+    let mut runner = proptest::test_runner::TestRunner::new(cfg);
+    let ran = std::sync::atomic::AtomicU32::new(0);
+    runner
+        .run(&proptest::collection::vec(mutation(), 1..6), |ms| {
+            let mut b = good.clone();
+            for m in &ms {
+                apply(&mut b, m);
+            }
+            std::fs::write(&path, &b).unwrap();
+            let r = Image::open(&path).and_then(|im| im.verify_pages());
+            ran.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Every byte is covered by a hash: a changed image must be refused.
+            if b != good {
+                prop_assert!(r.is_err(), "a mutated image was accepted: {ms:?}");
+            } else {
+                prop_assert!(r.is_ok());
+            }
+            Ok(())
+        })
+        .unwrap();
+    eprintln!("fuzz: {} mutated images, all refused without a panic", ran.into_inner());
+}
