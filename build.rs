@@ -17,7 +17,14 @@ fn main() {
         .arg("--target-dir")
         .arg(&target_dir);
     // The outer build's flags and target settings do not apply to the engine build.
-    for v in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WORKSPACE_WRAPPER", "CARGO_PROFILE_RELEASE_PANIC"] {
+    for v in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_PROFILE_RELEASE_PANIC",
+    ] {
         cmd.env_remove(v);
     }
     let status = cmd.status().expect("cannot run cargo to build the agent and the restorer");

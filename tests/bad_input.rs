@@ -45,7 +45,7 @@ fn restore_must_fail(user: User, dir: &Path, image: &Path, want: &str) {
 }
 
 fn inspect_fails(image: &Path) -> String {
-    let o = command(users()[0], LIMITLESS).arg("inspect").arg(image).output().expect("inspect");
+    let o = command(users()[0], limitless()).arg("inspect").arg(image).output().expect("inspect");
     assert_eq!(o.status.code(), Some(125), "inspect must fail on {}", image.display());
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -55,11 +55,11 @@ fn inspect_fails(image: &Path) -> String {
 #[test]
 fn base_image_restores_and_inspects() {
     let img = base_image();
-    let o = command(users()[0], LIMITLESS).arg("inspect").arg(&img).output().expect("inspect");
+    let o = command(users()[0], limitless()).arg("inspect").arg(&img).output().expect("inspect");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("checksums verified") && text.contains("threads   2"), "{text}");
-    let o = command(users()[0], LIMITLESS).args(["inspect", "--json"]).arg(&img).output().expect("inspect");
+    let o = command(users()[0], limitless()).args(["inspect", "--json"]).arg(&img).output().expect("inspect");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect --json prints JSON");
     assert_eq!(v["threads"].as_array().map(|a| a.len()), Some(2));
     for u in users() {

@@ -189,3 +189,27 @@ fn launch_passes_on_exit_status_and_signals() {
         assert_eq!(st.code(), Some(128 + 9));
     });
 }
+
+#[test]
+fn what_cannot_be_checkpointed_fails_clearly_and_the_program_runs_on() {
+    let prog = program("refuse");
+    each_user("refuse", |u, d| {
+        for (arg, want) in [("socket", "is a socket"), ("block", "did not stop within 500 ms")] {
+            let mut r = launch(u, d, &prog, &[arg]);
+            r.expect_out("READY");
+            let img = d.join(format!("{arg}.img"));
+            let mut c = command(u, limitless());
+            c.arg("dump").arg("--socket").arg(&r.socket).arg("--output").arg(&img).arg("--freeze-timeout").arg("500ms");
+            let o = c.output().expect("dump");
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(125), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(err.contains(want), "`{err}` should say `{want}`");
+            assert!(!img.exists(), "no image after a failed checkpoint");
+            r.send("go\n");
+            let (st, out, e) = r.finish();
+            assert_eq!(st.code(), Some(0), "{e}");
+            assert_eq!(lines(&out), vec!["READY", "still running"]);
+        }
+    });
+}

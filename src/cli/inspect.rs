@@ -187,9 +187,20 @@ pub fn run(image: &Path, json: bool, verify: bool) -> Result<()> {
     for t in &r.threads {
         println!("          {:>7} {:<6} {}{}", t.tid, t.role, t.name, if t.rseq { " (rseq)" } else { "" });
     }
-    println!("memory    {} areas, {} mapped, {} stored in the image", r.memory.areas, bytes(r.memory.mapped_bytes), bytes(r.memory.stored_bytes));
+    println!(
+        "memory    {} areas, {} mapped, {} stored in the image",
+        r.memory.areas,
+        bytes(r.memory.mapped_bytes),
+        bytes(r.memory.stored_bytes)
+    );
     for (k, row) in &r.memory.by_kind {
-        println!("          {:<13} {:>4} areas {:>11} mapped {:>11} stored", k, row.areas, bytes(row.mapped_bytes), bytes(row.stored_bytes));
+        println!(
+            "          {:<13} {:>4} areas {:>11} mapped {:>11} stored",
+            k,
+            row.areas,
+            bytes(row.mapped_bytes),
+            bytes(row.stored_bytes)
+        );
     }
     println!("files     {}", r.files.len());
     for f in &r.files {

@@ -19,26 +19,36 @@ use std::time::Duration;
 #[derive(Serialize, Deserialize, Debug)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ApiRequest {
+    /// Take a checkpoint.
     Dump {
+        /// Where to write the image (absolute).
         output: PathBuf,
+        /// Keep the program running afterwards.
         #[serde(default)]
         leave_running: bool,
+        /// How long to wait for every thread to stop.
         #[serde(default)]
         freeze_timeout_ms: Option<u64>,
     },
+    /// Report the program's pid and whether its agent is ready.
     Status,
 }
 
 /// A reply.
 #[derive(Serialize, Deserialize, Debug, Default)]
 pub struct ApiReply {
+    /// The request succeeded.
     pub ok: bool,
+    /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What a checkpoint cost.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<Stats>,
+    /// The program's pid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// The agent is ready for checkpoints.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ready: Option<bool>,
 }
@@ -120,7 +130,12 @@ fn serve(c: UnixStream, inner: &Inner) {
         Err(e) => ApiReply { error: Some(format!("bad request: {e}")), ..Default::default() },
         Ok(ApiRequest::Status) => {
             let st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
-            ApiReply { ok: true, pid: Some(inner.pid), ready: Some((st.hello.is_some() || st.restored.is_some()) && !st.closed), ..Default::default() }
+            ApiReply {
+                ok: true,
+                pid: Some(inner.pid),
+                ready: Some((st.hello.is_some() || st.restored.is_some()) && !st.closed),
+                ..Default::default()
+            }
         }
         Ok(ApiRequest::Dump { output, leave_running, freeze_timeout_ms }) => {
             let req = Request { output, leave_running, freeze_timeout: freeze_timeout_ms.map_or(FREEZE_TIMEOUT, Duration::from_millis) };
@@ -139,7 +154,10 @@ fn serve(c: UnixStream, inner: &Inner) {
 /// Sends one request to the control socket at `path` and waits for the reply.
 pub fn request(path: &Path, req: &ApiRequest) -> Result<ApiReply> {
     let mut c = UnixStream::connect(path).map_err(|e| {
-        anyhow::anyhow!("no limitless launch or restore is listening on {} ({e}); check the --socket path and that the program still runs", path.display())
+        anyhow::anyhow!(
+            "no limitless launch or restore is listening on {} ({e}); check the --socket path and that the program still runs",
+            path.display()
+        )
     })?;
     let mut text = serde_json::to_string(req)?;
     text.push('\n');
@@ -149,7 +167,7 @@ pub fn request(path: &Path, req: &ApiRequest) -> Result<ApiReply> {
     if line.trim().is_empty() {
         bail!("the supervisor on {} closed the connection without an answer (did the program exit?)", path.display());
     }
-    Ok(serde_json::from_str(&line).context("bad reply on the control socket")?)
+    serde_json::from_str(&line).context("bad reply on the control socket")
 }
 
 /// The default control socket of process `pid`.

@@ -25,14 +25,18 @@ use std::time::{Duration, Instant};
 /// A checkpoint request.
 #[derive(Clone, Debug)]
 pub struct Request {
+    /// Where the image goes (written next to it, then renamed).
     pub output: PathBuf,
+    /// Keep the program running afterwards.
     pub leave_running: bool,
+    /// How long to wait for every thread to stop.
     pub freeze_timeout: Duration,
 }
 
 /// What a checkpoint cost.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Stats {
+    /// Threads in the image (the agent's included).
     pub threads: u32,
     /// Time to stop every thread.
     pub freeze_ms: f64,
@@ -42,8 +46,11 @@ pub struct Stats {
     pub write_ms: f64,
     /// Request to durable image.
     pub total_ms: f64,
+    /// Size of the image file.
     pub image_bytes: u64,
+    /// Pages of memory stored.
     pub pages: u64,
+    /// Unread input carried in the image.
     pub stdin_bytes: u64,
     /// The program keeps running.
     pub left_running: bool,
@@ -135,7 +142,12 @@ impl Inner {
 
     /// Streams the image into `file`; returns the statistics, when the program froze, and the
     /// paused input (held until the program is resumed or killed, so no input is lost).
-    fn run_checkpoint(&self, req: &Request, file: File, pr: std::os::fd::OwnedFd) -> Result<(Stats, Instant, MutexGuard<'_, Option<File>>)> {
+    fn run_checkpoint(
+        &self,
+        req: &Request,
+        file: File,
+        pr: std::os::fd::OwnedFd,
+    ) -> Result<(Stats, Instant, MutexGuard<'_, Option<File>>)> {
         let mut stats = Stats::default();
         let wait = req.freeze_timeout + Duration::from_secs(10);
         match self.next_event(wait)? {

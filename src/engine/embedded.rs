@@ -23,7 +23,9 @@ include!(concat!(env!("OUT_DIR"), "/engine_hashes.rs"));
 /// Where the unpacked engine files are.
 #[derive(Clone, Debug)]
 pub struct EngineFiles {
+    /// The agent library (for `LD_PRELOAD`).
     pub agent: PathBuf,
+    /// The restorer executable.
     pub restorer: PathBuf,
 }
 

@@ -10,14 +10,28 @@ use std::path::Path;
 /// Why an image cannot be restored on this machine.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
+    /// The kernel's vDSO differs.
     #[error("the image was made on a kernel with another vDSO layout ({0}); restore it on the same kernel build")]
     Vdso(String),
+    /// The CPU lacks a feature.
     #[error("this CPU lacks the `{0}` feature the checkpointed program uses; restore it on a CPU that has it")]
     Cpu(&'static str),
+    /// The CPU's XSAVE components differ.
     #[error("this CPU's XSAVE state (XCR0 {here:#x}) lacks components the image uses (XCR0 {image:#x})")]
-    Xsave { here: u64, image: u64 },
+    Xsave {
+        /// XCR0 here.
+        here: u64,
+        /// XCR0 in the image.
+        image: u64,
+    },
+    /// A file the program mapped changed or is missing.
     #[error("{path} {what}; the restore needs the same file as at the checkpoint")]
-    File { path: String, what: String },
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        what: String,
+    },
 }
 
 /// This process's vDSO block and the hash of its code.
@@ -104,7 +118,9 @@ pub fn check_files(img: &Image, mut fix: impl FnMut(&Path) -> bool) -> Result<()
         let p = Path::new(&path);
         let md = match std::fs::metadata(p) {
             Ok(m) => m,
-            Err(_) if fix(p) => std::fs::metadata(p).map_err(|e| HostError::File { path: path.clone(), what: format!("cannot be read ({e})") })?,
+            Err(_) if fix(p) => {
+                std::fs::metadata(p).map_err(|e| HostError::File { path: path.clone(), what: format!("cannot be read ({e})") })?
+            }
             Err(e) => return Err(HostError::File { path, what: format!("is missing ({e})") }),
         };
         if !md.is_file() {

@@ -15,10 +15,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// A message from the agent.
 #[derive(Debug, Clone)]
 pub enum AgentMsg {
+    /// The agent started in the program.
     Hello(Hello),
+    /// Every thread is stopped.
     Frozen(Frozen),
+    /// The image stream is complete.
     Done(Done),
+    /// The checkpoint (or a restart) failed; the text says why.
     Failed(String),
+    /// The program was restored and runs.
     Restored(Restored),
     /// The agent's side of the socket closed (the program exited or was killed).
     Closed,
@@ -71,8 +76,12 @@ impl Link {
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
             };
-            // Any fd the agent sent is closed by dropping the buffer's messages.
-            drop(anc.drain());
+            // The agent sends no fds; close any that came anyway.
+            for m in anc.drain() {
+                if let rustix::net::RecvAncillaryMessage::ScmRights(fds) = m {
+                    fds.for_each(drop);
+                }
+            }
             if r.bytes == 0 {
                 return Ok(AgentMsg::Closed);
             }

@@ -13,10 +13,13 @@ const GAP_MIN: u64 = 64 << 20;
 
 /// Descriptor numbers the restorer will find open.
 pub struct PlanFds {
+    /// Page data arrives here.
     pub data_fd: i32,
+    /// The restorer reports errors here.
     pub err_fd: i32,
-    /// The restorer closes `close_from..=close_to` (its own fds) before the jump.
+    /// First of the restorer's own fds, which it closes before the jump.
     pub close_from: i32,
+    /// Last of the restorer's own fds.
     pub close_to: i32,
 }
 

@@ -10,10 +10,10 @@
 //! partly restored program, and the image file is only ever read.
 
 use super::embedded::{self, EngineFiles};
+use super::host;
 use super::plan::{self, PlanFds};
 use super::spawn::FdMap;
 use super::supervisor::{Options, Plumbing, Supervisor};
-use super::host;
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::file::Image;
 use limitless_image::format::{fd_kind, vma_kind};
@@ -31,8 +31,11 @@ use std::time::{Duration, Instant};
 /// Statistics of a restore.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct RestoreStats {
+    /// From the start of `restore` until the program runs.
     pub total_ms: f64,
+    /// Bytes of page data sent to the restorer.
     pub data_bytes: u64,
+    /// Threads restored (the agent's included).
     pub threads: u32,
 }
 
@@ -64,7 +67,8 @@ fn program_fds(img: &Image, pl: &Plumbing, fds: &mut FdMap) -> Result<()> {
                 let acc = x.open_flags as i32 & libc::O_ACCMODE;
                 let mut o = OpenOptions::new();
                 o.read(acc == libc::O_RDONLY || acc == libc::O_RDWR).write(acc == libc::O_WRONLY || acc == libc::O_RDWR);
-                let keep = libc::O_APPEND | libc::O_NONBLOCK | libc::O_DSYNC | libc::O_SYNC | libc::O_NOATIME | libc::O_DIRECT | libc::O_NOCTTY;
+                let keep =
+                    libc::O_APPEND | libc::O_NONBLOCK | libc::O_DSYNC | libc::O_SYNC | libc::O_NOATIME | libc::O_DIRECT | libc::O_NOCTTY;
                 let mut extra = x.open_flags as i32 & keep & !libc::O_APPEND;
                 if x.open_flags as i32 & libc::O_APPEND != 0 {
                     o.append(true);
@@ -123,7 +127,11 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
             vma_fd[i] = n;
             continue;
         }
-        let f = OpenOptions::new().read(true).write(rw).open(&path).with_context(|| format!("cannot open {path}, which the program had mapped"))?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(rw)
+            .open(&path)
+            .with_context(|| format!("cannot open {path}, which the program had mapped"))?;
         let n = alloc();
         fds.add(OwnedFd::from(f), n);
         by_path.insert((path, rw), n);

@@ -53,7 +53,7 @@ impl FdMap {
                     tmp[i] = t;
                 }
                 // Nothing else this process inherited reaches the child.
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as u32);
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
                 for (i, (_, target)) in raw.iter().enumerate() {
                     if libc::dup2(tmp[i], *target) < 0 {
                         return Err(io::Error::last_os_error());

@@ -34,6 +34,7 @@ pub fn pending(fd: RawFd) -> usize {
 pub struct Forwarder {
     read_fd: RawFd,
     busy: Arc<AtomicBool>,
+    /// Bytes forwarded so far.
     pub bytes: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }

@@ -29,24 +29,37 @@ pub struct Options {
 /// What the agent has told us outside of a checkpoint.
 #[derive(Default)]
 pub struct AgentState {
+    /// The agent's greeting after a launch.
     pub hello: Option<Hello>,
+    /// The agent's report after a restore.
     pub restored: Option<Restored>,
+    /// The last failure the agent reported.
     pub failed: Option<String>,
+    /// The control socket closed: the program is gone.
     pub closed: bool,
 }
 
 /// The parts of a supervisor that the control-request thread shares.
 pub struct Inner {
+    /// The control socket to the agent.
     pub link: Link,
+    /// What the agent said outside of checkpoints.
     pub state: Mutex<AgentState>,
+    /// Signalled when `state` changes.
     pub changed: Condvar,
     /// FROZEN, DONE and FAILED messages, for the checkpoint in progress.
     pub events: Mutex<mpsc::Receiver<AgentMsg>>,
+    /// The program's stdin.
     pub input: Input,
+    /// The program's stdout.
     pub out: Forwarder,
+    /// The program's stderr.
     pub err: Forwarder,
+    /// Inodes of the three standard pipes (the agent recognises them by these).
     pub stdio_ino: [u64; 3],
+    /// The program's pidfd.
     pub pidfd: OwnedFd,
+    /// The program's pid.
     pub pid: u32,
     /// The program was stopped after a checkpoint (exit with EXIT_CHECKPOINTED).
     pub stopped: AtomicBool,
@@ -80,25 +93,35 @@ impl Inner {
 /// A running, supervised program.
 pub struct Supervisor {
     child: Child,
+    /// What the control thread shares.
     pub inner: Arc<Inner>,
     api: Option<ApiServer>,
 }
 
 /// The pieces every supervised child needs, made before it starts.
 pub struct Plumbing {
+    /// Our end of the control socket.
     pub link: Link,
+    /// The program's end of the control socket.
     pub child_ctl: OwnedFd,
+    /// The stdin pipe's writer side.
     pub input: Input,
+    /// The stdin pipe's read end, for the program.
     pub stdin_r: OwnedFd,
+    /// The stdout pipe.
     pub out_r: OwnedFd,
+    /// The stdout pipe's write end, for the program.
     pub out_w: OwnedFd,
+    /// The stderr pipe.
     pub err_r: OwnedFd,
+    /// The stderr pipe's write end, for the program.
     pub err_w: OwnedFd,
     /// The control socket, bound before the program starts.
     pub api: Option<Bound>,
 }
 
 impl Plumbing {
+    /// Creates the pipes, the control socket and (if asked) the bound API socket.
     pub fn new(opts: &Options) -> Result<Plumbing> {
         let api = opts.socket.as_deref().map(Bound::new).transpose()?;
         let (link, child_ctl) = Link::pair().context("cannot create the control socket")?;

@@ -8,11 +8,34 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
-pub const LIMITLESS: &str = env!("CARGO_BIN_EXE_limitless");
 pub const EXIT_CHECKPOINTED: i32 = 75;
+
+/// A world-readable directory for this test process's binaries (the checkout may live
+/// where uid 65534 cannot reach, such as /root).
+fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join("limitless-tests").join(format!("bin-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("bin dir");
+        let _ = std::fs::set_permissions(d.parent().expect("parent"), std::fs::Permissions::from_mode(0o777));
+        let _ = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755));
+        d
+    })
+}
+
+/// The `limitless` binary under test, copied where every test user can run it.
+pub fn limitless() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dst = bin_dir().join("limitless");
+        std::fs::copy(env!("CARGO_BIN_EXE_limitless"), &dst).expect("copy limitless");
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        dst.to_string_lossy().into_owned()
+    })
+}
 
 /// Who runs the commands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,21 +87,14 @@ pub fn workdir(name: &str, user: User) -> PathBuf {
     d
 }
 
-/// Compiles `tests/programs/<name>.c` once per test run; returns the binary (world
+/// Compiles `tests/programs/<name>.c` once per test process; returns the binary (world
 /// readable and executable).
 pub fn program(name: &str) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs").join(format!("{name}.c"));
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("programs");
-    std::fs::create_dir_all(&dir).expect("programs dir");
-    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
-    let out = dir.join(name);
-    let fresh = match (std::fs::metadata(&src), std::fs::metadata(&out)) {
-        (Ok(s), Ok(o)) => o.modified().ok() >= s.modified().ok(),
-        _ => false,
-    };
-    if !fresh {
+    let out = bin_dir().join(name);
+    if !out.exists() {
         let st = Command::new("gcc")
             .args(["-O1", "-g", "-pthread", "-Wall", "-o"])
             .arg(&out)
@@ -169,7 +185,12 @@ impl Running {
 
     /// Waits for a line of output, panicking with everything seen so far if it does not come.
     pub fn expect_out(&self, needle: &str) {
-        assert!(self.out.wait_for(needle, Duration::from_secs(30)), "no `{needle}` in stdout; stdout:\n{}\nstderr:\n{}", self.out.text(), self.err.text());
+        assert!(
+            self.out.wait_for(needle, Duration::from_secs(30)),
+            "no `{needle}` in stdout; stdout:\n{}\nstderr:\n{}",
+            self.out.text(),
+            self.err.text()
+        );
     }
 
     /// Waits for the exit (at most 60 s); returns the status, stdout and stderr.
@@ -195,7 +216,7 @@ impl Running {
 /// `limitless launch --socket DIR/NAME.sock -- PROG ARGS` as `user`.
 pub fn launch(user: User, dir: &Path, prog: &Path, args: &[&str]) -> Running {
     let socket = dir.join("launch.sock");
-    let mut c = command(user, LIMITLESS);
+    let mut c = command(user, limitless());
     c.arg("launch").arg("--socket").arg(&socket).arg("--").arg(prog).args(args).current_dir(dir);
     Running::spawn(c, socket)
 }
@@ -205,14 +226,14 @@ pub fn restore(user: User, dir: &Path, image: &Path) -> Running {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let socket = dir.join(format!("restore-{n}.sock"));
-    let mut c = command(user, LIMITLESS);
+    let mut c = command(user, limitless());
     c.arg("restore").arg("--socket").arg(&socket).arg(image).current_dir(dir);
     Running::spawn(c, socket)
 }
 
 /// `limitless dump`; returns (success, stderr).
 pub fn dump(user: User, socket: &Path, image: &Path, leave_running: bool) -> (bool, String) {
-    let mut c = command(user, LIMITLESS);
+    let mut c = command(user, limitless());
     c.arg("dump").arg("--socket").arg(socket).arg("--output").arg(image);
     if leave_running {
         c.arg("--leave-running");
@@ -229,7 +250,8 @@ pub fn dump_ok(user: User, r: &Running, image: &Path, leave_running: bool) {
 
 /// Runs `prog args` directly (no engine) with `input` on stdin; returns its stdout.
 pub fn reference(prog: &Path, args: &[&str], input: &str) -> String {
-    let mut c = Command::new(prog).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run reference");
+    let mut c =
+        Command::new(prog).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run reference");
     c.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("feed reference");
     let o = c.wait_with_output().expect("reference output");
     assert!(o.status.success(), "reference run of {} failed: {}", prog.display(), String::from_utf8_lossy(&o.stderr));

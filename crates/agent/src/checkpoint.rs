@@ -43,7 +43,7 @@ pub fn start_manager() {
 
 extern "C" fn manager_main(_: *mut c_void) -> *mut c_void {
     // SAFETY: PR_SET_NAME reads a NUL-terminated string.
-    let _ = unsafe { sys::prctl(sys::PR_SET_NAME, b"limitless\0".as_ptr() as usize, 0, 0, 0) };
+    let _ = unsafe { sys::prctl(sys::PR_SET_NAME, c"limitless".as_ptr() as usize, 0, 0, 0) };
     let hello = Hello {
         pid: sys::getpid() as u32,
         agent_version: crate::AGENT_VERSION,
@@ -190,7 +190,16 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
                 ScanError::Unsupported(u) => {
                     let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
                     let name = &maps.text[u.name_off as usize..(u.name_off + u.name_len) as usize];
-                    fail(&[b"memory area ", sys::fmt_hex(u.start, &mut a), b"-", sys::fmt_hex(u.end, &mut b), b" ", name, b" is ", u.why.as_bytes()])
+                    fail(&[
+                        b"memory area ",
+                        sys::fmt_hex(u.start, &mut a),
+                        b"-",
+                        sys::fmt_hex(u.end, &mut b),
+                        b" ",
+                        name,
+                        b" is ",
+                        u.why.as_bytes(),
+                    ])
                 }
                 ScanError::NoMem => fail(&[b"the checkpoint ran out of scratch memory"]),
                 ScanError::Io(e) => {
@@ -219,12 +228,9 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
     // SAFETY: the manager's context lives in its slot (static memory, part of the image).
     let r = unsafe { arch::suspend_point(SLOTS[mi].ctx.get(), write_image) };
     if r != 0 {
-        // This is a restored process: the scratch mapping, the maps and the scan no longer
-        // exist; do not touch or unmap them.
+        // This is a restored process: the scratch mapping (and the maps, scan and fd table
+        // in it) no longer exists; it must not be unmapped, and nothing in it is used again.
         core::mem::forget(s);
-        core::mem::forget(fdt);
-        core::mem::forget(maps);
-        core::mem::forget(scan);
         restart::continue_manager();
         return;
     }
@@ -244,18 +250,13 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
             fail(&[b"writing the image failed (errno ", sys::fmt_u64(e.0 as u64, &mut d), b")"]);
         }
     }
-    // Wait for the supervisor: RESUME, or it kills the process.
-    loop {
-        match ctl::recv() {
-            Ok(Some(p)) => {
-                if p.fd >= 0 {
-                    let _ = sys::close(p.fd);
-                }
-                if p.kind == msg::RESUME {
-                    break;
-                }
-            }
-            Ok(None) | Err(_) => break,
+    // Wait for the supervisor: RESUME, or it kills the process (or goes away).
+    while let Ok(Some(p)) = ctl::recv() {
+        if p.fd >= 0 {
+            let _ = sys::close(p.fd);
+        }
+        if p.kind == msg::RESUME {
+            break;
         }
     }
     freeze::thaw();
@@ -272,14 +273,7 @@ fn report_freeze_error(e: FreezeError, timeout_ms: u32) {
         FreezeError::Stuck(tid) => {
             let mut comm = [0u8; 32];
             let mut path = [0u8; 64];
-            let pre = b"/proc/self/task/";
-            path[..pre.len()].copy_from_slice(pre);
-            let ds = sys::fmt_u64(tid as u64, &mut d);
-            let mut n = pre.len();
-            path[n..n + ds.len()].copy_from_slice(ds);
-            n += ds.len();
-            path[n..n + 6].copy_from_slice(b"/comm\0");
-            let cl = process::read_file(&path[..n + 6], &mut comm);
+            let cl = process::read_file(process::task_path(tid, b"comm", &mut path), &mut comm);
             let name = comm[..cl].strip_suffix(b"\n").unwrap_or(&comm[..cl]);
             let mut d2 = [0u8; 20];
             fail(&[
@@ -292,8 +286,12 @@ fn report_freeze_error(e: FreezeError, timeout_ms: u32) {
                 b" ms; it may block the checkpoint signal",
             ])
         }
-        FreezeError::TooMany => fail(&[b"the program has more threads than the agent supports (", sys::fmt_u64(MAX_THREADS as u64, &mut d), b")"]),
-        FreezeError::Proc(e) => fail(&[b"cannot list the program's threads in /proc/self/task (errno ", sys::fmt_u64(e.0 as u64, &mut d), b")"]),
+        FreezeError::TooMany => {
+            fail(&[b"the program has more threads than the agent supports (", sys::fmt_u64(MAX_THREADS as u64, &mut d), b")"])
+        }
+        FreezeError::Proc(e) => {
+            fail(&[b"cannot list the program's threads in /proc/self/task (errno ", sys::fmt_u64(e.0 as u64, &mut d), b")"])
+        }
     }
 }
 
@@ -304,16 +302,8 @@ fn has_children() -> Option<u64> {
             continue;
         }
         let mut path = [0u8; 64];
-        let pre = b"/proc/self/task/";
-        path[..pre.len()].copy_from_slice(pre);
-        let mut d = [0u8; 20];
-        let ds = sys::fmt_u64(s.tid.load(Ordering::Relaxed) as u64, &mut d);
-        let mut n = pre.len();
-        path[n..n + ds.len()].copy_from_slice(ds);
-        n += ds.len();
-        path[n..n + 10].copy_from_slice(b"/children\0");
         let mut b = [0u8; 64];
-        let len = process::read_file(&path[..n + 10], &mut b);
+        let len = process::read_file(process::task_path(s.tid.load(Ordering::Relaxed), b"children", &mut path), &mut b);
         if let Some((pid, _)) = sys::parse_u64(&b[..len]) {
             return Some(pid);
         }
@@ -342,7 +332,8 @@ fn write_all(out: &mut Out, j: &Job, maps: &Maps, scan: &Scan, fdt: &FdTable, t0
     let mut p = ProcessInfo::zeroed();
     let mut exe = [0u8; 4096];
     process::describe(sv, &mut p, &mut exe);
-    let threads: usize = SLOTS.iter().take(NSLOTS.load(Ordering::Relaxed)).filter(|s| s.state.load(Ordering::Acquire) == slot::PARKED).count();
+    let threads: usize =
+        SLOTS.iter().take(NSLOTS.load(Ordering::Relaxed)).filter(|s| s.state.load(Ordering::Acquire) == slot::PARKED).count();
     p.thread_count = threads as u32;
     p.vma_count = scan.n_areas as u32;
     p.fd_count = fdt.n as u32;

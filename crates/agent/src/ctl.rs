@@ -14,16 +14,8 @@ pub fn send(kind: u16, payload: &[u8]) -> sys::Result<()> {
     let n = ctl::encode(kind, SEQ.fetch_add(1, Ordering::Relaxed), body, &mut p).ok_or(sys::Errno::EINVAL)?;
     let fd = CTL_FD.load(Ordering::Relaxed);
     let iov = [sys::Iovec { base: p.as_ptr() as usize, len: n }];
-    let msg = sys::Msghdr {
-        name: 0,
-        namelen: 0,
-        pad: 0,
-        iov: iov.as_ptr(),
-        iovlen: 1,
-        control: core::ptr::null_mut(),
-        controllen: 0,
-        flags: 0,
-    };
+    let msg =
+        sys::Msghdr { name: 0, namelen: 0, pad: 0, iov: iov.as_ptr(), iovlen: 1, control: core::ptr::null_mut(), controllen: 0, flags: 0 };
     loop {
         // SAFETY: `msg` describes `p`, which lives for the call.
         match unsafe { sys::sendmsg(fd, &msg, sys::MSG_NOSIGNAL) } {

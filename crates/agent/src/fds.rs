@@ -51,8 +51,10 @@ fn fd_path(fd: i32, out: &mut [u8]) -> usize {
     sys::readlinkat(sys::AT_FDCWD, &p[..end + 1], out).unwrap_or(0)
 }
 
-/// Collects every descriptor except those in `skip`. `stdio_ino` are the inodes of the
+/// Collects every descriptor except those in `skip`. The error is either a descriptor that
+/// cannot be checkpointed or a failed system call (large, but the agent has no heap). `stdio_ino` are the inodes of the
 /// supervisor's stdin, stdout and stderr pipes.
+#[allow(clippy::result_large_err)]
 pub fn collect(s: &mut Scratch, sv: &mut Saved, skip: &[i32], stdio_ino: [u64; 3]) -> Result<FdTable, Result<FdError, sys::Errno>> {
     let dir = sys::openat(sys::AT_FDCWD, b"/proc/self/fd\0", sys::O_RDONLY | sys::O_DIRECTORY | sys::O_CLOEXEC, 0).map_err(Err)?;
     let r = collect_in(s, sv, skip, stdio_ino, dir);
@@ -60,7 +62,14 @@ pub fn collect(s: &mut Scratch, sv: &mut Saved, skip: &[i32], stdio_ino: [u64; 3
     r
 }
 
-fn collect_in(s: &mut Scratch, sv: &mut Saved, skip: &[i32], stdio_ino: [u64; 3], dir: i32) -> Result<FdTable, Result<FdError, sys::Errno>> {
+#[allow(clippy::result_large_err)]
+fn collect_in(
+    s: &mut Scratch,
+    sv: &mut Saved,
+    skip: &[i32],
+    stdio_ino: [u64; 3],
+    dir: i32,
+) -> Result<FdTable, Result<FdError, sys::Errno>> {
     let nums = s.array::<i32>(MAX_FD).ok_or(Err(sys::Errno::ENOMEM))?;
     let mut count = 0;
     let mut buf = [0u8; 4096];
@@ -148,7 +157,11 @@ fn collect_in(s: &mut Scratch, sv: &mut Saved, skip: &[i32], stdio_ino: [u64; 3]
         }
         // Shared open file description with an earlier descriptor?
         for r in recs[..n].iter() {
-            if r.info.dev == info.dev && r.info.ino == info.ino && r.info.kind == info.kind && sys::kcmp(pid, pid, sys::KCMP_FILE, r.info.fd as usize, fd as usize) == Ok(0) {
+            if r.info.dev == info.dev
+                && r.info.ino == info.ino
+                && r.info.kind == info.kind
+                && sys::kcmp(pid, pid, sys::KCMP_FILE, r.info.fd as usize, fd as usize) == Ok(0)
+            {
                 info.share = r.info.share;
                 break;
             }

@@ -172,21 +172,9 @@ pub enum FreezeError {
 }
 
 fn task_state(tid: i32) -> u8 {
-    let mut path = [0u8; 48];
-    let mut n = 0;
-    for p in [&b"/proc/self/task/"[..]] {
-        path[..p.len()].copy_from_slice(p);
-        n = p.len();
-    }
-    let mut d = [0u8; 20];
-    let ds = sys::fmt_u64(tid as u64, &mut d);
-    path[n..n + ds.len()].copy_from_slice(ds);
-    n += ds.len();
-    path[n..n + 6].copy_from_slice(b"/stat\0");
-    let Ok(fd) = sys::openat(sys::AT_FDCWD, &path[..n + 6], sys::O_RDONLY | sys::O_CLOEXEC, 0) else { return b'X' };
+    let mut path = [0u8; 64];
     let mut b = [0u8; 512];
-    let len = sys::read(fd, &mut b).unwrap_or(0);
-    let _ = sys::close(fd);
+    let len = crate::process::read_file(crate::process::task_path(tid, b"stat", &mut path), &mut b);
     // The state follows the last ')' of the command name.
     match b[..len].iter().rposition(|&c| c == b')') {
         Some(i) if i + 2 < len => b[i + 2],
@@ -207,7 +195,8 @@ pub fn freeze(timeout_ns: u64) -> Result<(), FreezeError> {
     NSLOTS.store(0, Ordering::Release);
     // SAFETY: the manager owns the saved state during a checkpoint.
     unsafe { saved() }.main_exited = false;
-    let dir = sys::openat(sys::AT_FDCWD, b"/proc/self/task\0", sys::O_RDONLY | sys::O_DIRECTORY | sys::O_CLOEXEC, 0).map_err(FreezeError::Proc)?;
+    let dir = sys::openat(sys::AT_FDCWD, b"/proc/self/task\0", sys::O_RDONLY | sys::O_DIRECTORY | sys::O_CLOEXEC, 0)
+        .map_err(FreezeError::Proc)?;
     let deadline = sys::monotonic_ns() + timeout_ns;
     let r = (|| loop {
         let mut found_new = false;

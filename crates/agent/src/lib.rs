@@ -54,7 +54,9 @@ extern "C" fn init(_argc: i32, _argv: *const *const u8, envp: *const *const u8) 
     let Some(slot) = (unsafe { find_env(envp) }) else { return };
     // SAFETY: `slot` points at ENV_LEN bytes of the environment string (checked in find_env).
     let s = unsafe { core::slice::from_raw_parts_mut(slot as *mut u8, ENV_LEN) };
-    let (Some(fd), Some(pid), Some(sig)) = (digits(&s[ENV_FD..ENV_FD + 5]), digits(&s[ENV_PID..ENV_PID + 10]), digits(&s[ENV_SIG..ENV_SIG + 2])) else {
+    let (Some(fd), Some(pid), Some(sig)) =
+        (digits(&s[ENV_FD..ENV_FD + 5]), digits(&s[ENV_PID..ENV_PID + 10]), digits(&s[ENV_SIG..ENV_SIG + 2]))
+    else {
         return;
     };
     let me = sys::getpid() as u64;

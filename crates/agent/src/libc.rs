@@ -93,8 +93,8 @@ pub fn init(sv: &mut Saved) {
     }
     // SAFETY: plain symbol lookups with NUL-terminated names.
     unsafe {
-        let off = dlsym(RTLD_DEFAULT, b"__rseq_offset\0".as_ptr()) as *const isize;
-        let size = dlsym(RTLD_DEFAULT, b"__rseq_size\0".as_ptr()) as *const u32;
+        let off = dlsym(RTLD_DEFAULT, c"__rseq_offset".as_ptr() as *const u8) as *const isize;
+        let size = dlsym(RTLD_DEFAULT, c"__rseq_size".as_ptr() as *const u8) as *const u32;
         if !off.is_null() && !size.is_null() {
             RSEQ_OFFSET.store(*off as u64, Ordering::Relaxed);
             RSEQ_SIZE.store(*size, Ordering::Relaxed);

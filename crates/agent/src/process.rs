@@ -21,6 +21,24 @@ pub fn read_file(path: &[u8], buf: &mut [u8]) -> usize {
     n
 }
 
+/// Builds `/proc/self/task/<tid>/<leaf>` (NUL-terminated) in `buf`; returns it.
+pub fn task_path<'a>(tid: i32, leaf: &[u8], buf: &'a mut [u8; 64]) -> &'a [u8] {
+    let pre = b"/proc/self/task/";
+    buf[..pre.len()].copy_from_slice(pre);
+    let mut n = pre.len();
+    let mut d = [0u8; 20];
+    let ds = sys::fmt_u64(tid as u64, &mut d);
+    buf[n..n + ds.len()].copy_from_slice(ds);
+    n += ds.len();
+    buf[n] = b'/';
+    n += 1;
+    let k = leaf.len().min(buf.len() - n - 1);
+    buf[n..n + k].copy_from_slice(&leaf[..k]);
+    n += k;
+    buf[n] = 0;
+    &buf[..n + 1]
+}
+
 /// Saves the kernel state that the restart puts back.
 pub fn save_kernel_state(sv: &mut Saved) {
     for s in 1..=64 {
@@ -53,7 +71,8 @@ pub fn describe(sv: &Saved, p: &mut ProcessInfo, exe: &mut [u8]) {
     // SAFETY: no arguments.
     p.gid = unsafe { sys::syscall6(104, 0, 0, 0, 0, 0, 0) } as u32;
     p.page_size = PAGE as u32;
-    let mut u = sys::Utsname { sysname: [0; 65], nodename: [0; 65], release: [0; 65], version: [0; 65], machine: [0; 65], domainname: [0; 65] };
+    let mut u =
+        sys::Utsname { sysname: [0; 65], nodename: [0; 65], release: [0; 65], version: [0; 65], machine: [0; 65], domainname: [0; 65] };
     let _ = sys::uname(&mut u);
     p.kernel_release = fixed(limitless_image::wire::unfixed(&u.release));
     p.glibc_version = sv.glibc_version;
@@ -160,11 +179,9 @@ pub fn restore_kernel_state(sv: &Saved) {
         // Only soft limits can be restored without privileges where the new hard limit is
         // lower; keep the current hard limit in that case.
         let mut cur = sys::Rlimit::default();
-        if sys::prlimit(i as i32, None, Some(&mut cur)).is_ok() && *r != cur {
-            if sys::prlimit(i as i32, Some(r), None).is_err() {
-                let soft = sys::Rlimit { cur: r.cur.min(cur.max), max: cur.max };
-                let _ = sys::prlimit(i as i32, Some(&soft), None);
-            }
+        if sys::prlimit(i as i32, None, Some(&mut cur)).is_ok() && *r != cur && sys::prlimit(i as i32, Some(r), None).is_err() {
+            let soft = sys::Rlimit { cur: r.cur.min(cur.max), max: cur.max };
+            let _ = sys::prlimit(i as i32, Some(&soft), None);
         }
     }
     for (i, t) in sv.itimers.iter().enumerate() {

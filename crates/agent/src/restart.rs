@@ -54,7 +54,8 @@ pub unsafe extern "C" fn limitless_restart(args: *const RestartArgs) -> ! {
     crate::env_set_pid(a.pid as u64);
     PARKED.store(0, Ordering::Release);
 
-    let flags = sys::CLONE_VM | sys::CLONE_FS | sys::CLONE_FILES | sys::CLONE_SIGHAND | sys::CLONE_THREAD | sys::CLONE_SYSVSEM | sys::CLONE_SETTLS;
+    let flags =
+        sys::CLONE_VM | sys::CLONE_FS | sys::CLONE_FILES | sys::CLONE_SIGHAND | sys::CLONE_THREAD | sys::CLONE_SYSVSEM | sys::CLONE_SETTLS;
     let mut main = None;
     for s in SLOTS.iter().take(NSLOTS.load(Ordering::Acquire)) {
         if s.state.load(Ordering::Acquire) != slot::PARKED {
@@ -72,7 +73,9 @@ pub unsafe extern "C" fn limitless_restart(args: *const RestartArgs) -> ! {
         let stack = ((unsafe { (*ctx).rsp } - 512) & !15) as usize;
         // SAFETY: the context was saved by this thread's suspend point and its stack frames
         // are restored; `tid_addr` is its `pd->tid`, `fs_base` its TLS block.
-        let r = unsafe { arch::clone_into(flags | tid_flags, stack, info.tid_addr as usize, info.tid_addr as usize, info.fs_base as usize, ctx) };
+        let r = unsafe {
+            arch::clone_into(flags | tid_flags, stack, info.tid_addr as usize, info.tid_addr as usize, info.fs_base as usize, ctx)
+        };
         if r < 0 {
             fatal(b"cannot create a thread (clone failed)");
         }
@@ -114,12 +117,8 @@ pub fn continue_manager() {
     let mi = MANAGER_SLOT.load(Ordering::Acquire);
     // SAFETY: the manager's slot was filled before the checkpoint.
     freeze::restore_thread(unsafe { &*SLOTS[mi].info.get() });
-    let expected = SLOTS
-        .iter()
-        .take(NSLOTS.load(Ordering::Acquire))
-        .filter(|s| s.state.load(Ordering::Acquire) == slot::PARKED)
-        .count() as u32
-        - 1;
+    let expected =
+        SLOTS.iter().take(NSLOTS.load(Ordering::Acquire)).filter(|s| s.state.load(Ordering::Acquire) == slot::PARKED).count() as u32 - 1;
     let deadline = sys::monotonic_ns() + 30_000_000_000;
     loop {
         let p = PARKED.load(Ordering::Acquire);

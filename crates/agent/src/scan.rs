@@ -164,7 +164,13 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, e: &MapEntry) -> Result<()
     let want;
     let deleted = name.ends_with(b" (deleted)");
     if e.shared {
-        if e.ino == 0 || deleted || !name.starts_with(b"/") || name.starts_with(b"/dev/zero") || name.starts_with(b"/memfd:") || name.starts_with(b"/SYSV") {
+        if e.ino == 0
+            || deleted
+            || !name.starts_with(b"/")
+            || name.starts_with(b"/dev/zero")
+            || name.starts_with(b"/memfd:")
+            || name.starts_with(b"/SYSV")
+        {
             return Err(unsupported(e, "shared anonymous memory (memfd, shm, MAP_SHARED|MAP_ANONYMOUS) is not supported yet"));
         }
         let st = stat_path(name).ok_or_else(|| unsupported(e, "a shared file mapping whose file cannot be found again"))?;

@@ -267,14 +267,30 @@ pub unsafe extern "C" fn nanosleep(req: *const sys::Timespec, rem: *mut sys::Tim
 #[no_mangle]
 pub unsafe extern "C" fn clock_nanosleep(clock: i32, flags: i32, req: *const sys::Timespec, rem: *mut sys::Timespec) -> i32 {
     if req.is_null() {
-        return call_next!(clock_nanosleep, "clock_nanosleep", fn(i32, i32, *const sys::Timespec, *mut sys::Timespec) -> i32, clock, flags, req, rem);
+        return call_next!(
+            clock_nanosleep,
+            "clock_nanosleep",
+            fn(i32, i32, *const sys::Timespec, *mut sys::Timespec) -> i32,
+            clock,
+            flags,
+            req,
+            rem
+        );
     }
     // SAFETY: `req` is the caller's timespec.
     let mut want = unsafe { *req };
     loop {
         let e0 = EPOCH.load(Ordering::Acquire);
         let mut left = sys::Timespec::default();
-        let r = call_next!(clock_nanosleep, "clock_nanosleep", fn(i32, i32, *const sys::Timespec, *mut sys::Timespec) -> i32, clock, flags, &want, &mut left);
+        let r = call_next!(
+            clock_nanosleep,
+            "clock_nanosleep",
+            fn(i32, i32, *const sys::Timespec, *mut sys::Timespec) -> i32,
+            clock,
+            flags,
+            &want,
+            &mut left
+        );
         if r == EINTR && EPOCH.load(Ordering::Acquire) != e0 {
             if flags & TIMER_ABSTIME == 0 {
                 want = left;

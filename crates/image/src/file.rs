@@ -106,14 +106,7 @@ impl<W: Write> Writer<W> {
         let rh = RecordHeader { kind, flags, stored_len: payload.len() as u64, raw_len, reserved: 0 };
         self.out.write_all(&enc(&rh))?;
         self.out.write_all(payload)?;
-        self.index.push(IndexEntry {
-            offset: self.offset,
-            kind,
-            flags,
-            stored_len: payload.len() as u64,
-            raw_len,
-            hash: hash(&[payload]),
-        });
+        self.index.push(IndexEntry { offset: self.offset, kind, flags, stored_len: payload.len() as u64, raw_len, hash: hash(&[payload]) });
         self.offset += RecordHeader::SIZE as u64 + payload.len() as u64;
         Ok(())
     }
@@ -139,13 +132,7 @@ impl<W: Write> Writer<W> {
         for e in &self.index {
             payload.extend_from_slice(&enc(e));
         }
-        let rh = RecordHeader {
-            kind: kind::INDEX,
-            flags: 0,
-            stored_len: payload.len() as u64,
-            raw_len: payload.len() as u64,
-            reserved: 0,
-        };
+        let rh = RecordHeader { kind: kind::INDEX, flags: 0, stored_len: payload.len() as u64, raw_len: payload.len() as u64, reserved: 0 };
         let rhb = enc(&rh);
         let index_offset = self.offset;
         self.out.write_all(&rhb)?;
@@ -522,7 +509,7 @@ impl Image {
         if p.flags & !pflags::ALL != 0 {
             return Err(corrupt("process flags"));
         }
-        if p.auxv_words as usize > AUXV_WORDS || p.auxv_words % 2 != 0 {
+        if p.auxv_words as usize > AUXV_WORDS || !p.auxv_words.is_multiple_of(2) {
             return Err(corrupt("auxv length"));
         }
         if p.ctl_fd < 0 || p.ctl_fd as u32 >= limits::MAX_FDS {
@@ -549,7 +536,12 @@ impl Image {
                 return Err(corrupt(format!("{n} {v:#x} is outside user space")));
             }
         }
-        if m.start_code > m.end_code || m.start_data > m.end_data || m.start_brk > m.brk || m.arg_start > m.arg_end || m.env_start > m.env_end {
+        if m.start_code > m.end_code
+            || m.start_data > m.end_data
+            || m.start_brk > m.brk
+            || m.arg_start > m.arg_end
+            || m.env_start > m.env_end
+        {
             return Err(corrupt("memory layout fields are out of order"));
         }
         // vDSO block: sorted, contiguous, page aligned.
@@ -559,7 +551,13 @@ impl Image {
         }
         let mut prev_end = 0;
         for a in &vd.areas[..vd.count as usize] {
-            if !(1..=3).contains(&a.kind) || a.start % PAGE != 0 || a.len % PAGE != 0 || a.len == 0 || a.len > 1 << 20 || a.start.checked_add(a.len).is_none_or(|e| e > USER_END) {
+            if !(1..=3).contains(&a.kind)
+                || a.start % PAGE != 0
+                || a.len % PAGE != 0
+                || a.len == 0
+                || a.len > 1 << 20
+                || a.start.checked_add(a.len).is_none_or(|e| e > USER_END)
+            {
                 return Err(corrupt("vDSO area"));
             }
             if prev_end != 0 && a.start != prev_end {
@@ -651,7 +649,13 @@ impl Image {
         }
         for (i, f) in self.fds.iter().enumerate() {
             let x = &f.info;
-            if x.fd < 0 || x.fd as u32 >= limits::MAX_FDS || x.fd == p.ctl_fd || x.fd_flags & !1 != 0 || x.reserved != 0 || x.mtime_nsec >= 1_000_000_000 {
+            if x.fd < 0
+                || x.fd as u32 >= limits::MAX_FDS
+                || x.fd == p.ctl_fd
+                || x.fd_flags & !1 != 0
+                || x.reserved != 0
+                || x.mtime_nsec >= 1_000_000_000
+            {
                 return Err(corrupt(format!("fd record {i}")));
             }
             match x.kind {
@@ -876,7 +880,10 @@ mod tests {
         let good = synthetic();
         for n in (0..good.len()).step_by(7).chain([good.len() - 1]) {
             let r = open_bytes(&good[..n]);
-            assert!(matches!(r, Err(ImageError::Truncated(_)) | Err(ImageError::NotAnImage) | Err(ImageError::Corrupt(_))), "truncated to {n}: {r:?}");
+            assert!(
+                matches!(r, Err(ImageError::Truncated(_)) | Err(ImageError::NotAnImage) | Err(ImageError::Corrupt(_))),
+                "truncated to {n}: {r:?}"
+            );
         }
     }
 }

@@ -126,18 +126,7 @@ unsafe extern "C" fn stage0(sp: *const usize) -> ! {
     let args = vdso_tmp + vdso_len;
     let s1 = args as *mut Stage1;
     // SAFETY: `args` has ARGS_LEN writable bytes, enough for Stage1.
-    unsafe {
-        s1.write(Stage1 {
-            gap,
-            gap_len: need,
-            plan,
-            plan_len: h.plan_len as usize,
-            maps,
-            vdso_tmp,
-            args: args + 512,
-            started_ns,
-        })
-    };
+    unsafe { s1.write(Stage1 { gap, gap_len: need, plan, plan_len: h.plan_len as usize, maps, vdso_tmp, args: args + 512, started_ns }) };
     let entry = stage1 as *const () as usize - base + gap;
     let stack_top = (gap + self_len + STACK_LEN) & !15;
     // SAFETY: the copy at `gap` is relocated and executable; `entry` is stage1 in the copy and
@@ -394,11 +383,7 @@ fn move_vdso(s: &Stage1, want: &VdsoInfo, cur: &CurVdso) {
         for i in 0..n {
             let (_, start, len) = cur.areas[i];
             let off = start - cur.areas[0].1;
-            let (from, to) = if step == 0 {
-                (start, s.vdso_tmp + off)
-            } else {
-                (s.vdso_tmp + off, want.areas[i].start as usize)
-            };
+            let (from, to) = if step == 0 { (start, s.vdso_tmp + off) } else { (s.vdso_tmp + off, want.areas[i].start as usize) };
             // SAFETY: the source is a vDSO area (or its scratch copy); the target is scratch
             // space in the gap or the vDSO's checkpointed address, which no plan area covers.
             let r = unsafe { sys::mremap(from, len, len, sys::MREMAP_MAYMOVE | sys::MREMAP_FIXED, to) };
@@ -497,13 +482,7 @@ fn set_mm(s: &Stage1, h: &PlanHeader) {
     };
     // SAFETY: `m` is a complete prctl_mm_map; the kernel copies it and the auxv words.
     let r = unsafe {
-        sys::prctl(
-            sys::PR_SET_MM,
-            sys::PR_SET_MM_MAP,
-            &m as *const sys::PrctlMmMap as usize,
-            core::mem::size_of::<sys::PrctlMmMap>(),
-            0,
-        )
+        sys::prctl(sys::PR_SET_MM, sys::PR_SET_MM_MAP, &m as *const sys::PrctlMmMap as usize, core::mem::size_of::<sys::PrctlMmMap>(), 0)
     };
     if let Err(e) = r {
         fail_errno("prctl(PR_SET_MM_MAP) refused the checkpointed memory layout", e);

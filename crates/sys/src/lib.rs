@@ -902,7 +902,11 @@ pub fn parse_u64(s: &[u8]) -> Option<(u64, usize)> {
         v = v.checked_mul(10)?.checked_add((s[i] - b'0') as u64)?;
         i += 1;
     }
-    if i == 0 { None } else { Some((v, i)) }
+    if i == 0 {
+        None
+    } else {
+        Some((v, i))
+    }
 }
 
 /// Parses a hex number at the start of `s`; returns the value and the bytes used.
@@ -922,7 +926,11 @@ pub fn parse_hex(s: &[u8]) -> Option<(u64, usize)> {
         v = (v << 4) | d as u64;
         i += 1;
     }
-    if i == 0 { None } else { Some((v, i)) }
+    if i == 0 {
+        None
+    } else {
+        Some((v, i))
+    }
 }
 
 #[cfg(test)]
