@@ -37,7 +37,10 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str) -> Run {
         std::thread::sleep(Duration::from_millis(5));
     }
     let img = dir.join("bench.img");
-    let stats = sup.inner.checkpoint(&Request { output: img.clone(), leave_running: false, freeze_timeout: Duration::from_secs(10) }).expect("checkpoint");
+    let stats = sup
+        .inner
+        .checkpoint(&Request { output: img.clone(), leave_running: false, freeze_timeout: Duration::from_secs(10) })
+        .expect("checkpoint");
     sup.wait().expect("wait");
     // Restore from a cold-ish page cache is not what we measure: the image was just written.
     let (sup2, rs) = restore(&img, &Options { socket: None }).expect("restore");
@@ -56,7 +59,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let dir = std::env::var_os("LIMITLESS_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join(format!("limitless-bench-{}", std::process::id()));
+    let dir = std::env::var_os("LIMITLESS_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("limitless-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
     let prog = build_mem(&dir);
     println!("{:<22} {:>12} {:>14} {:>11} {:>12}", "process", "image", "checkpoint ms", "frozen ms", "restore ms");
