@@ -20,5 +20,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 cargo fmt --all --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+# The agent and the restorer are no_std with their own panic handler: lint them as built
+# (profile `engine`), without test targets.
+cargo clippy --workspace --all-targets --locked --exclude limitless-agent --exclude limitless-restorer -- -D warnings
+cargo clippy -p limitless-agent -p limitless-restorer --profile engine --locked -- -D warnings
 cargo test --workspace --locked
