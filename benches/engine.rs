@@ -39,7 +39,11 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str) -> Run {
     let img = dir.join("bench.img");
     let stats = sup
         .inner
-        .checkpoint(&Request { output: img.clone(), leave_running: false, freeze_timeout: Duration::from_secs(10) })
+        .checkpoint(&Request {
+            output: img.clone(),
+            after: limitless::engine::checkpoint::After::Kill,
+            freeze_timeout: Duration::from_secs(10),
+        })
         .expect("checkpoint");
     sup.wait().expect("wait");
     // Restore from a cold-ish page cache is not what we measure: the image was just written.

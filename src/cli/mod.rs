@@ -29,6 +29,55 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Run PROG past any time limit: as a chain of steps, each a fresh process killed at
+    /// --limit, checkpointing before the limit and restoring in the next step.
+    ///
+    /// PROG's stdout and stderr stream through, across steps, in order. The exit status is
+    /// PROG's; the last line on stderr summarises the chain. Checkpoints go to the store;
+    /// if limitless itself is stopped, `--resume CHAIN` (or `--resume last`) continues the
+    /// chain from its last complete checkpoint. PROG gets no stdin (as in a FaaS function).
+    Run {
+        /// Each step's time limit, like a function's timeout (e.g. 60s, 5m, 1500ms).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        limit: Duration,
+        /// The least time kept for the checkpoint at the end of a step; more is kept when
+        /// the program's memory predicts a longer checkpoint.
+        #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
+        margin: Duration,
+        /// Where checkpoints and chain state go: a directory [default:
+        /// ~/.local/share/limitless/store, or /tmp/limitless-UID/store].
+        #[arg(long, value_name = "PATH")]
+        store: Option<String>,
+        /// Write a JSON report (per step: wall and CPU time, peak memory, checkpoint,
+        /// frozen and restore time, image size; and totals) to FILE.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// Continue this chain (an id, or `last`) instead of starting one.
+        #[arg(long, value_name = "CHAIN", conflicts_with = "prog")]
+        resume: Option<String>,
+        /// Keep the last checkpoint image in the store after the chain ends.
+        #[arg(long)]
+        keep_images: bool,
+        /// The program and its arguments.
+        #[arg(trailing_var_arg = true, value_name = "PROG [ARGS]...", required_unless_present = "resume")]
+        prog: Vec<OsString>,
+    },
+    /// One step of a chain (started by `limitless run`; not for direct use).
+    #[command(name = "__step", hide = true)]
+    Step {
+        #[arg(long)]
+        store: String,
+        #[arg(long)]
+        chain: String,
+        #[arg(long)]
+        step: u32,
+        #[arg(long)]
+        attempt: u32,
+        #[arg(long)]
+        deadline_unix_ms: u64,
+        #[arg(long)]
+        margin_ms: u64,
+    },
     /// Run PROG under the checkpoint engine, in the foreground.
     ///
     /// PROG's stdin, stdout and stderr pass through pipes that limitless owns, so that
@@ -113,6 +162,12 @@ pub fn main() -> i32 {
     };
     init_logging();
     match cli.command {
+        Cmd::Run { limit, margin, store, report, resume, keep_images, prog } => {
+            run_cmd(limit, margin, store, report, resume, keep_images, prog)
+        }
+        Cmd::Step { store, chain, step, attempt, deadline_unix_ms, margin_ms } => {
+            step_cmd(store, chain, step, attempt, deadline_unix_ms, margin_ms)
+        }
         Cmd::Launch { socket, prog } => launch(socket, prog),
         Cmd::Dump { socket, pid, output, leave_running, freeze_timeout } => dump(socket, pid, output, leave_running, freeze_timeout),
         Cmd::Restore { socket, image } => restore_cmd(socket, image),
@@ -182,4 +237,75 @@ fn restore_cmd(socket: Option<PathBuf>, image: PathBuf) -> i32 {
         }
         Err(e) => fail(format!("{e:#}")),
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_cmd(
+    limit: Duration,
+    margin: Duration,
+    store: Option<String>,
+    report: Option<PathBuf>,
+    resume: Option<String>,
+    keep_images: bool,
+    prog: Vec<OsString>,
+) -> i32 {
+    use crate::chain::controller::{self, RunOptions, MIN_LIMIT};
+    if limit < MIN_LIMIT {
+        return fail(format!(
+            "--limit {} is too short: a step needs time to start, run and checkpoint; use at least {}s",
+            crate::util::human_duration(limit),
+            MIN_LIMIT.as_secs()
+        ));
+    }
+    if margin * 2 >= limit {
+        return fail(format!(
+            "--margin {} leaves no time to run within --limit {}; use a margin below half the limit",
+            crate::util::human_duration(margin),
+            crate::util::human_duration(limit)
+        ));
+    }
+    if resume.is_none() {
+        if let Err((code, msg)) = find_program(std::path::Path::new(&prog[0])) {
+            eprintln!("limitless: {msg}");
+            return code;
+        }
+    }
+    let url = store.unwrap_or_else(|| crate::store::default_location().display().to_string());
+    let st = match crate::store::open(&url) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    let url = st.describe();
+    let opts =
+        RunOptions { store: st, store_url: url, limit, margin, report, progress: controller::is_terminal(&std::io::stderr()), keep_images };
+    let r = match resume {
+        Some(c) => controller::resume(&c, &opts),
+        None => controller::run_new(&prog, &opts),
+    };
+    r.unwrap_or_else(|e| fail(format!("{e:#}")))
+}
+
+fn step_cmd(store: String, chain: String, step: u32, attempt: u32, deadline_unix_ms: u64, margin_ms: u64) -> i32 {
+    use crate::chain::step::{run_step, StepArgs};
+    let run = || -> anyhow::Result<i32> {
+        let link = crate::chain::controller::LocalLink::from_fd3()?;
+        if !crate::chain::valid_chain_id(&chain) {
+            anyhow::bail!("bad chain id `{chain}`");
+        }
+        let a = StepArgs {
+            store: crate::store::open(&store)?,
+            chain,
+            step,
+            attempt,
+            deadline: std::time::UNIX_EPOCH + Duration::from_millis(deadline_unix_ms),
+            margin_floor: Duration::from_millis(margin_ms),
+        };
+        let (outcome, _) = run_step(&a, &link)?;
+        tracing::info!("step {step} attempt {attempt}: {outcome:?}");
+        Ok(0)
+    };
+    run().unwrap_or_else(|e| {
+        eprintln!("limitless: step {step}: {e:#}");
+        EXIT_ERROR
+    })
 }

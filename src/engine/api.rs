@@ -4,7 +4,7 @@
 //! Requests: `{"op":"dump","output":"/abs/image","leave_running":false,"freeze_timeout_ms":10000}`
 //! and `{"op":"status"}`. Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
-use super::checkpoint::{Request, Stats};
+use super::checkpoint::{After, Request, Stats};
 use super::supervisor::Inner;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -138,7 +138,8 @@ fn serve(c: UnixStream, inner: &Inner) {
             }
         }
         Ok(ApiRequest::Dump { output, leave_running, freeze_timeout_ms }) => {
-            let req = Request { output, leave_running, freeze_timeout: freeze_timeout_ms.map_or(FREEZE_TIMEOUT, Duration::from_millis) };
+            let after = if leave_running { After::Resume } else { After::Kill };
+            let req = Request { output, after, freeze_timeout: freeze_timeout_ms.map_or(FREEZE_TIMEOUT, Duration::from_millis) };
             match inner.checkpoint(&req) {
                 Ok(s) => ApiReply { ok: true, stats: Some(s), pid: Some(inner.pid), ..Default::default() },
                 Err(e) => ApiReply { error: Some(format!("{e:#}")), ..Default::default() },

@@ -19,16 +19,27 @@ use std::io::{BufReader, BufWriter};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
+
+/// What happens to the program once its image is durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum After {
+    /// It continues (`--leave-running`).
+    Resume,
+    /// It is killed; `launch`/`restore` then exit with `EXIT_CHECKPOINTED`.
+    Kill,
+    /// It stays frozen, its input paused, until [`Inner::release`]: the caller stores the
+    /// image elsewhere first and decides then.
+    Hold,
+}
 
 /// A checkpoint request.
 #[derive(Clone, Debug)]
 pub struct Request {
     /// Where the image goes (written next to it, then renamed).
     pub output: PathBuf,
-    /// Keep the program running afterwards.
-    pub leave_running: bool,
+    /// What happens to the program afterwards.
+    pub after: After,
     /// How long to wait for every thread to stop.
     pub freeze_timeout: Duration,
 }
@@ -101,7 +112,7 @@ impl Inner {
         let (pr, pw) = super::stdio::pipe()?;
         let _ = rustix::pipe::fcntl_setpipe_size(&pw, 1 << 20);
         let c = Checkpoint {
-            flags: if req.leave_running { ckpt_flags::LEAVE_RUNNING } else { 0 },
+            flags: if req.after == After::Resume { ckpt_flags::LEAVE_RUNNING } else { 0 },
             freeze_timeout_ms: req.freeze_timeout.as_millis().min(u32::MAX as u128) as u32,
             stdio_ino: self.stdio_ino,
         };
@@ -112,42 +123,47 @@ impl Inner {
         drop(pw);
         let r = self.run_checkpoint(req, file, pr);
         match r {
-            Ok((mut stats, frozen_at, pause)) => {
+            Ok((mut stats, frozen_at)) => {
                 if let Err(e) = finish_file(&tmp, &req.output) {
-                    let _ = self.link.send(msg::RESUME, &[], None);
+                    self.release(true);
                     let _ = fs::remove_file(&tmp);
                     return Err(e);
                 }
                 stats.image_bytes = fs::metadata(&req.output).map(|m| m.len()).unwrap_or(0);
-                if req.leave_running {
-                    let _ = self.link.send(msg::RESUME, &[], None);
-                } else {
-                    self.stopped.store(true, Ordering::SeqCst);
-                    self.kill();
+                match req.after {
+                    After::Resume => self.release(true),
+                    After::Kill => self.release(false),
+                    After::Hold => {}
                 }
-                // Input may flow again (into a program that runs on, or into nothing).
-                drop(pause);
                 stats.frozen_ms = stats.freeze_ms + ms(frozen_at.elapsed());
                 stats.total_ms = ms(t0.elapsed());
-                stats.left_running = req.leave_running;
+                stats.left_running = req.after == After::Resume;
                 Ok(stats)
             }
             Err(e) => {
-                let _ = self.link.send(msg::RESUME, &[], None);
+                self.release(true);
                 let _ = fs::remove_file(&tmp);
                 Err(e)
             }
         }
     }
 
-    /// Streams the image into `file`; returns the statistics, when the program froze, and the
-    /// paused input (held until the program is resumed or killed, so no input is lost).
-    fn run_checkpoint(
-        &self,
-        req: &Request,
-        file: File,
-        pr: std::os::fd::OwnedFd,
-    ) -> Result<(Stats, Instant, MutexGuard<'_, Option<File>>)> {
+    /// Ends a checkpoint: the program continues (`resume`) or is killed; its input flows
+    /// again either way. Called by [`checkpoint`](Self::checkpoint) itself unless the
+    /// request said [`After::Hold`].
+    pub fn release(&self, resume: bool) {
+        if resume {
+            let _ = self.link.send(msg::RESUME, &[], None);
+        } else {
+            self.stopped.store(true, Ordering::SeqCst);
+            self.kill();
+        }
+        self.input.resume();
+    }
+
+    /// Streams the image into `file`; returns the statistics and when the program froze.
+    /// The program's input stays paused until [`release`](Self::release), so none is lost.
+    fn run_checkpoint(&self, req: &Request, file: File, pr: std::os::fd::OwnedFd) -> Result<(Stats, Instant)> {
         let mut stats = Stats::default();
         let wait = req.freeze_timeout + Duration::from_secs(10);
         match self.next_event(wait)? {
@@ -160,14 +176,20 @@ impl Inner {
             m => bail!("unexpected message from the agent: {m:?}"),
         }
         let frozen_at = Instant::now();
+        crate::failpoint::hit("checkpoint.frozen");
         // Everything the program wrote before the freeze goes out before the image is done.
         self.out.drain(Duration::from_secs(10));
         self.err.drain(Duration::from_secs(10));
-        let (pause, stdin) = self.input.pause_and_peek();
+        let stdin = self.input.pause_and_peek();
         stats.stdin_bytes = stdin.len() as u64;
         let mut w = Writer::new(BufWriter::with_capacity(1 << 20, file), now_unix_ns())?;
         let reader = BufReader::with_capacity(1 << 20, File::from(pr));
+        let mut records = 0u64;
         let streamed = read_stream(reader, |h, payload| {
+            records += 1;
+            if records == 20 {
+                crate::failpoint::hit("checkpoint.writing");
+            }
             if h.kind == kind::END && !stdin.is_empty() {
                 w.plain(kind::STDIN, &stdin)?;
             }
@@ -180,7 +202,6 @@ impl Inner {
                 Ok(AgentMsg::Closed) => "the program exited during the checkpoint".into(),
                 _ => format!("the image stream broke off ({e})"),
             };
-            drop(pause);
             bail!("the checkpoint failed: {why}");
         }
         match self.next_event(Duration::from_secs(30))? {
@@ -195,7 +216,7 @@ impl Inner {
         let (bw, _) = w.finish()?;
         let f = bw.into_inner().map_err(|e| anyhow!("writing the image failed: {}", e.error()))?;
         f.sync_all().context("fsync of the image failed")?;
-        Ok((stats, frozen_at, pause))
+        Ok((stats, frozen_at))
     }
 }
 

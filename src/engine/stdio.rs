@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,8 +36,13 @@ pub struct Forwarder {
     busy: Arc<AtomicBool>,
     /// Bytes forwarded so far.
     pub bytes: Arc<AtomicU64>,
+    /// The last complete line (at most 1 MiB), and the line being written.
+    tail: Arc<Mutex<(Vec<u8>, Vec<u8>)>>,
     thread: Option<JoinHandle<()>>,
 }
+
+/// Longest line kept as the last line.
+const TAIL_MAX: usize = 1 << 20;
 
 impl Forwarder {
     /// Starts copying from `src` to `dst_fd` (1 or 2). Write errors on our side (a closed
@@ -46,7 +51,8 @@ impl Forwarder {
         let read_fd = src.as_raw_fd();
         let busy = Arc::new(AtomicBool::new(false));
         let bytes = Arc::new(AtomicU64::new(0));
-        let (b2, n2) = (busy.clone(), bytes.clone());
+        let tail = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+        let (b2, n2, t2) = (busy.clone(), bytes.clone(), tail.clone());
         let thread = std::thread::Builder::new()
             .name("limitless-out".into())
             .spawn(move || {
@@ -62,14 +68,26 @@ impl Forwarder {
                     };
                     b2.store(true, Ordering::SeqCst);
                     if out_ok {
-                        out_ok = write_fd(dst_fd, &buf[..n]).is_ok();
+                        out_ok = write_all_fd(dst_fd, &buf[..n]).is_ok();
                     }
                     n2.fetch_add(n as u64, Ordering::Relaxed);
+                    keep_tail(&t2, &buf[..n]);
                     b2.store(false, Ordering::SeqCst);
                 }
             })
             .expect("spawn output thread");
-        Forwarder { read_fd, busy, bytes, thread: Some(thread) }
+        Forwarder { read_fd, busy, bytes, tail, thread: Some(thread) }
+    }
+
+    /// The last line of output (without its newline; the unfinished line if the output
+    /// does not end with one).
+    pub fn last_line(&self) -> Vec<u8> {
+        let g = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        if g.1.is_empty() {
+            g.0.clone()
+        } else {
+            g.1.clone()
+        }
     }
 
     /// Waits until the pipe is empty and the last chunk is written (the program is frozen,
@@ -95,7 +113,23 @@ impl Forwarder {
     }
 }
 
-fn write_fd(fd: RawFd, mut b: &[u8]) -> io::Result<()> {
+fn keep_tail(tail: &Mutex<(Vec<u8>, Vec<u8>)>, chunk: &[u8]) {
+    let mut g = tail.lock().unwrap_or_else(|e| e.into_inner());
+    for line in chunk.split_inclusive(|&b| b == b'\n') {
+        if g.1.len() < TAIL_MAX {
+            let k = line.len().min(TAIL_MAX - g.1.len());
+            g.1.extend_from_slice(&line[..k]);
+        }
+        if line.ends_with(b"\n") {
+            let mut done = std::mem::take(&mut g.1);
+            done.pop();
+            g.0 = done;
+        }
+    }
+}
+
+/// Writes all of `b` to `fd` (retrying short writes and `EINTR`).
+pub fn write_all_fd(fd: RawFd, mut b: &[u8]) -> io::Result<()> {
     while !b.is_empty() {
         // SAFETY: writes from a valid buffer to our own stdout/stderr.
         let r = unsafe { libc::write(fd, b.as_ptr() as *const libc::c_void, b.len()) };
@@ -111,10 +145,17 @@ fn write_fd(fd: RawFd, mut b: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// The feeding thread's side of the stdin pipe.
+struct Feed {
+    /// The write end (None once our stdin reached its end and the pipe was closed).
+    file: Option<File>,
+    /// A checkpoint is in progress: write nothing.
+    paused: bool,
+}
+
 /// The program's stdin pipe and the thread that feeds it from ours.
 pub struct Input {
-    /// The write end (None once our stdin reached its end and the pipe was closed).
-    writer: Arc<Mutex<Option<File>>>,
+    feed: Arc<(Mutex<Feed>, Condvar)>,
     /// A read end kept by the supervisor, to `tee` unread bytes out at a checkpoint.
     peek: OwnedFd,
 }
@@ -124,52 +165,54 @@ impl Input {
     pub fn new() -> io::Result<(Input, OwnedFd)> {
         let (r, w) = pipe()?;
         let peek = r.try_clone()?;
-        Ok((Input { writer: Arc::new(Mutex::new(Some(File::from(w)))), peek }, r))
+        let feed = Arc::new((Mutex::new(Feed { file: Some(File::from(w)), paused: false }), Condvar::new()));
+        Ok((Input { feed, peek }, r))
     }
 
     /// Starts copying our stdin into the pipe, after `preload` (input an image carried
     /// that the program had not read yet).
     pub fn start(&self, preload: Vec<u8>) {
-        let w = self.writer.clone();
+        let feed = self.feed.clone();
         let _ = std::thread::Builder::new().name("limitless-in".into()).spawn(move || {
-            if !preload.is_empty() {
-                let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(f) = g.as_mut() {
-                    if f.write_all(&preload).is_err() {
-                        *g = None;
-                        return;
-                    }
+            let put = |bytes: &[u8]| -> bool {
+                let (m, cv) = &*feed;
+                let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+                while g.paused {
+                    g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
+                let ok = g.file.as_mut().is_some_and(|f| f.write_all(bytes).is_ok());
+                if !ok {
+                    g.file = None;
+                }
+                ok
+            };
+            if !preload.is_empty() && !put(&preload) {
+                return;
             }
             let mut buf = vec![0u8; 1 << 16];
             let stdin = io::stdin();
             let mut src = stdin.lock();
             loop {
-                let n = match src.read(&mut buf) {
+                match src.read(&mut buf) {
                     Ok(0) | Err(_) => {
-                        *w.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        feed.0.lock().unwrap_or_else(|e| e.into_inner()).file = None;
                         return;
                     }
-                    Ok(n) => n,
-                };
-                let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
-                match g.as_mut() {
-                    Some(f) => {
-                        if f.write_all(&buf[..n]).is_err() {
-                            *g = None;
+                    Ok(n) => {
+                        if !put(&buf[..n]) {
                             return;
                         }
                     }
-                    None => return,
                 }
             }
         });
     }
 
-    /// Pauses the feeding thread and returns the bytes the program has not read yet
-    /// (copied, not consumed). Feeding resumes when the guard is dropped.
-    pub fn pause_and_peek(&self) -> (std::sync::MutexGuard<'_, Option<File>>, Vec<u8>) {
-        let g = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+    /// Pauses the feeding (until [`resume`](Self::resume)) and returns the bytes the
+    /// program has not read yet (copied out of the pipe, not taken).
+    pub fn pause_and_peek(&self) -> Vec<u8> {
+        let mut g = self.feed.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.paused = true;
         let n = pending(self.peek.as_raw_fd());
         let mut out = Vec::new();
         if n > 0 {
@@ -186,7 +229,13 @@ impl Input {
                 }
             }
         }
-        (g, out)
+        out
+    }
+
+    /// Lets the feeding continue after a pause.
+    pub fn resume(&self) {
+        self.feed.0.lock().unwrap_or_else(|e| e.into_inner()).paused = false;
+        self.feed.1.notify_all();
     }
 
     /// The inode of the pipe (for the agent to recognise it).

@@ -268,6 +268,30 @@ impl Supervisor {
                 Err(e) => bail!("waiting for the program failed: {e}"),
             }
         };
+        Ok(self.finish(status))
+    }
+
+    /// Whether the program has ended, without waiting. When it has, the supervisor is done
+    /// (its output is forwarded) and the exit status to pass on is returned.
+    pub fn try_wait(&mut self) -> Result<Option<i32>> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Ok(Some(self.finish_in_place(status))),
+            Ok(None) => Ok(None),
+            Err(e) => bail!("waiting for the program failed: {e}"),
+        }
+    }
+
+    fn finish_in_place(&mut self, status: std::process::ExitStatus) -> i32 {
+        if let Some(api) = self.api.take() {
+            api.stop();
+        }
+        let c = code(&self.inner, status);
+        self.inner.out.drain(Duration::from_secs(5));
+        self.inner.err.drain(Duration::from_secs(5));
+        c
+    }
+
+    fn finish(mut self, status: std::process::ExitStatus) -> i32 {
         if let Some(api) = self.api.take() {
             api.stop();
         }
@@ -277,13 +301,18 @@ impl Supervisor {
                 // The control thread still holds a reference: just drain what we can.
                 a.out.drain(Duration::from_secs(2));
                 a.err.drain(Duration::from_secs(2));
-                return Ok(code(&a, status));
+                return code(&a, status);
             }
         };
         let c = code(&inner, status);
         inner.out.finish(Duration::from_secs(5));
         inner.err.finish(Duration::from_secs(5));
-        Ok(c)
+        c
+    }
+
+    /// CPU time and memory of the program now.
+    pub fn proc_stats(&self) -> ProcStats {
+        ProcStats::of(self.inner.pid)
     }
 
     /// The program's pid.
@@ -300,5 +329,43 @@ fn code(inner: &Inner, status: std::process::ExitStatus) -> i32 {
         (Some(c), _) => c,
         (None, Some(s)) => 128 + s,
         _ => 1,
+    }
+}
+
+/// CPU time and memory use of a process.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ProcStats {
+    /// User + system CPU time of all its threads.
+    pub cpu_ms: f64,
+    /// Resident memory now.
+    pub rss_bytes: u64,
+    /// Peak resident memory.
+    pub peak_rss_bytes: u64,
+}
+
+impl ProcStats {
+    /// Reads `/proc/PID/stat` and `/proc/PID/status` (zeros if the process is gone).
+    pub fn of(pid: u32) -> ProcStats {
+        let mut s = ProcStats::default();
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            if let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                // Fields 14 and 15 (utime, stime) are at 11 and 12 after the state (field 3).
+                let ticks: f64 = [11, 12].iter().filter_map(|&i| f.get(i)?.parse::<f64>().ok()).sum();
+                let hz = rustix::param::clock_ticks_per_second() as f64;
+                s.cpu_ms = ticks * 1000.0 / hz;
+            }
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            for line in status.lines() {
+                let kb = |l: &str| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+                if line.starts_with("VmRSS:") {
+                    s.rss_bytes = kb(line);
+                } else if line.starts_with("VmHWM:") {
+                    s.peak_rss_bytes = kb(line);
+                }
+            }
+        }
+        s
     }
 }

@@ -1,0 +1,325 @@
+//! `limitless run`: the chain on one machine. This process plays the platform's part: it
+//! starts each step as a fresh process (`limitless __step`, its own process group, like a
+//! fresh container), kills the whole group with `SIGKILL` when the step's time limit ends
+//! (no signal first, no grace), starts the next step when a step hands over, forwards the
+//! program's output step after step, and ends with the program's exit status.
+//!
+//! A step that dies without handing over or finishing (killed by the limit, crashed) is
+//! run again from the last complete checkpoint, as a new attempt; after three failures in a
+//! row the chain stops and can be resumed later with `limitless run --resume CHAIN`.
+
+use super::report::{self, Progress};
+use super::step::{read_result, Platform};
+use super::*;
+use crate::engine::spawn::FdMap;
+use crate::engine::stdio;
+use crate::store::Store;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How `run` runs a chain.
+pub struct RunOptions {
+    pub store: Arc<dyn Store>,
+    /// The store's URL, passed to the step processes.
+    pub store_url: String,
+    pub limit: Duration,
+    pub margin: Duration,
+    pub report: Option<PathBuf>,
+    /// Show a progress line (when stderr is a terminal).
+    pub progress: bool,
+    /// Keep the last image after the chain ends.
+    pub keep_images: bool,
+}
+
+/// Steps that die in a row before the chain gives up.
+const MAX_FAILURES: u32 = 3;
+/// The shortest limit a step can have.
+pub const MIN_LIMIT: Duration = Duration::from_secs(1);
+
+/// A message from a step process to this controller (one JSON object per line on fd 3).
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum LinkMsg {
+    /// Start this step next.
+    Invoke { step: u32, attempt: u32 },
+    /// The step plans to checkpoint at this time.
+    Plan { at_unix_ms: u64 },
+}
+
+/// The step side of the local platform: messages to the controller on fd 3.
+pub struct LocalLink {
+    out: std::sync::Mutex<File>,
+}
+
+impl LocalLink {
+    /// Uses fd 3, which the controller opened for this step.
+    pub fn from_fd3() -> Result<LocalLink> {
+        // SAFETY: fd 3 is the control pipe the controller installed for this process; it is
+        // owned by nothing else here.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(3) };
+        f.metadata().map_err(|_| anyhow!("__step is started by `limitless run`, which gives it a control pipe on fd 3"))?;
+        Ok(LocalLink { out: std::sync::Mutex::new(f) })
+    }
+
+    fn send(&self, m: &LinkMsg) -> Result<()> {
+        let mut line = serde_json::to_string(m)?;
+        line.push('\n');
+        self.out.lock().unwrap_or_else(|e| e.into_inner()).write_all(line.as_bytes())?;
+        Ok(())
+    }
+}
+
+impl Platform for LocalLink {
+    fn invoke(&self, _chain: &str, step: u32, attempt: u32) -> Result<()> {
+        self.send(&LinkMsg::Invoke { step, attempt })
+    }
+    fn plan(&self, at: u64) {
+        let _ = self.send(&LinkMsg::Plan { at_unix_ms: at });
+    }
+}
+
+/// Starts a new chain running `argv`.
+pub fn run_new(argv: &[OsString], opts: &RunOptions) -> Result<i32> {
+    let argv: Vec<String> = argv
+        .iter()
+        .map(|a| a.to_str().map(str::to_owned).ok_or_else(|| anyhow!("argument {a:?} is not UTF-8, which chains cannot carry yet")))
+        .collect::<Result<_>>()?;
+    let cwd = std::env::current_dir()?.to_str().ok_or_else(|| anyhow!("the working directory is not UTF-8"))?.to_owned();
+    let chain = new_chain_id();
+    let spec = Spec {
+        format: FORMAT,
+        chain: chain.clone(),
+        argv,
+        cwd,
+        limit_ms: opts.limit.as_millis() as u64,
+        margin_ms: opts.margin.as_millis() as u64,
+        created_unix_ms: now_unix_ms(),
+    };
+    if !opts.store.put_if_absent(&keys::spec(&chain), serde_json::to_string(&spec)?.as_bytes())? {
+        bail!("chain id {chain} is taken (try again)");
+    }
+    tracing::info!("chain {chain} in {}", opts.store.describe());
+    drive(&chain, 0, 0, opts)
+}
+
+/// Continues chain `chain` from its last complete checkpoint.
+pub fn resume(chain: &str, opts: &RunOptions) -> Result<i32> {
+    let chain = if chain == "last" { latest_chain(&*opts.store)? } else { chain.to_string() };
+    if !valid_chain_id(&chain) {
+        bail!("`{chain}` is not a chain id");
+    }
+    if !opts.store.exists(&keys::spec(&chain))? {
+        bail!("there is no chain {chain} in the store {}", opts.store.describe());
+    }
+    if let Some(r) = read_result(&*opts.store, &chain)? {
+        eprintln!("limitless: chain {chain} already finished in step {} with status {}", r.step, r.exit_status);
+        return Ok(r.exit_status);
+    }
+    let step = last_manifest(&*opts.store, &chain)?;
+    let attempt = next_attempt(&*opts.store, &chain, step)?;
+    drive(&chain, step, attempt, opts)
+}
+
+/// The most recently created chain in the store.
+fn latest_chain(store: &dyn Store) -> Result<String> {
+    let mut best: Option<(u64, String)> = None;
+    for k in store.list("chains/")? {
+        let id = k.trim_start_matches("chains/").to_string();
+        if let Some(b) = store.get(&keys::spec(&id))? {
+            if let Ok(s) = serde_json::from_slice::<Spec>(&b) {
+                if best.as_ref().is_none_or(|(t, _)| s.created_unix_ms > *t) {
+                    best = Some((s.created_unix_ms, id));
+                }
+            }
+        }
+    }
+    best.map(|b| b.1).ok_or_else(|| anyhow!("the store {} has no chains", store.describe()))
+}
+
+/// The highest step with a manifest (0 if none: the chain starts over).
+fn last_manifest(store: &dyn Store, chain: &str) -> Result<u32> {
+    Ok(store
+        .list(&format!("chains/{chain}/step-"))?
+        .iter()
+        .filter_map(|k| k.rsplit('/').next()?.strip_prefix("step-")?.strip_suffix(".manifest")?.parse().ok())
+        .max()
+        .unwrap_or(0))
+}
+
+/// One more than the highest attempt that claimed `step`.
+fn next_attempt(store: &dyn Store, chain: &str, step: u32) -> Result<u32> {
+    Ok(store
+        .list(&format!("chains/{chain}/claim-{step}."))?
+        .iter()
+        .filter_map(|k| k.rsplit('.').next()?.parse::<u32>().ok())
+        .max()
+        .map_or(0, |a| a + 1))
+}
+
+struct StepProc {
+    child: Child,
+    out: std::thread::JoinHandle<()>,
+    err: std::thread::JoinHandle<()>,
+}
+
+fn spawn_step(
+    chain: &str,
+    step: u32,
+    attempt: u32,
+    deadline: SystemTime,
+    opts: &RunOptions,
+    tx: mpsc::Sender<LinkMsg>,
+    progress: &Arc<Progress>,
+) -> Result<StepProc> {
+    let (out_r, out_w) = stdio::pipe()?;
+    let (err_r, err_w) = stdio::pipe()?;
+    let (ctl_r, ctl_w) = stdio::pipe()?;
+    let null: OwnedFd = File::open("/dev/null")?.into();
+    let mut fds = FdMap::default();
+    fds.add(null, 0);
+    fds.add(out_w, 1);
+    fds.add(err_w, 2);
+    fds.add(ctl_w, 3);
+    let mut cmd = Command::new(std::env::current_exe().context("cannot find the limitless executable")?);
+    let deadline_ms = deadline.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    cmd.arg("__step")
+        .args(["--store", &opts.store_url, "--chain", chain])
+        .args(["--step", &step.to_string(), "--attempt", &attempt.to_string()])
+        .args(["--deadline-unix-ms", &deadline_ms.to_string(), "--margin-ms", &opts.margin.as_millis().to_string()])
+        .process_group(0);
+    let child = fds.spawn(cmd).context("cannot start a step process")?;
+    let out = forward(out_r, 1, progress.clone());
+    let err = forward(err_r, 2, progress.clone());
+    std::thread::spawn(move || {
+        for line in BufReader::new(File::from(ctl_r)).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(m) = serde_json::from_str::<LinkMsg>(&line) {
+                let _ = tx.send(m);
+            }
+        }
+    });
+    Ok(StepProc { child, out, err })
+}
+
+/// Copies a step's output to ours, clearing the progress line first.
+fn forward(src: OwnedFd, dst: i32, progress: Arc<Progress>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut f = File::from(src);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => progress.write_through(dst, &buf[..n]),
+            }
+        }
+    })
+}
+
+/// Runs steps from `step` (attempt `attempt`) until the chain ends.
+fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Result<i32> {
+    let t0 = Instant::now();
+    let progress = Arc::new(Progress::new(opts.progress));
+    let duplicate = std::env::var_os("LIMITLESS_TEST_DUPLICATE_STEPS").is_some();
+    let mut failures = 0;
+    let mut steps_run = 0u32;
+    loop {
+        let deadline = SystemTime::now() + opts.limit;
+        let (tx, rx) = mpsc::channel();
+        let mut procs = vec![spawn_step(chain, step, attempt, deadline, opts, tx.clone(), &progress)?];
+        if duplicate {
+            // A retried invocation of the same step, as a platform may deliver: it must see
+            // the claim and run nothing.
+            std::thread::sleep(Duration::from_millis(20));
+            procs.push(spawn_step(chain, step, attempt, deadline, opts, tx.clone(), &progress)?);
+        }
+        drop(tx);
+        steps_run += 1;
+        progress.set_step(step, t0, deadline);
+        let mut next = None;
+        for p in procs.iter_mut() {
+            loop {
+                while let Ok(m) = rx.try_recv() {
+                    match m {
+                        LinkMsg::Invoke { step: s, attempt: a } => next = Some((s, a)),
+                        LinkMsg::Plan { at_unix_ms } => progress.set_plan(at_unix_ms),
+                    }
+                }
+                if p.child.try_wait()?.is_some() {
+                    break;
+                }
+                if SystemTime::now() >= deadline {
+                    // The platform's time limit: the whole step, without warning.
+                    // SAFETY: signals the step's process group (its pid), which we created.
+                    unsafe { libc::kill(-(p.child.id() as i32), libc::SIGKILL) };
+                    let _ = p.child.wait();
+                    break;
+                }
+                progress.draw();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        for p in procs {
+            let _ = p.out.join();
+            let _ = p.err.join();
+        }
+        while let Ok(m) = rx.try_recv() {
+            if let LinkMsg::Invoke { step: s, attempt: a } = m {
+                next = Some((s, a));
+            }
+        }
+        progress.clear();
+        if let Some(r) = read_result(&*opts.store, chain)? {
+            return finish(chain, r, t0, steps_run, opts);
+        }
+        if let Some((s, a)) = next {
+            step = s;
+            attempt = a;
+            failures = 0;
+            if let Some(msg) = report::too_short(&*opts.store, chain, opts.limit)? {
+                bail!("{msg}");
+            }
+            continue;
+        }
+        failures += 1;
+        let last = last_manifest(&*opts.store, chain)?;
+        if failures >= MAX_FAILURES {
+            bail!(
+                "step {step} of chain {chain} failed {failures} times in a row (see the messages above); the chain is kept: resume it with `limitless run --store {} --resume {chain}`",
+                opts.store.describe()
+            );
+        }
+        step = last;
+        attempt = next_attempt(&*opts.store, chain, step)?;
+        tracing::warn!("step died without handing over; running step {step} again (attempt {attempt}) from the last checkpoint");
+        eprintln!("limitless: a step ended without a checkpoint or a result; running again from the last checkpoint (step {step})");
+    }
+}
+
+fn finish(chain: &str, r: ResultRecord, t0: Instant, _steps_run: u32, opts: &RunOptions) -> Result<i32> {
+    let rep = report::collect(&*opts.store, chain, &r, t0.elapsed(), opts.limit)?;
+    if let Some(p) = &opts.report {
+        std::fs::write(p, serde_json::to_string_pretty(&rep)?).with_context(|| format!("cannot write the report {}", p.display()))?;
+    }
+    if !opts.keep_images {
+        for k in opts.store.list(&format!("images/{chain}/"))? {
+            let _ = opts.store.delete(&k);
+        }
+    }
+    eprintln!("{}", report::summary(&rep));
+    Ok(r.exit_status)
+}
+
+/// Whether `fd` is a terminal.
+pub fn is_terminal(fd: &impl AsRawFd) -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(fd.as_raw_fd()) == 1 }
+}

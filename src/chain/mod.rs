@@ -1,0 +1,182 @@
+//! The chain: a program run as a sequence of steps, each a fresh process with a time
+//! limit, handing over through checkpoint images in a store.
+//!
+//! Store layout (one chain):
+//!
+//! ```text
+//! chains/<chain>/spec                 what to run (created once)
+//! chains/<chain>/claim-<n>.<attempt>  created once by the invocation that runs step n
+//! chains/<chain>/step-<n>.manifest    the image step n restores (created once, by step n-1)
+//! chains/<chain>/stats-<n>.<attempt>  what step n cost (for reports)
+//! chains/<chain>/result               created once, by the step in which the program ended
+//! images/<chain>/<n>.<attempt>.img    the image step n restores (written by that attempt of
+//!                                     step n-1, so that two attempts never share a key)
+//! ```
+//!
+//! Claims, manifests and the result are created only if absent, so a duplicate or late
+//! invocation loses cleanly: a second invocation of a step sees its claim and runs nothing;
+//! of two attempts that checkpoint the same step, one writes the manifest and the other
+//! discards its image; the first result is the chain's result.
+
+pub mod controller;
+pub mod margin;
+pub mod report;
+pub mod step;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the chain records.
+pub const FORMAT: u32 = 1;
+
+/// Store keys of a chain.
+pub mod keys {
+    /// What to run.
+    pub fn spec(chain: &str) -> String {
+        format!("chains/{chain}/spec")
+    }
+    /// The claim of one attempt of a step.
+    pub fn claim(chain: &str, step: u32, attempt: u32) -> String {
+        format!("chains/{chain}/claim-{step}.{attempt}")
+    }
+    /// The manifest of the image step `step` restores.
+    pub fn manifest(chain: &str, step: u32) -> String {
+        format!("chains/{chain}/step-{step}.manifest")
+    }
+    /// What one attempt of a step cost.
+    pub fn stats(chain: &str, step: u32, attempt: u32) -> String {
+        format!("chains/{chain}/stats-{step}.{attempt}")
+    }
+    /// The chain's result.
+    pub fn result(chain: &str) -> String {
+        format!("chains/{chain}/result")
+    }
+    /// The image step `step` restores, as written by attempt `attempt` of the step before.
+    pub fn image(chain: &str, step: u32, attempt: u32) -> String {
+        format!("images/{chain}/{step}.{attempt}.img")
+    }
+}
+
+/// What a chain runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Spec {
+    pub format: u32,
+    pub chain: String,
+    /// The program and its arguments.
+    pub argv: Vec<String>,
+    /// Where it starts.
+    pub cwd: String,
+    /// Each step's time limit.
+    pub limit_ms: u64,
+    /// The smallest time kept for checkpointing at the end of a step.
+    pub margin_ms: u64,
+    pub created_unix_ms: u64,
+}
+
+/// One measured checkpoint, for predicting the next one.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CostSample {
+    /// Resident memory when the checkpoint started.
+    pub rss_bytes: u64,
+    /// Checkpoint plus store time.
+    pub ms: f64,
+}
+
+/// Where a step's image is.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub key: String,
+    pub bytes: u64,
+    /// The image's trailer hash, which covers every byte of it (hex).
+    pub trailer_hash: String,
+}
+
+/// The handover from step n-1 to step n.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub chain: String,
+    /// The step that restores this image.
+    pub step: u32,
+    /// The attempt of step n-1 that wrote it.
+    pub by_attempt: u32,
+    pub image: ImageRef,
+    pub created_unix_ms: u64,
+    /// Recent checkpoint costs, newest last.
+    pub history: Vec<CostSample>,
+}
+
+/// How a chain ended.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResultRecord {
+    pub format: u32,
+    pub chain: String,
+    pub step: u32,
+    pub attempt: u32,
+    /// The program's exit status (128+N for signal N).
+    pub exit_status: i32,
+    /// The last line the program wrote to stdout.
+    pub last_line: String,
+    pub finished_unix_ms: u64,
+}
+
+/// How a step ended.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The program was checkpointed and the next step invoked.
+    Checkpointed,
+    /// The program ended in this step; the result is stored.
+    Finished,
+    /// Another invocation had claimed this step; nothing ran.
+    Duplicate,
+    /// The chain had already ended; nothing ran.
+    AlreadyFinished,
+    /// Another attempt of this step handed over first; this one's image was discarded.
+    Superseded,
+}
+
+/// What one step cost.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StepStats {
+    pub step: u32,
+    pub attempt: u32,
+    pub outcome: Option<Outcome>,
+    /// From the step's start to its end.
+    pub wall_ms: f64,
+    /// Restoring the image (steps after the first).
+    pub restore_ms: Option<f64>,
+    /// The program's CPU time in this step.
+    pub cpu_ms: f64,
+    /// The program's peak resident memory in this step.
+    pub peak_rss_bytes: u64,
+    /// How long the program ran in this step (between restore and checkpoint or end).
+    pub run_ms: f64,
+    /// Checkpoint, image durable.
+    pub checkpoint_ms: Option<f64>,
+    /// How long the program was frozen by the checkpoint.
+    pub frozen_ms: Option<f64>,
+    /// Storing the image and manifest.
+    pub store_ms: Option<f64>,
+    pub image_bytes: Option<u64>,
+    /// Checkpoints that failed and were retried (a socket open at that moment, ...).
+    pub checkpoint_retries: u32,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A new chain id: 16 hex digits from the kernel's random source.
+pub fn new_chain_id() -> String {
+    let mut b = [0u8; 8];
+    if rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).is_err() {
+        b = (now_unix_ms() ^ ((std::process::id() as u64) << 40)).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Checks a chain id given by a user (it becomes part of store keys).
+pub fn valid_chain_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+}

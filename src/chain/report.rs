@@ -1,0 +1,206 @@
+//! What a chain cost: the JSON report (`--report`), the summary line, the progress line on
+//! a terminal, and the check that the limit leaves the program time to run.
+
+use super::*;
+use crate::engine::stdio::write_all_fd;
+use crate::store::Store;
+use crate::util::bytes;
+use anyhow::Result;
+use serde::Serialize;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+/// The report of a finished chain.
+#[derive(Serialize, Debug)]
+pub struct Report {
+    pub chain: String,
+    pub program: Vec<String>,
+    pub limit_ms: u64,
+    pub exit_status: i32,
+    /// The last line of the program's stdout.
+    pub last_line: String,
+    /// Every attempt of every step that ran, in order.
+    pub steps: Vec<StepStats>,
+    pub totals: Totals,
+}
+
+/// Chain totals (the paper's figures: execution time, invocations, CPU and memory use).
+#[derive(Serialize, Debug, Default)]
+pub struct Totals {
+    /// Steps that ran the program (duplicates and late attempts left out).
+    pub steps: u32,
+    /// Invocations, duplicates and retries included.
+    pub invocations: u32,
+    pub wall_ms: f64,
+    pub checkpoint_ms: f64,
+    pub restore_ms: f64,
+    pub frozen_ms: f64,
+    pub largest_image_bytes: u64,
+    pub cpu_ms: f64,
+    pub cpu_ms_per_step: f64,
+    pub peak_rss_bytes: u64,
+}
+
+/// Reads every step's statistics from the store and adds them up.
+pub fn collect(store: &dyn Store, chain: &str, r: &ResultRecord, wall: Duration, limit: Duration) -> Result<Report> {
+    let spec: Option<Spec> = store.get(&keys::spec(chain))?.and_then(|b| serde_json::from_slice(&b).ok());
+    let mut steps: Vec<StepStats> = Vec::new();
+    for k in store.list(&format!("chains/{chain}/stats-"))? {
+        if let Some(b) = store.get(&k)? {
+            if let Ok(s) = serde_json::from_slice::<StepStats>(&b) {
+                steps.push(s);
+            }
+        }
+    }
+    steps.sort_by_key(|s| (s.step, s.attempt));
+    let mut t = Totals { invocations: steps.len() as u32, wall_ms: wall.as_secs_f64() * 1000.0, ..Default::default() };
+    for s in &steps {
+        if !matches!(s.outcome, Some(Outcome::Checkpointed) | Some(Outcome::Finished)) {
+            continue;
+        }
+        t.steps += 1;
+        t.checkpoint_ms += s.checkpoint_ms.unwrap_or(0.0) + s.store_ms.unwrap_or(0.0);
+        t.restore_ms += s.restore_ms.unwrap_or(0.0);
+        t.frozen_ms += s.frozen_ms.unwrap_or(0.0);
+        t.largest_image_bytes = t.largest_image_bytes.max(s.image_bytes.unwrap_or(0));
+        t.cpu_ms += s.cpu_ms;
+        t.peak_rss_bytes = t.peak_rss_bytes.max(s.peak_rss_bytes);
+    }
+    if t.steps > 0 {
+        t.cpu_ms_per_step = t.cpu_ms / t.steps as f64;
+    }
+    Ok(Report {
+        chain: chain.to_string(),
+        program: spec.map(|s| s.argv).unwrap_or_default(),
+        limit_ms: limit.as_millis() as u64,
+        exit_status: r.exit_status,
+        last_line: r.last_line.clone(),
+        steps,
+        totals: t,
+    })
+}
+
+fn secs(ms: f64) -> String {
+    if ms < 1000.0 {
+        format!("{ms:.0} ms")
+    } else {
+        format!("{:.1} s", ms / 1000.0)
+    }
+}
+
+/// The final line on stderr.
+pub fn summary(r: &Report) -> String {
+    let t = &r.totals;
+    format!(
+        "limitless: {} step{}, {} total, {} checkpointing, {} restoring, largest image {} (exit status {})",
+        t.steps,
+        if t.steps == 1 { "" } else { "s" },
+        secs(t.wall_ms),
+        secs(t.checkpoint_ms),
+        secs(t.restore_ms),
+        bytes(t.largest_image_bytes),
+        r.exit_status
+    )
+}
+
+/// If the last three steps each ran the program for less than a twentieth of the limit,
+/// the limit is too short for this program: returns a message naming the minimum.
+pub fn too_short(store: &dyn Store, chain: &str, limit: Duration) -> Result<Option<String>> {
+    let mut recent: Vec<StepStats> = Vec::new();
+    for k in store.list(&format!("chains/{chain}/stats-"))? {
+        if let Some(s) = store.get(&k)?.and_then(|b| serde_json::from_slice::<StepStats>(&b).ok()) {
+            if s.outcome == Some(Outcome::Checkpointed) {
+                recent.push(s);
+            }
+        }
+    }
+    recent.sort_by_key(|s| (s.step, s.attempt));
+    let last: Vec<&StepStats> = recent.iter().rev().take(3).collect();
+    let lim = limit.as_secs_f64() * 1000.0;
+    if last.len() < 3 || last.iter().any(|s| s.run_ms >= lim / 20.0) {
+        return Ok(None);
+    }
+    let overhead =
+        last.iter().map(|s| s.restore_ms.unwrap_or(0.0) + s.checkpoint_ms.unwrap_or(0.0) + s.store_ms.unwrap_or(0.0)).fold(0.0, f64::max);
+    Ok(Some(format!(
+        "the limit {} leaves this program almost no time to run: each step spends about {} restoring and checkpointing; use --limit of at least {}",
+        secs(lim),
+        secs(overhead),
+        secs((overhead * 4.0).max(1000.0))
+    )))
+}
+
+/// The progress line on a terminal: step, elapsed time, next checkpoint.
+pub struct Progress {
+    on: bool,
+    state: Mutex<ProgressState>,
+}
+
+struct ProgressState {
+    shown: bool,
+    step: u32,
+    started: Option<Instant>,
+    deadline: Option<SystemTime>,
+    plan_unix_ms: u64,
+}
+
+impl Progress {
+    /// A progress line, drawn only if `on`.
+    pub fn new(on: bool) -> Progress {
+        Progress { on, state: Mutex::new(ProgressState { shown: false, step: 0, started: None, deadline: None, plan_unix_ms: 0 }) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProgressState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new step started.
+    pub fn set_step(&self, step: u32, chain_start: Instant, deadline: SystemTime) {
+        let mut g = self.lock();
+        g.step = step;
+        g.started.get_or_insert(chain_start);
+        g.deadline = Some(deadline);
+        g.plan_unix_ms = 0;
+    }
+
+    /// The step plans its checkpoint at this time.
+    pub fn set_plan(&self, at_unix_ms: u64) {
+        self.lock().plan_unix_ms = at_unix_ms;
+    }
+
+    /// Redraws the line.
+    pub fn draw(&self) {
+        if !self.on {
+            return;
+        }
+        let mut g = self.lock();
+        let elapsed = g.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let next = if g.plan_unix_ms > 0 { (g.plan_unix_ms as f64 - now_unix_ms() as f64) / 1000.0 } else { f64::NAN };
+        let line = if next.is_finite() && next > 0.0 {
+            format!("\r\x1b[K[limitless] step {} · {elapsed:.1} s elapsed · next checkpoint in {next:.1} s", g.step)
+        } else {
+            format!("\r\x1b[K[limitless] step {} · {elapsed:.1} s elapsed", g.step)
+        };
+        let _ = write_all_fd(2, line.as_bytes());
+        g.shown = true;
+    }
+
+    /// Removes the line.
+    pub fn clear(&self) {
+        let mut g = self.lock();
+        if g.shown {
+            let _ = write_all_fd(2, b"\r\x1b[K");
+            g.shown = false;
+        }
+    }
+
+    /// Writes program output to `fd`, clearing the progress line first.
+    pub fn write_through(&self, fd: i32, b: &[u8]) {
+        let mut g = self.lock();
+        if g.shown {
+            let _ = write_all_fd(2, b"\r\x1b[K");
+            g.shown = false;
+        }
+        let _ = write_all_fd(fd, b);
+    }
+}

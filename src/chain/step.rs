@@ -1,0 +1,285 @@
+//! One step of a chain, as one invocation runs it (a fresh process, like a fresh
+//! container): claim the step, start or restore the program, let it run until the deadline
+//! minus the predicted margin, checkpoint it, store the image and the manifest of the next
+//! step, hand over. If the program ends first, store the result and hand over nothing.
+//!
+//! The checkpoint keeps the program frozen until the manifest is written. If the image
+//! cannot be stored, the program is let go and the checkpoint tried again while there is
+//! time; the previous checkpoint stays the chain's latest, so nothing half-written is ever
+//! restored.
+
+use super::margin;
+use super::*;
+use crate::engine::checkpoint::{After, Request};
+use crate::engine::restore::restore;
+use crate::engine::supervisor::{find_program, Options, Supervisor};
+use crate::failpoint;
+use crate::store::Store;
+use anyhow::{anyhow, bail, Context, Result};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How the next step is invoked, and where progress goes: the platform's side.
+pub trait Platform {
+    /// Invokes step `step` (attempt `attempt`) of `chain`; retried by the caller on error.
+    fn invoke(&self, chain: &str, step: u32, attempt: u32) -> Result<()>;
+    /// The step plans to checkpoint at this time (for progress displays).
+    fn plan(&self, _checkpoint_at_unix_ms: u64) {}
+    /// What the step cost, when it ends.
+    fn report(&self, _stats: &StepStats) {}
+}
+
+/// One invocation.
+pub struct StepArgs {
+    pub store: Arc<dyn Store>,
+    pub chain: String,
+    pub step: u32,
+    pub attempt: u32,
+    /// When the platform kills this invocation.
+    pub deadline: SystemTime,
+    /// At least this much time is kept for the checkpoint.
+    pub margin_floor: Duration,
+}
+
+fn until(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The trailer hash of an image file (it covers every byte of the image).
+pub fn trailer_hash(path: &std::path::Path) -> Result<String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let n = limitless_image::format::Trailer::SIZE;
+    if len < n as u64 {
+        bail!("{} is not a complete image", path.display());
+    }
+    let mut b = vec![0u8; n];
+    f.read_exact_at(&mut b, len - n as u64)?;
+    Ok(b[n - 32..].iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Runs one step. Returns its outcome; the caller turns it into an exit status.
+pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<(Outcome, Option<i32>)> {
+    let t0 = Instant::now();
+    failpoint::set_context(a.step, a.attempt);
+    let store = &*a.store;
+    let mut stats = StepStats { step: a.step, attempt: a.attempt, ..Default::default() };
+    if let Some(r) = read_result(store, &a.chain)? {
+        return Ok((Outcome::AlreadyFinished, Some(r.exit_status)));
+    }
+    let claim = serde_json::json!({ "pid": std::process::id(), "started_unix_ms": now_unix_ms() });
+    if !store.put_if_absent(&keys::claim(&a.chain, a.step, a.attempt), claim.to_string().as_bytes())? {
+        return Ok((Outcome::Duplicate, None));
+    }
+    let spec: Spec = serde_json::from_slice(
+        &store.get(&keys::spec(&a.chain))?.ok_or_else(|| anyhow!("chain {} does not exist in the store {}", a.chain, store.describe()))?,
+    )
+    .context("the chain's spec is unreadable")?;
+
+    // Start or restore the program.
+    let opts = Options { socket: None };
+    let mut restored_from: Option<String> = None;
+    let (mut sup, mut history) = if a.step == 0 {
+        let prog = find_program(std::path::Path::new(&spec.argv[0])).map_err(|(_, m)| anyhow!(m))?;
+        let args: Vec<std::ffi::OsString> = spec.argv[1..].iter().map(Into::into).collect();
+        std::env::set_current_dir(&spec.cwd).with_context(|| format!("cannot enter {}", spec.cwd))?;
+        let sup = Supervisor::launch(&prog, &args, &opts)?;
+        (sup, Vec::new())
+    } else {
+        let m: Manifest = serde_json::from_slice(
+            &store.get(&keys::manifest(&a.chain, a.step))?.ok_or_else(|| anyhow!("step {} has no manifest in the store", a.step))?,
+        )
+        .context("the manifest is unreadable")?;
+        let path = store.fetch_file(&m.image.key)?.ok_or_else(|| anyhow!("the image {} is missing from the store", m.image.key))?;
+        let got = trailer_hash(&path)?;
+        if got != m.image.trailer_hash {
+            bail!("the image {} is not the one its manifest names (hash {got}, manifest {})", m.image.key, m.image.trailer_hash);
+        }
+        let t = Instant::now();
+        let (sup, _) = restore(&path, &opts)?;
+        stats.restore_ms = Some(ms(t.elapsed()));
+        restored_from = Some(m.image.key);
+        (sup, m.history)
+    };
+    let running_since = Instant::now();
+    let mut retries = 0;
+    let mut last_plan = 0;
+    let outcome = loop {
+        if let Some(code) = sup.try_wait()? {
+            stats.run_ms = ms(running_since.elapsed());
+            break finish(a, store, &sup, code, &mut stats)?;
+        }
+        let ps = sup.proc_stats();
+        stats.cpu_ms = stats.cpu_ms.max(ps.cpu_ms);
+        stats.peak_rss_bytes = stats.peak_rss_bytes.max(ps.peak_rss_bytes);
+        let m = margin::margin(ps.rss_bytes, &history, a.margin_floor);
+        let at = a.deadline.checked_sub(m).unwrap_or(UNIX_EPOCH);
+        let plan = unix_ms(at);
+        if plan.abs_diff(last_plan) > 200 {
+            platform.plan(plan);
+            last_plan = plan;
+        }
+        if running_since.elapsed() > Duration::from_millis(100) {
+            failpoint::hit("step.running");
+        }
+        let wait = until(at);
+        if !wait.is_zero() {
+            std::thread::sleep(wait.min(Duration::from_millis(50)));
+            continue;
+        }
+        stats.run_ms = ms(running_since.elapsed());
+        match checkpoint(a, store, &sup, ps.rss_bytes, &mut history, &mut stats, restored_from.as_deref())? {
+            Some(o) => break o,
+            None => {
+                // The checkpoint could not be taken or stored; the program runs on. Try again
+                // while the deadline allows; the platform kills this step otherwise.
+                retries += 1;
+                stats.checkpoint_retries = retries;
+                if until(a.deadline) < Duration::from_millis(300) {
+                    sup.inner.kill();
+                    let _ = sup.wait();
+                    bail!("no checkpoint could be taken before the step's time limit; the chain can be resumed from the last checkpoint");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    let code = match outcome {
+        Outcome::Finished => read_result(store, &a.chain)?.map(|r| r.exit_status),
+        _ => None,
+    };
+    stats.outcome = Some(outcome);
+    stats.wall_ms = ms(t0.elapsed());
+    let _ = store.put(&keys::stats(&a.chain, a.step, a.attempt), serde_json::to_string(&stats)?.as_bytes());
+    platform.report(&stats);
+    if outcome == Outcome::Checkpointed {
+        failpoint::hit("step.handover");
+        invoke_with_retry(platform, &a.chain, a.step + 1, a.deadline)?;
+    }
+    if outcome == Outcome::Checkpointed || outcome == Outcome::Superseded {
+        let _ = sup.wait();
+    }
+    Ok((outcome, code))
+}
+
+/// The chain's result, if there is one.
+pub fn read_result(store: &dyn Store, chain: &str) -> Result<Option<ResultRecord>> {
+    match store.get(&keys::result(chain))? {
+        Some(b) => Ok(Some(serde_json::from_slice(&b).context("the chain's result is unreadable")?)),
+        None => Ok(None),
+    }
+}
+
+/// The program ended in this step: store the result (first one wins).
+fn finish(a: &StepArgs, store: &dyn Store, sup: &Supervisor, code: i32, stats: &mut StepStats) -> Result<Outcome> {
+    let ps = sup.proc_stats();
+    stats.cpu_ms = stats.cpu_ms.max(ps.cpu_ms);
+    let r = ResultRecord {
+        format: FORMAT,
+        chain: a.chain.clone(),
+        step: a.step,
+        attempt: a.attempt,
+        exit_status: code,
+        last_line: String::from_utf8_lossy(&sup.inner.out.last_line()).into_owned(),
+        finished_unix_ms: now_unix_ms(),
+    };
+    if store.put_if_absent(&keys::result(&a.chain), serde_json::to_string(&r)?.as_bytes())? {
+        Ok(Outcome::Finished)
+    } else {
+        Ok(Outcome::AlreadyFinished)
+    }
+}
+
+/// Checkpoints, stores and hands over. `Ok(None)`: not this time (the program runs on).
+/// `restored_from` is the image this step started from, deleted once the next one is
+/// the chain's latest.
+fn checkpoint(
+    a: &StepArgs,
+    store: &dyn Store,
+    sup: &Supervisor,
+    rss: u64,
+    history: &mut Vec<CostSample>,
+    stats: &mut StepStats,
+    restored_from: Option<&str>,
+) -> Result<Option<Outcome>> {
+    let staging = store.staging_path("image")?;
+    let t = Instant::now();
+    let freeze_timeout =
+        until(a.deadline).saturating_sub(Duration::from_millis(200)).clamp(Duration::from_millis(100), Duration::from_secs(10));
+    let cs = match sup.inner.checkpoint(&Request { output: staging.clone(), after: After::Hold, freeze_timeout }) {
+        Ok(cs) => cs,
+        Err(e) => {
+            tracing::warn!("checkpoint of step {} failed: {e:#}", a.step);
+            return Ok(None);
+        }
+    };
+    stats.checkpoint_ms = Some(cs.total_ms);
+    stats.image_bytes = Some(cs.image_bytes);
+    let next = a.step + 1;
+    let image_key = keys::image(&a.chain, next, a.attempt);
+    let ts = Instant::now();
+    let hash = trailer_hash(&staging)?;
+    failpoint::hit("store.image");
+    if let Err(e) = store.put_file(&image_key, &staging) {
+        tracing::warn!("storing the image of step {} failed: {e:#}", a.step);
+        let _ = std::fs::remove_file(&staging);
+        sup.inner.release(true);
+        return Ok(None);
+    }
+    failpoint::hit("store.manifest");
+    margin::remember(history, CostSample { rss_bytes: rss, ms: ms(t.elapsed()) + 20.0 });
+    let m = Manifest {
+        format: FORMAT,
+        chain: a.chain.clone(),
+        step: next,
+        by_attempt: a.attempt,
+        image: ImageRef { key: image_key.clone(), bytes: cs.image_bytes, trailer_hash: hash },
+        created_unix_ms: now_unix_ms(),
+        history: history.clone(),
+    };
+    let won = match store.put_if_absent(&keys::manifest(&a.chain, next), serde_json::to_string(&m)?.as_bytes()) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("storing the manifest of step {next} failed: {e:#}");
+            sup.inner.release(true);
+            return Ok(None);
+        }
+    };
+    stats.store_ms = Some(ms(ts.elapsed()));
+    stats.frozen_ms = Some(cs.frozen_ms + ms(ts.elapsed()));
+    // The program's state now lives in the store (or another attempt's does): stop it.
+    sup.inner.release(false);
+    if !won {
+        // Another attempt of this step handed over first: ours is not needed.
+        let _ = store.delete(&image_key);
+        return Ok(Some(Outcome::Superseded));
+    }
+    if let Some(old) = restored_from {
+        let _ = store.delete(old);
+    }
+    Ok(Some(Outcome::Checkpointed))
+}
+
+fn invoke_with_retry(platform: &dyn Platform, chain: &str, step: u32, deadline: SystemTime) -> Result<()> {
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match platform.invoke(chain, step, 0) {
+            Ok(()) => return Ok(()),
+            Err(e) if until(deadline) > wait => {
+                tracing::warn!("invoking step {step} failed, retrying: {e:#}");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.context(format!("could not invoke step {step}; the chain can be resumed"))),
+        }
+    }
+}

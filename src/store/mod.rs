@@ -1,0 +1,96 @@
+//! Where chains keep their state between steps: a key-value store of immutable objects.
+//!
+//! Keys are relative paths such as `chains/<chain>/step-3.manifest`. Writes that decide
+//! the chain (claims, manifests, results) use [`Store::put_if_absent`], which creates an
+//! object only if there is none yet, atomically; everything else is written whole and
+//! then made visible, so a reader never sees half an object. The local-directory store
+//! is here; an S3 store will implement the same trait.
+
+mod local;
+
+pub use local::LocalStore;
+
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A store of objects.
+pub trait Store: Send + Sync {
+    /// Creates `key` with `bytes` if it does not exist; returns whether it did the write.
+    fn put_if_absent(&self, key: &str, bytes: &[u8]) -> Result<bool>;
+    /// Writes `key` (replacing it), atomically.
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<()>;
+    /// Moves or copies the local file `src` to `key`, atomically; `src` is gone after.
+    fn put_file(&self, key: &str, src: &Path) -> Result<()>;
+    /// Reads `key`; `None` if it does not exist.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// A local file with the contents of `key` (the object itself for a local store).
+    fn fetch_file(&self, key: &str) -> Result<Option<PathBuf>>;
+    /// Whether `key` exists.
+    fn exists(&self, key: &str) -> Result<bool>;
+    /// Keys that start with `prefix`.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Removes `key` (no error if it is gone).
+    fn delete(&self, key: &str) -> Result<()>;
+    /// A local path where a new large object can be written before `put_file` (on the same
+    /// file system for a local store, so that `put_file` is a rename).
+    fn staging_path(&self, name: &str) -> Result<PathBuf>;
+    /// The store's URL or path, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Checks that `key` is a relative path without `..`.
+pub fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() || key.starts_with('/') || key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        bail!("bad store key `{key}`");
+    }
+    Ok(())
+}
+
+/// Opens the store at `url`: a directory path or `file://` URL.
+pub fn open(url: &str) -> Result<Arc<dyn Store>> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        bail!("the store `s3://{rest}` is an S3 store, which this build does not support yet; use a directory");
+    }
+    if url.contains("://") && !url.starts_with("file://") {
+        bail!("unsupported store URL `{url}`; use a directory path or file:///path");
+    }
+    let path = url.strip_prefix("file://").unwrap_or(url);
+    Ok(Arc::new(LocalStore::open(Path::new(path))?))
+}
+
+/// The default store: `$XDG_DATA_HOME/limitless/store`, `~/.local/share/limitless/store`,
+/// or `/tmp/limitless-UID/store` when there is no usable home.
+pub fn default_location() -> PathBuf {
+    let abs = |v: Option<std::ffi::OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(p) = abs(std::env::var_os("XDG_DATA_HOME")) {
+        return p.join("limitless/store");
+    }
+    if let Some(h) = abs(std::env::var_os("HOME")) {
+        let p = h.join(".local/share/limitless/store");
+        if std::fs::create_dir_all(&p).is_ok() {
+            return p;
+        }
+    }
+    // SAFETY: getuid cannot fail.
+    PathBuf::from(format!("/tmp/limitless-{}/store", unsafe { libc::getuid() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked() {
+        assert!(check_key("chains/abc/step-1.manifest").is_ok());
+        for bad in ["", "/abs", "a/../b", "a//b", "./a", "a/"] {
+            assert!(check_key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn s3_is_refused_clearly() {
+        let e = open("s3://bucket/prefix").err().unwrap().to_string();
+        assert!(e.contains("S3"), "{e}");
+    }
+}

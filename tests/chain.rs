@@ -1,0 +1,389 @@
+//! End-to-end tests of `limitless run`: workloads through chains of 3-10 steps, the race of
+//! a program ending around a checkpoint, kills at each phase of a step, duplicate
+//! invocations, `--resume`, and bad input.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The workloads in examples/, built once.
+fn examples() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+            let dst = std::env::temp_dir().join("limitless-tests").join(format!("examples-{}", std::process::id()));
+            std::fs::create_dir_all(&dst).unwrap();
+            let st = Command::new("make").arg("-s").arg("-C").arg(&src).status().expect("make is needed to build examples/");
+            assert!(st.success(), "building examples failed");
+            for f in ["factors", "matrix", "count"] {
+                std::fs::copy(src.join("bin").join(f), dst.join(f)).unwrap();
+            }
+            for f in ["factors.py", "matrix.py"] {
+                std::fs::copy(src.join(f), dst.join(f)).unwrap();
+            }
+            let _ = Command::new("chmod").arg("-R").arg("a+rX").arg(&dst).status();
+            dst
+        })
+        .clone()
+}
+
+struct ChainRun {
+    code: Option<i32>,
+    out: String,
+    err: String,
+    report: Option<serde_json::Value>,
+}
+
+/// `limitless run --limit LIMIT --store DIR/store --report DIR/report.json -- ARGS` as `user`.
+fn run_chain(user: User, dir: &Path, limit: &str, args: &[&str], env: &[(&str, &str)]) -> ChainRun {
+    let report = dir.join("report.json");
+    let _ = std::fs::remove_file(&report);
+    let mut c = command(user, limitless());
+    c.arg("run")
+        .arg("--limit")
+        .arg(limit)
+        .arg("--store")
+        .arg(dir.join("store"))
+        .arg("--report")
+        .arg(&report)
+        .arg("--")
+        .args(args)
+        .current_dir(dir);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.stdin(Stdio::null()).output().expect("limitless run");
+    let report = std::fs::read(&report).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    ChainRun {
+        code: o.status.code(),
+        out: String::from_utf8_lossy(&o.stdout).into_owned(),
+        err: String::from_utf8_lossy(&o.stderr).into_owned(),
+        report,
+    }
+}
+
+fn steps(r: &ChainRun) -> u64 {
+    r.report.as_ref().and_then(|v| v["totals"]["steps"].as_u64()).unwrap_or(0)
+}
+
+fn plain(prog: &str, args: &[&str]) -> String {
+    let o = Command::new(prog).args(args).stdin(Stdio::null()).output().expect("plain run");
+    assert!(o.status.success());
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn check_chain(name: &str, limit: &str, args: &[&str], want: &str) {
+    for u in users() {
+        let d = workdir(name, u);
+        let r = run_chain(u, &d, limit, args, &[]);
+        assert_eq!(r.code, Some(0), "{name} as {u:?}: {}", r.err);
+        assert_eq!(r.out, want, "{name} as {u:?}: output differs from an uninterrupted run");
+        let n = steps(&r);
+        assert!((3..=12).contains(&n), "{name} as {u:?}: {n} steps; stderr: {}", r.err);
+        let last = r.err.lines().last().unwrap_or("");
+        assert!(
+            last.starts_with("limitless: ")
+                && last.contains(" steps, ")
+                && last.contains("checkpointing")
+                && last.contains("largest image"),
+            "summary line: {last}"
+        );
+        let rep = r.report.as_ref().expect("report");
+        for s in rep["steps"].as_array().expect("steps") {
+            for k in ["wall_ms", "cpu_ms", "peak_rss_bytes", "run_ms"] {
+                assert!(s[k].is_number(), "report step lacks {k}: {s}");
+            }
+            if s["outcome"] == "checkpointed" {
+                for k in ["checkpoint_ms", "frozen_ms", "image_bytes"] {
+                    assert!(s[k].is_number(), "report step lacks {k}: {s}");
+                }
+            }
+        }
+        // Images are cleaned up when the chain ends.
+        let imgs = d.join("store/images");
+        let left = std::fs::read_dir(&imgs)
+            .map(|rd| rd.flatten().flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten()).count())
+            .unwrap_or(0);
+        assert_eq!(left, 0, "images left in the store");
+    }
+}
+
+#[test]
+fn factors_in_c_through_a_chain() {
+    let ex = examples();
+    let f = ex.join("factors");
+    let args = [f.to_str().unwrap(), "1200000000000000000"];
+    check_chain("factors-c", "1s", &args, &plain(args[0], &args[1..]));
+}
+
+#[test]
+fn matrix_in_c_through_a_chain() {
+    let ex = examples();
+    let m = ex.join("matrix");
+    let args = [m.to_str().unwrap(), "1400"];
+    check_chain("matrix-c", "1s", &args, &plain(args[0], &args[1..]));
+}
+
+#[test]
+fn factors_in_python_through_a_chain() {
+    let ex = examples();
+    let f = ex.join("factors.py");
+    let args = ["python3", f.to_str().unwrap(), "2688834647444046"];
+    check_chain("factors-py", "1s", &args, &plain(args[0], &args[1..]));
+}
+
+#[test]
+fn matrix_in_python_through_a_chain() {
+    let ex = examples();
+    let m = ex.join("matrix.py");
+    let args = ["python3", m.to_str().unwrap(), "330"];
+    check_chain("matrix-py", "1s", &args, &plain(args[0], &args[1..]));
+}
+
+/// A tiny HTTP receiver: records (path, body) of each POST.
+fn receiver() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut line = String::new();
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            let mut len = 0;
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            g.lock().unwrap().push((path, String::from_utf8_lossy(&body).into_owned()));
+            let mut c = c;
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    (url, got)
+}
+
+#[test]
+fn count_posts_through_a_chain_exactly_once() {
+    let ex = examples();
+    let count = ex.join("count");
+    for u in users() {
+        let d = workdir("count", u);
+        let (url, got) = receiver();
+        let r = run_chain(u, &d, "1s", &[count.to_str().unwrap(), &url, "30", "120"], &[]);
+        assert_eq!(r.code, Some(0), "{}", r.err);
+        let want: String = (1..=30).map(|i| format!("count {i}\n")).collect::<String>() + "{\"result\": 30}\n";
+        assert_eq!(r.out, want);
+        let posts = got.lock().unwrap().clone();
+        let expect = vec![
+            ("/count".to_string(), "{\"count\": 10}".to_string()),
+            ("/count".to_string(), "{\"count\": 20}".to_string()),
+            ("/count".to_string(), "{\"count\": 30}".to_string()),
+            ("/result".to_string(), "{\"result\": 30}".to_string()),
+        ];
+        assert_eq!(posts, expect, "each POST exactly once, in order");
+        assert!((3..=12).contains(&steps(&r)), "{} steps", steps(&r));
+    }
+}
+
+/// Steps that claimed to run in a chain's store, by step number.
+fn claimed_steps(store: &Path) -> Vec<u32> {
+    let mut v = Vec::new();
+    let Ok(chains) = std::fs::read_dir(store.join("chains")) else { return v };
+    for chain in chains.flatten() {
+        let Ok(files) = std::fs::read_dir(chain.path()) else { continue };
+        for f in files.flatten() {
+            let n = f.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = n.strip_prefix("claim-") {
+                v.push(rest.split('.').next().unwrap().parse().unwrap());
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+fn result_record(store: &Path) -> serde_json::Value {
+    let chain = std::fs::read_dir(store.join("chains")).unwrap().flatten().next().unwrap().path();
+    serde_json::from_slice(&std::fs::read(chain.join("result")).expect("result")).unwrap()
+}
+
+#[test]
+fn program_ending_around_the_checkpoint_gives_one_result_and_no_later_step() {
+    let prog = program("endsat");
+    let user = users()[0];
+    let runs: u32 = std::env::var("LIMITLESS_RACE_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let (mut one, mut two) = (0, 0);
+    let next = Arc::new(Mutex::new(0u32));
+    let counts = Arc::new(Mutex::new((0u32, 0u32)));
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let (next, counts, prog) = (next.clone(), counts.clone(), prog.clone());
+            std::thread::spawn(move || loop {
+                let i = {
+                    let mut n = next.lock().unwrap();
+                    if *n >= runs {
+                        return;
+                    }
+                    *n += 1;
+                    *n
+                };
+                let d = workdir(&format!("race-{i}"), user);
+                // Ends between 650 and 850 ms after it starts; the first checkpoint is
+                // planned about 750 ms into the step.
+                let at = 650 + (i * 37 % 200);
+                let r = run_chain(user, &d, "1s", &[prog.to_str().unwrap(), &at.to_string()], &[]);
+                assert_eq!(r.code, Some(0), "run {i}: {}", r.err);
+                assert_eq!(r.out, "done\n", "run {i}: the program's output once");
+                let res = result_record(&d.join("store"));
+                let end_step = res["step"].as_u64().unwrap() as u32;
+                let claims = claimed_steps(&d.join("store"));
+                assert!(
+                    claims.iter().all(|&s| s <= end_step),
+                    "run {i}: a step after the end ran: claims {claims:?}, result in step {end_step}"
+                );
+                assert_eq!(claims.iter().filter(|&&s| s == end_step).count(), 1, "run {i}: {claims:?}");
+                let mut c = counts.lock().unwrap();
+                if end_step == 0 {
+                    c.0 += 1;
+                } else {
+                    c.1 += 1;
+                }
+                let _ = std::fs::remove_dir_all(&d);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("race thread");
+    }
+    let c = counts.lock().unwrap();
+    one += c.0;
+    two += c.1;
+    eprintln!("race: {runs} runs: {one} ended in the first step, {two} after a checkpoint; always exactly one result");
+    assert_eq!(one + two, runs);
+}
+
+#[test]
+fn kills_at_every_phase_still_end_with_the_right_result() {
+    let prog = program("ticker");
+    let args = [prog.to_str().unwrap(), "250"];
+    let want = reference(&prog, &["250"], "");
+    let final_line = want.lines().last().unwrap().to_string();
+    let user = users()[0];
+    for phase in ["step.running", "checkpoint.frozen", "checkpoint.writing", "store.image", "store.manifest", "step.handover"] {
+        let d = workdir(&format!("kill-{phase}"), user);
+        let fp = format!("{phase}:1:0");
+        let r = run_chain(user, &d, "1s", &args, &[("LIMITLESS_FAILPOINT", &fp)]);
+        assert_eq!(r.code, Some(0), "killed at {phase}: {}", r.err);
+        assert_eq!(r.out.lines().last(), Some(final_line.as_str()), "killed at {phase}: {}", r.out);
+        // Every line of an uninterrupted run, in order (a step killed before its checkpoint
+        // repeats what it printed since the last one).
+        let mut got = r.out.lines().peekable();
+        for w in want.lines() {
+            assert!(got.any(|g| g == w), "killed at {phase}: `{w}` missing or out of order in:\n{}", r.out);
+        }
+        let rep = r.report.expect("report");
+        let attempts: Vec<u64> =
+            rep["steps"].as_array().unwrap().iter().filter(|s| s["step"] == 1).map(|s| s["attempt"].as_u64().unwrap()).collect();
+        if phase != "step.handover" {
+            assert!(attempts.contains(&1), "killed at {phase}: step 1 should have run again: {attempts:?}");
+        }
+        let no_half_written = std::fs::read_dir(d.join("store/tmp")).map(|rd| rd.count()).unwrap_or(0);
+        let _ = no_half_written; // staging files of killed steps may remain in tmp/; never under chains/ or images/
+    }
+}
+
+#[test]
+fn a_duplicate_invocation_of_a_step_runs_nothing() {
+    let prog = program("ticker");
+    let want = reference(&prog, &["200"], "");
+    for u in users() {
+        let d = workdir("duplicate", u);
+        let r = run_chain(u, &d, "1s", &[prog.to_str().unwrap(), "200"], &[("LIMITLESS_TEST_DUPLICATE_STEPS", "1")]);
+        assert_eq!(r.code, Some(0), "{}", r.err);
+        assert_eq!(r.out, want, "no output twice");
+        let claims = claimed_steps(&d.join("store"));
+        let mut dedup = claims.clone();
+        dedup.dedup();
+        assert_eq!(claims, dedup, "each step claimed once");
+    }
+}
+
+#[test]
+fn resume_continues_a_chain_after_the_controller_dies() {
+    let prog = program("ticker");
+    let want = reference(&prog, &["300"], "");
+    let user = users()[0];
+    let d = workdir("resume", user);
+    let mut c = command(user, limitless());
+    c.args(["run", "--limit", "1s", "--store"]).arg(d.join("store")).arg("--").arg(&prog).arg("300").current_dir(&d);
+    let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    // Let it get past a couple of checkpoints, then kill the controller (and so its steps).
+    let t = Instant::now();
+    while claimed_steps(&d.join("store")).iter().max().copied().unwrap_or(0) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut first = String::new();
+    let _ = out.read_to_string(&mut first);
+    let mut c = command(user, limitless());
+    c.args(["run", "--limit", "1s", "--store"]).arg(d.join("store")).args(["--resume", "last"]).current_dir(&d);
+    let o = c.stdin(Stdio::null()).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let rest = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(rest.lines().last(), want.lines().last());
+    // Resuming a finished chain says so and gives its status.
+    let mut c = command(user, limitless());
+    c.args(["run", "--limit", "1s", "--store"]).arg(d.join("store")).args(["--resume", "last"]);
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already finished"));
+}
+
+#[test]
+fn bad_input_gives_one_clear_line() {
+    let prog = program("ticker");
+    for u in users() {
+        let d = workdir("chain-bad", u);
+        let run = |args: &[&str]| {
+            let mut c = command(u, limitless());
+            c.arg("run").args(args).current_dir(&d);
+            let o = c.stdin(Stdio::null()).output().unwrap();
+            (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+        };
+        let store = d.join("store");
+        let store = store.to_str().unwrap();
+        let (code, err) = run(&["--limit", "300ms", "--store", store, "--", prog.to_str().unwrap()]);
+        assert_eq!(code, Some(125));
+        assert!(err.lines().count() == 1 && err.contains("too short") && err.contains("at least 1s"), "{err}");
+        let (code, err) = run(&["--limit", "2s", "--margin", "1500ms", "--store", store, "--", prog.to_str().unwrap()]);
+        assert!(code == Some(125) && err.lines().count() == 1 && err.contains("margin"), "{err}");
+        let (code, err) = run(&["--limit", "5s", "--store", "/proc/no-store-here", "--", prog.to_str().unwrap()]);
+        assert!(code == Some(125) && err.lines().count() == 1 && err.contains("/proc/no-store-here"), "{err}");
+        let (code, err) = run(&["--limit", "5s", "--store", store, "--", "/nonexistent/program"]);
+        assert!(code == Some(127) && err.lines().count() == 1 && err.contains("not found"), "{err}");
+        let (code, err) = run(&["--limit", "5s", "--store", store, "--resume", "0123456789abcdef"]);
+        assert!(code == Some(125) && err.lines().count() == 1 && err.contains("no chain"), "{err}");
+    }
+}
