@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+command -v make >/dev/null 2>&1 || need+=(make)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+[ -x /usr/bin/python3 ] || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing test dependencies: ${need[*]}"
     if [ "$(id -u)" = 0 ]; then
@@ -19,6 +21,7 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
+make -s -C examples
 cargo fmt --all --check
 # The agent and the restorer are no_std with their own panic handler: lint them as built
 # (profile `engine`), without test targets.

@@ -28,11 +28,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How `run` runs a chain.
 pub struct RunOptions {
+    /// The store.
     pub store: Arc<dyn Store>,
     /// The store's URL, passed to the step processes.
     pub store_url: String,
+    /// Each step's time limit.
     pub limit: Duration,
+    /// The least time kept for a checkpoint.
     pub margin: Duration,
+    /// Where to write the JSON report.
     pub report: Option<PathBuf>,
     /// Show a progress line (when stderr is a terminal).
     pub progress: bool,
@@ -50,9 +54,17 @@ pub const MIN_LIMIT: Duration = Duration::from_secs(1);
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum LinkMsg {
     /// Start this step next.
-    Invoke { step: u32, attempt: u32 },
+    Invoke {
+        /// The step.
+        step: u32,
+        /// Its attempt.
+        attempt: u32,
+    },
     /// The step plans to checkpoint at this time.
-    Plan { at_unix_ms: u64 },
+    Plan {
+        /// Milliseconds since the epoch.
+        at_unix_ms: u64,
+    },
 }
 
 /// The step side of the local platform: messages to the controller on fd 3.
@@ -230,6 +242,7 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
     let progress = Arc::new(Progress::new(opts.progress));
     let duplicate = std::env::var_os("LIMITLESS_TEST_DUPLICATE_STEPS").is_some();
     let mut failures = 0;
+    let mut killed_in_a_row = 0;
     let mut steps_run = 0u32;
     loop {
         let deadline = SystemTime::now() + opts.limit;
@@ -245,6 +258,7 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
         steps_run += 1;
         progress.set_step(step, t0, deadline);
         let mut next = None;
+        let mut killed = false;
         for p in procs.iter_mut() {
             loop {
                 while let Ok(m) = rx.try_recv() {
@@ -261,6 +275,7 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
                     // SAFETY: signals the step's process group (its pid), which we created.
                     unsafe { libc::kill(-(p.child.id() as i32), libc::SIGKILL) };
                     let _ = p.child.wait();
+                    killed = true;
                     break;
                 }
                 progress.draw();
@@ -284,22 +299,26 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
             step = s;
             attempt = a;
             failures = 0;
-            if let Some(msg) = report::too_short(&*opts.store, chain, opts.limit)? {
-                bail!("{msg}");
+            if let Some((msg, least)) = report::too_short(&*opts.store, chain, opts.limit)? {
+                bail!("{msg}; resume it with `limitless run --limit {least} --store {} --resume {chain}`", opts.store.describe());
             }
             continue;
         }
         failures += 1;
+        killed_in_a_row = if killed { killed_in_a_row + 1 } else { 0 };
         let last = last_manifest(&*opts.store, chain)?;
         if failures >= MAX_FAILURES {
-            bail!(
-                "step {step} of chain {chain} failed {failures} times in a row (see the messages above); the chain is kept: resume it with `limitless run --store {} --resume {chain}`",
-                opts.store.describe()
-            );
+            let resume = format!("the chain is kept: resume it with `limitless run --store {} --resume {chain}`", opts.store.describe());
+            if killed_in_a_row >= MAX_FAILURES {
+                bail!(
+                    "step {step} was killed by the limit {failures} times before it could hand over: {}; {resume}",
+                    report::why_killed(&*opts.store, chain, opts.limit)?
+                );
+            }
+            bail!("step {step} of chain {chain} failed {failures} times in a row (see the messages above); {resume}");
         }
         step = last;
         attempt = next_attempt(&*opts.store, chain, step)?;
-        tracing::warn!("step died without handing over; running step {step} again (attempt {attempt}) from the last checkpoint");
         eprintln!("limitless: a step ended without a checkpoint or a result; running again from the last checkpoint (step {step})");
     }
 }

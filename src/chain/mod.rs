@@ -59,7 +59,9 @@ pub mod keys {
 /// What a chain runs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Spec {
+    /// Record format version (`FORMAT`).
     pub format: u32,
+    /// The chain id.
     pub chain: String,
     /// The program and its arguments.
     pub argv: Vec<String>,
@@ -69,6 +71,7 @@ pub struct Spec {
     pub limit_ms: u64,
     /// The smallest time kept for checkpointing at the end of a step.
     pub margin_ms: u64,
+    /// When the chain was created.
     pub created_unix_ms: u64,
 }
 
@@ -84,7 +87,9 @@ pub struct CostSample {
 /// Where a step's image is.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ImageRef {
+    /// Store key of the image.
     pub key: String,
+    /// Image size.
     pub bytes: u64,
     /// The image's trailer hash, which covers every byte of it (hex).
     pub trailer_hash: String,
@@ -93,13 +98,17 @@ pub struct ImageRef {
 /// The handover from step n-1 to step n.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Record format version.
     pub format: u32,
+    /// The chain id.
     pub chain: String,
     /// The step that restores this image.
     pub step: u32,
     /// The attempt of step n-1 that wrote it.
     pub by_attempt: u32,
+    /// The image to restore.
     pub image: ImageRef,
+    /// When the manifest was written.
     pub created_unix_ms: u64,
     /// Recent checkpoint costs, newest last.
     pub history: Vec<CostSample>,
@@ -108,14 +117,19 @@ pub struct Manifest {
 /// How a chain ended.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ResultRecord {
+    /// Record format version.
     pub format: u32,
+    /// The chain id.
     pub chain: String,
+    /// The step in which the program ended.
     pub step: u32,
+    /// The attempt of that step.
     pub attempt: u32,
     /// The program's exit status (128+N for signal N).
     pub exit_status: i32,
     /// The last line the program wrote to stdout.
     pub last_line: String,
+    /// When the program ended.
     pub finished_unix_ms: u64,
 }
 
@@ -138,8 +152,11 @@ pub enum Outcome {
 /// What one step cost.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StepStats {
+    /// The step.
     pub step: u32,
+    /// The attempt (0 first; a step that died is run again as the next attempt).
     pub attempt: u32,
+    /// How it ended (none if it died).
     pub outcome: Option<Outcome>,
     /// From the step's start to its end.
     pub wall_ms: f64,
@@ -157,6 +174,7 @@ pub struct StepStats {
     pub frozen_ms: Option<f64>,
     /// Storing the image and manifest.
     pub store_ms: Option<f64>,
+    /// Size of the image it wrote.
     pub image_bytes: Option<u64>,
     /// Checkpoints that failed and were retried (a socket open at that moment, ...).
     pub checkpoint_retries: u32,

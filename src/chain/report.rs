@@ -13,14 +13,19 @@ use std::time::{Duration, Instant, SystemTime};
 /// The report of a finished chain.
 #[derive(Serialize, Debug)]
 pub struct Report {
+    /// The chain id.
     pub chain: String,
+    /// The program and its arguments.
     pub program: Vec<String>,
+    /// Each step's limit.
     pub limit_ms: u64,
+    /// The program's exit status.
     pub exit_status: i32,
     /// The last line of the program's stdout.
     pub last_line: String,
     /// Every attempt of every step that ran, in order.
     pub steps: Vec<StepStats>,
+    /// Sums over the steps.
     pub totals: Totals,
 }
 
@@ -31,13 +36,21 @@ pub struct Totals {
     pub steps: u32,
     /// Invocations, duplicates and retries included.
     pub invocations: u32,
+    /// From the start of `run` to the end.
     pub wall_ms: f64,
+    /// Checkpointing and storing, all steps.
     pub checkpoint_ms: f64,
+    /// Restoring, all steps.
     pub restore_ms: f64,
+    /// Time the program was frozen, all steps.
     pub frozen_ms: f64,
+    /// The largest image.
     pub largest_image_bytes: u64,
+    /// The program's CPU time, all steps.
     pub cpu_ms: f64,
+    /// CPU time per step.
     pub cpu_ms_per_step: f64,
+    /// The program's largest peak resident memory in any step.
     pub peak_rss_bytes: u64,
 }
 
@@ -104,8 +117,8 @@ pub fn summary(r: &Report) -> String {
 }
 
 /// If the last three steps each ran the program for less than a twentieth of the limit,
-/// the limit is too short for this program: returns a message naming the minimum.
-pub fn too_short(store: &dyn Store, chain: &str, limit: Duration) -> Result<Option<String>> {
+/// the limit is too short for this program: returns a message and the least limit to use.
+pub fn too_short(store: &dyn Store, chain: &str, limit: Duration) -> Result<Option<(String, String)>> {
     let mut recent: Vec<StepStats> = Vec::new();
     for k in store.list(&format!("chains/{chain}/stats-"))? {
         if let Some(s) = store.get(&k)?.and_then(|b| serde_json::from_slice::<StepStats>(&b).ok()) {
@@ -122,12 +135,49 @@ pub fn too_short(store: &dyn Store, chain: &str, limit: Duration) -> Result<Opti
     }
     let overhead =
         last.iter().map(|s| s.restore_ms.unwrap_or(0.0) + s.checkpoint_ms.unwrap_or(0.0) + s.store_ms.unwrap_or(0.0)).fold(0.0, f64::max);
-    Ok(Some(format!(
-        "the limit {} leaves this program almost no time to run: each step spends about {} restoring and checkpointing; use --limit of at least {}",
-        secs(lim),
-        secs(overhead),
-        secs((overhead * 4.0).max(1000.0))
+    let least = format!("{}s", ((overhead * 4.0).max(1000.0) / 1000.0).ceil());
+    Ok(Some((
+        format!(
+            "the limit {} leaves this program almost no time to run: each step spends about {} restoring and checkpointing; use --limit of at least {least}",
+            secs(lim),
+            secs(overhead)
+        ),
+        least,
     )))
+}
+
+/// Why steps keep being killed by the limit, with the least limit that would work,
+/// estimated from the checkpoint and restore speed of earlier steps and the largest
+/// memory the program reached.
+pub fn why_killed(store: &dyn Store, chain: &str, limit: Duration) -> Result<String> {
+    let (mut ckpt_per_byte, mut restore_per_byte, mut size) = (0.0f64, 0.0f64, 0u64);
+    for k in store.list(&format!("chains/{chain}/stats-"))? {
+        if let Some(s) = store.get(&k)?.and_then(|b| serde_json::from_slice::<StepStats>(&b).ok()) {
+            size = size.max(s.peak_rss_bytes);
+            if let Some(img) = s.image_bytes.filter(|&b| b > 0) {
+                ckpt_per_byte = ckpt_per_byte.max((s.checkpoint_ms.unwrap_or(0.0) + s.store_ms.unwrap_or(0.0)) / img as f64);
+                if let Some(r) = s.restore_ms {
+                    restore_per_byte = restore_per_byte.max(r / img as f64);
+                }
+            }
+        }
+    }
+    let lim = limit.as_secs_f64() * 1000.0;
+    if ckpt_per_byte == 0.0 || size == 0 {
+        return Ok(format!("no step could checkpoint within --limit {}: the program's memory is too large to checkpoint in that time; use a longer --limit", secs(lim)));
+    }
+    // A restore reads what a checkpoint wrote; without a measured restore, assume it costs
+    // as much as the checkpoint.
+    let restore_per_byte = if restore_per_byte > 0.0 { restore_per_byte } else { ckpt_per_byte };
+    let (c, r) = (ckpt_per_byte * size as f64, restore_per_byte * size as f64);
+    Ok(format!(
+        "the program reached {} of memory, which takes about {} to checkpoint and {} to restore, more than --limit {} leaves; use --limit of at least {}s",
+        bytes(size),
+        secs(c),
+        secs(r),
+        secs(lim),
+        ((c + r) * 4.0 / 1000.0).ceil().max(2.0)
+    ))
 }
 
 /// The progress line on a terminal: step, elapsed time, next checkpoint.

@@ -31,9 +31,13 @@ pub trait Platform {
 
 /// One invocation.
 pub struct StepArgs {
+    /// The store.
     pub store: Arc<dyn Store>,
+    /// The chain id.
     pub chain: String,
+    /// Which step.
     pub step: u32,
+    /// Which attempt of it.
     pub attempt: u32,
     /// When the platform kills this invocation.
     pub deadline: SystemTime,

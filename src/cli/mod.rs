@@ -190,6 +190,9 @@ fn launch(socket: Option<PathBuf>, prog: Vec<OsString>) -> i32 {
             return code;
         }
     };
+    if let Err(why) = crate::engine::supervisor::check_dynamic(&path) {
+        eprintln!("limitless: warning: {why}; it runs, but checkpoints will fail");
+    }
     let opts = Options { socket: Some(socket_or_default(socket)) };
     match Supervisor::launch(&path, &prog[1..], &opts) {
         Ok(sup) => sup.wait().unwrap_or_else(fail),
@@ -265,9 +268,16 @@ fn run_cmd(
         ));
     }
     if resume.is_none() {
-        if let Err((code, msg)) = find_program(std::path::Path::new(&prog[0])) {
-            eprintln!("limitless: {msg}");
-            return code;
+        match find_program(std::path::Path::new(&prog[0])) {
+            Err((code, msg)) => {
+                eprintln!("limitless: {msg}");
+                return code;
+            }
+            Ok(p) => {
+                if let Err(why) = crate::engine::supervisor::check_dynamic(&p) {
+                    return fail(format!("{why}; limitless run needs a dynamically linked program"));
+                }
+            }
         }
     }
     let url = store.unwrap_or_else(|| crate::store::default_location().display().to_string());

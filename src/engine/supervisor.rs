@@ -225,6 +225,41 @@ pub fn find_program(prog: &Path) -> Result<PathBuf, (i32, String)> {
     Err((127, format!("program not found in PATH: {}", prog.display())))
 }
 
+/// Whether `path` can take the agent: a dynamically linked ELF program, or a script whose
+/// interpreter is one. `Err` says why not (a statically linked program ignores
+/// `LD_PRELOAD`, so it runs but cannot be checkpointed).
+pub fn check_dynamic(path: &Path) -> Result<(), String> {
+    check_dynamic_depth(path, 0)
+}
+
+fn check_dynamic_depth(path: &Path, depth: u32) -> Result<(), String> {
+    use std::io::Read;
+    let mut head = vec![0u8; 4096];
+    let n = std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let head = &head[..n];
+    if head.starts_with(b"#!") && depth < 4 {
+        let line = head[2..].split(|&b| b == b'\n').next().unwrap_or(&[]);
+        let interp = String::from_utf8_lossy(line).split_whitespace().next().unwrap_or("").to_string();
+        return check_dynamic_depth(Path::new(&interp), depth + 1);
+    }
+    if head.len() < 64 || &head[..4] != b"\x7fELF" || head[4] != 2 {
+        return Ok(()); // not a 64-bit ELF file: let exec decide
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(head[32..40].try_into().unwrap_or([0; 8])) as usize;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    for i in 0..phnum {
+        let o = phoff + i * phentsize;
+        if o + 4 > head.len() {
+            return Ok(()); // program headers beyond the first page: do not guess
+        }
+        if u32::from_le_bytes(head[o..o + 4].try_into().unwrap_or([0; 4])) == 3 {
+            return Ok(()); // PT_INTERP: dynamically linked
+        }
+    }
+    Err(format!("{} is statically linked, so the engine's agent cannot be loaded into it and it cannot be checkpointed", path.display()))
+}
+
 /// The fd number for the agent's control socket in a launched program.
 fn ctl_fd_number() -> i32 {
     let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024);
