@@ -188,6 +188,8 @@ pub struct Progress {
 
 struct ProgressState {
     shown: bool,
+    /// The text on screen (redrawn only when it changes).
+    last: String,
     step: u32,
     started: Option<Instant>,
     deadline: Option<SystemTime>,
@@ -197,7 +199,7 @@ struct ProgressState {
 impl Progress {
     /// A progress line, drawn only if `on`.
     pub fn new(on: bool) -> Progress {
-        Progress { on, state: Mutex::new(ProgressState { shown: false, step: 0, started: None, deadline: None, plan_unix_ms: 0 }) }
+        Progress { on, state: Mutex::new(ProgressState { shown: false, last: String::new(), step: 0, started: None, deadline: None, plan_unix_ms: 0 }) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ProgressState> {
@@ -231,8 +233,12 @@ impl Progress {
         } else {
             format!("\r\x1b[K[limitless] step {} · {elapsed:.1} s elapsed", g.step)
         };
+        if g.shown && line == g.last {
+            return;
+        }
         let _ = write_all_fd(2, line.as_bytes());
         g.shown = true;
+        g.last = line;
     }
 
     /// Removes the line.
