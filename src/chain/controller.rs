@@ -256,7 +256,7 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
         }
         drop(tx);
         steps_run += 1;
-        progress.set_step(step, t0, deadline);
+        progress.set_step(step, t0);
         let mut next = None;
         let mut killed = false;
         for p in procs.iter_mut() {

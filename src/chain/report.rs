@@ -8,7 +8,7 @@ use crate::util::bytes;
 use anyhow::Result;
 use serde::Serialize;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// The report of a finished chain.
 #[derive(Serialize, Debug)]
@@ -192,14 +192,13 @@ struct ProgressState {
     last: String,
     step: u32,
     started: Option<Instant>,
-    deadline: Option<SystemTime>,
     plan_unix_ms: u64,
 }
 
 impl Progress {
     /// A progress line, drawn only if `on`.
     pub fn new(on: bool) -> Progress {
-        Progress { on, state: Mutex::new(ProgressState { shown: false, last: String::new(), step: 0, started: None, deadline: None, plan_unix_ms: 0 }) }
+        Progress { on, state: Mutex::new(ProgressState { shown: false, last: String::new(), step: 0, started: None, plan_unix_ms: 0 }) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ProgressState> {
@@ -207,11 +206,10 @@ impl Progress {
     }
 
     /// A new step started.
-    pub fn set_step(&self, step: u32, chain_start: Instant, deadline: SystemTime) {
+    pub fn set_step(&self, step: u32, chain_start: Instant) {
         let mut g = self.lock();
         g.step = step;
         g.started.get_or_insert(chain_start);
-        g.deadline = Some(deadline);
         g.plan_unix_ms = 0;
     }
 
