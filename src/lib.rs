@@ -11,6 +11,7 @@ pub mod chain;
 pub mod cli;
 pub mod engine;
 pub mod failpoint;
+pub mod openwhisk;
 pub mod store;
 pub mod util;
 

@@ -91,8 +91,10 @@ impl LocalLink {
 }
 
 impl Platform for LocalLink {
-    fn invoke(&self, _chain: &str, step: u32, attempt: u32) -> Result<()> {
-        self.send(&LinkMsg::Invoke { step, attempt })
+    fn invoke(&self, _chain: &str, step: u32, attempt: u32) -> Result<String> {
+        // A full pipe only blocks; the controller reads it until this step ends.
+        self.send(&LinkMsg::Invoke { step, attempt })?;
+        Ok(format!("local-{step}.{attempt}"))
     }
     fn plan(&self, at: u64) {
         let _ = self.send(&LinkMsg::Plan { at_unix_ms: at });
@@ -115,6 +117,7 @@ pub fn run_new(argv: &[OsString], opts: &RunOptions) -> Result<i32> {
         limit_ms: opts.limit.as_millis() as u64,
         margin_ms: opts.margin.as_millis() as u64,
         created_unix_ms: now_unix_ms(),
+        env: Vec::new(),
     };
     if !opts.store.put_if_absent(&keys::spec(&chain), serde_json::to_string(&spec)?.as_bytes())? {
         bail!("chain id {chain} is taken (try again)");
@@ -158,7 +161,7 @@ fn latest_chain(store: &dyn Store) -> Result<String> {
 }
 
 /// The highest step with a manifest (0 if none: the chain starts over).
-fn last_manifest(store: &dyn Store, chain: &str) -> Result<u32> {
+pub fn last_manifest(store: &dyn Store, chain: &str) -> Result<u32> {
     Ok(store
         .list(&format!("chains/{chain}/step-"))?
         .iter()
@@ -168,7 +171,7 @@ fn last_manifest(store: &dyn Store, chain: &str) -> Result<u32> {
 }
 
 /// One more than the highest attempt that claimed `step`.
-fn next_attempt(store: &dyn Store, chain: &str, step: u32) -> Result<u32> {
+pub fn next_attempt(store: &dyn Store, chain: &str, step: u32) -> Result<u32> {
     Ok(store
         .list(&format!("chains/{chain}/claim-{step}."))?
         .iter()

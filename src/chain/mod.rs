@@ -73,6 +73,9 @@ pub struct Spec {
     pub margin_ms: u64,
     /// When the chain was created.
     pub created_unix_ms: u64,
+    /// Environment the program starts with, besides the step process's own.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
 }
 
 /// One measured checkpoint, for predicting the next one.

@@ -21,8 +21,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How the next step is invoked, and where progress goes: the platform's side.
 pub trait Platform {
-    /// Invokes step `step` (attempt `attempt`) of `chain`; retried by the caller on error.
-    fn invoke(&self, chain: &str, step: u32, attempt: u32) -> Result<()>;
+    /// Invokes step `step` (attempt `attempt`) of `chain`, retrying as the platform
+    /// allows; returns an id of the invocation (an activation id).
+    fn invoke(&self, chain: &str, step: u32, attempt: u32) -> Result<String>;
+    /// Time to keep after the checkpoint for handing over (invocation retries), before the
+    /// deadline; added to the predicted margin.
+    fn handover_reserve(&self) -> Duration {
+        Duration::ZERO
+    }
     /// The step plans to checkpoint at this time (for progress displays).
     fn plan(&self, _checkpoint_at_unix_ms: u64) {}
     /// What the step cost, when it ends.
@@ -43,6 +49,19 @@ pub struct StepArgs {
     pub deadline: SystemTime,
     /// At least this much time is kept for the checkpoint.
     pub margin_floor: Duration,
+    /// Environment for a program started in this step that the store must not see (an API
+    /// key).
+    pub extra_env: Vec<(String, String)>,
+}
+
+/// How a step ended.
+pub struct StepDone {
+    /// What happened.
+    pub outcome: Outcome,
+    /// The chain's result, if the program ended (in this step or before).
+    pub result: Option<ResultRecord>,
+    /// The invocation of the next step, if this step handed over.
+    pub next_activation: Option<String>,
 }
 
 fn until(t: SystemTime) -> Duration {
@@ -71,18 +90,18 @@ pub fn trailer_hash(path: &std::path::Path) -> Result<String> {
     Ok(b[n - 32..].iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// Runs one step. Returns its outcome; the caller turns it into an exit status.
-pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<(Outcome, Option<i32>)> {
+/// Runs one step.
+pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
     let t0 = Instant::now();
     failpoint::set_context(a.step, a.attempt);
     let store = &*a.store;
     let mut stats = StepStats { step: a.step, attempt: a.attempt, ..Default::default() };
     if let Some(r) = read_result(store, &a.chain)? {
-        return Ok((Outcome::AlreadyFinished, Some(r.exit_status)));
+        return Ok(StepDone { outcome: Outcome::AlreadyFinished, result: Some(r), next_activation: None });
     }
     let claim = serde_json::json!({ "pid": std::process::id(), "started_unix_ms": now_unix_ms() });
     if !store.put_if_absent(&keys::claim(&a.chain, a.step, a.attempt), claim.to_string().as_bytes())? {
-        return Ok((Outcome::Duplicate, None));
+        return Ok(StepDone { outcome: Outcome::Duplicate, result: None, next_activation: None });
     }
     let spec: Spec = serde_json::from_slice(
         &store.get(&keys::spec(&a.chain))?.ok_or_else(|| anyhow!("chain {} does not exist in the store {}", a.chain, store.describe()))?,
@@ -96,7 +115,8 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<(Outcome, Optio
         let prog = find_program(std::path::Path::new(&spec.argv[0])).map_err(|(_, m)| anyhow!(m))?;
         let args: Vec<std::ffi::OsString> = spec.argv[1..].iter().map(Into::into).collect();
         std::env::set_current_dir(&spec.cwd).with_context(|| format!("cannot enter {}", spec.cwd))?;
-        let sup = Supervisor::launch(&prog, &args, &opts)?;
+        let env: Vec<(String, String)> = spec.env.iter().chain(a.extra_env.iter()).cloned().collect();
+        let sup = Supervisor::launch_with_env(&prog, &args, &env, &opts)?;
         (sup, Vec::new())
     } else {
         let m: Manifest = serde_json::from_slice(
@@ -115,6 +135,8 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<(Outcome, Optio
         (sup, m.history)
     };
     let running_since = Instant::now();
+    // At most a quarter of this step's time goes to the hand-over reserve.
+    let reserve = platform.handover_reserve().min(until(a.deadline) / 4);
     let mut retries = 0;
     let mut last_plan = 0;
     let outcome = loop {
@@ -125,7 +147,7 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<(Outcome, Optio
         let ps = sup.proc_stats();
         stats.cpu_ms = stats.cpu_ms.max(ps.cpu_ms);
         stats.peak_rss_bytes = stats.peak_rss_bytes.max(ps.peak_rss_bytes);
-        let m = margin::margin(ps.rss_bytes, &history, a.margin_floor);
+        let m = margin::margin(ps.rss_bytes, &history, a.margin_floor.saturating_sub(reserve)) + reserve;
         let at = a.deadline.checked_sub(m).unwrap_or(UNIX_EPOCH);
         let plan = unix_ms(at);
         if plan.abs_diff(last_plan) > 200 {
@@ -157,22 +179,26 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<(Outcome, Optio
             }
         }
     };
-    let code = match outcome {
-        Outcome::Finished => read_result(store, &a.chain)?.map(|r| r.exit_status),
+    let result = match outcome {
+        Outcome::Finished | Outcome::AlreadyFinished => read_result(store, &a.chain)?,
         _ => None,
     };
     stats.outcome = Some(outcome);
     stats.wall_ms = ms(t0.elapsed());
     let _ = store.put(&keys::stats(&a.chain, a.step, a.attempt), serde_json::to_string(&stats)?.as_bytes());
     platform.report(&stats);
+    let mut next_activation = None;
     if outcome == Outcome::Checkpointed {
         failpoint::hit("step.handover");
-        invoke_with_retry(platform, &a.chain, a.step + 1, a.deadline)?;
+        let id = platform
+            .invoke(&a.chain, a.step + 1, 0)
+            .map_err(|e| e.context(format!("could not invoke step {}; the chain can be resumed from its last checkpoint", a.step + 1)))?;
+        next_activation = Some(id);
     }
     if outcome == Outcome::Checkpointed || outcome == Outcome::Superseded {
         let _ = sup.wait();
     }
-    Ok((outcome, code))
+    Ok(StepDone { outcome, result, next_activation })
 }
 
 /// The chain's result, if there is one.
@@ -271,19 +297,4 @@ fn checkpoint(
         let _ = store.delete(old);
     }
     Ok(Some(Outcome::Checkpointed))
-}
-
-fn invoke_with_retry(platform: &dyn Platform, chain: &str, step: u32, deadline: SystemTime) -> Result<()> {
-    let mut wait = Duration::from_millis(50);
-    loop {
-        match platform.invoke(chain, step, 0) {
-            Ok(()) => return Ok(()),
-            Err(e) if until(deadline) > wait => {
-                tracing::warn!("invoking step {step} failed, retrying: {e:#}");
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e.context(format!("could not invoke step {step}; the chain can be resumed"))),
-        }
-    }
 }

@@ -62,6 +62,28 @@ enum Cmd {
         #[arg(trailing_var_arg = true, value_name = "PROG [ARGS]...", required_unless_present = "resume")]
         prog: Vec<OsString>,
     },
+    /// Serve as an OpenWhisk Docker-action runtime: POST /init and POST /run on --port.
+    ///
+    /// Each /run runs one step of a chain: a new chain for `bin` (with `bin_args`) or the
+    /// action's own `exec`, or the step named by `limitless_chain`/`limitless_step`. Before
+    /// the activation's deadline it checkpoints the program into the store and invokes the
+    /// action again through the REST API (`__OW_API_HOST`, the activation's api_key: create
+    /// the action with `-a provide-api-key true`). The activation in which the program ends
+    /// answers with its result: its last stdout line if that is JSON, else
+    /// {"output": ..., "exit_status": N}. The store is $LIMITLESS_STORE or the action's
+    /// `limitless_store` parameter. `limitless_resume: CHAIN` continues a chain whose step
+    /// was lost.
+    Serve {
+        /// The port to listen on.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Where a zip or binary action is unpacked (its program is `exec` there).
+        #[arg(long, value_name = "DIR", default_value = "/action")]
+        action_dir: PathBuf,
+        /// The least time kept for the checkpoint before the deadline.
+        #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
+        margin: Duration,
+    },
     /// One step of a chain (started by `limitless run`; not for direct use).
     #[command(name = "__step", hide = true)]
     Step {
@@ -169,6 +191,12 @@ pub fn main() -> i32 {
             step_cmd(store, chain, step, attempt, deadline_unix_ms, margin_ms)
         }
         Cmd::Launch { socket, prog } => launch(socket, prog),
+        Cmd::Serve { port, action_dir, margin } => {
+            match crate::openwhisk::server::serve(crate::openwhisk::server::ServeOptions { port, action_dir, margin }) {
+                Ok(()) => 0,
+                Err(e) => fail(format!("{e:#}")),
+            }
+        }
         Cmd::Dump { socket, pid, output, leave_running, freeze_timeout } => dump(socket, pid, output, leave_running, freeze_timeout),
         Cmd::Restore { socket, image } => restore_cmd(socket, image),
         Cmd::Inspect { json, no_verify, image } => match inspect::run(&image, json, !no_verify) {
@@ -309,9 +337,10 @@ fn step_cmd(store: String, chain: String, step: u32, attempt: u32, deadline_unix
             attempt,
             deadline: std::time::UNIX_EPOCH + Duration::from_millis(deadline_unix_ms),
             margin_floor: Duration::from_millis(margin_ms),
+            extra_env: Vec::new(),
         };
-        let (outcome, _) = run_step(&a, &link)?;
-        tracing::info!("step {step} attempt {attempt}: {outcome:?}");
+        let done = run_step(&a, &link)?;
+        tracing::info!("step {step} attempt {attempt}: {:?}", done.outcome);
         Ok(0)
     };
     run().unwrap_or_else(|e| {

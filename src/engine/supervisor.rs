@@ -269,6 +269,11 @@ fn ctl_fd_number() -> i32 {
 impl Supervisor {
     /// Launches `prog` under the engine.
     pub fn launch(prog: &Path, args: &[OsString], opts: &Options) -> Result<Supervisor> {
+        Self::launch_with_env(prog, args, &[], opts)
+    }
+
+    /// Launches `prog` under the engine with `env` added to this process's environment.
+    pub fn launch_with_env(prog: &Path, args: &[OsString], env: &[(String, String)], opts: &Options) -> Result<Supervisor> {
         let files = embedded::unpack()?;
         let pl = Plumbing::new(opts)?;
         let ctl = ctl_fd_number();
@@ -277,6 +282,9 @@ impl Supervisor {
         fds.add(pl.child_ctl.try_clone()?, ctl);
         let mut cmd = Command::new(prog);
         cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let mut preload = files.agent.clone().into_os_string();
         if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
             preload.push(":");
