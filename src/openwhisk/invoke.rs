@@ -114,3 +114,22 @@ impl Platform for OwPlatform {
         Ok(self.invoke_params(&Value::Object(p))?.activation_id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invoke_url_follows_the_rest_api() {
+        let p = OwPlatform {
+            api_host: "https://ow.example:443/".into(),
+            api_key: "u:k".into(),
+            namespace: "guest".into(),
+            action: "pkg/job".into(),
+            carry: Default::default(),
+            give_up_at: SystemTime::now(),
+            insecure: false,
+        };
+        assert_eq!(p.url(), "https://ow.example:443/api/v1/namespaces/guest/actions/pkg/job?blocking=false");
+    }
+}
