@@ -4,6 +4,7 @@
 pub mod api;
 pub mod checkpoint;
 pub mod embedded;
+pub mod fds;
 pub mod host;
 pub mod link;
 pub mod plan;

@@ -16,13 +16,12 @@ use super::spawn::FdMap;
 use super::supervisor::{Options, Plumbing, Supervisor};
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::file::Image;
-use limitless_image::format::{fd_kind, vma_kind};
+use limitless_image::format::vma_kind;
 use limitless_image::plan::RESTORER_FAILED;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -50,52 +49,6 @@ pub fn open_checked(image: &Path) -> Result<Image> {
     Ok(img)
 }
 
-/// Opens every descriptor the program had, for its number in the child.
-fn program_fds(img: &Image, pl: &Plumbing, fds: &mut FdMap) -> Result<()> {
-    let mut leaders: HashMap<i32, OwnedFd> = HashMap::new();
-    for f in &img.fds {
-        let x = &f.info;
-        let fd: OwnedFd = match x.kind {
-            fd_kind::STDIO => match x.aux {
-                0 => pl.stdin_r.try_clone()?,
-                1 => pl.out_w.try_clone()?,
-                _ => pl.err_w.try_clone()?,
-            },
-            _ if x.share != x.fd => leaders.get(&x.share).ok_or_else(|| anyhow!("fd {} shares a missing fd", x.fd))?.try_clone()?,
-            _ => {
-                let path = String::from_utf8_lossy(&f.path).into_owned();
-                let acc = x.open_flags as i32 & libc::O_ACCMODE;
-                let mut o = OpenOptions::new();
-                o.read(acc == libc::O_RDONLY || acc == libc::O_RDWR).write(acc == libc::O_WRONLY || acc == libc::O_RDWR);
-                let keep =
-                    libc::O_APPEND | libc::O_NONBLOCK | libc::O_DSYNC | libc::O_SYNC | libc::O_NOATIME | libc::O_DIRECT | libc::O_NOCTTY;
-                let mut extra = x.open_flags as i32 & keep & !libc::O_APPEND;
-                if x.open_flags as i32 & libc::O_APPEND != 0 {
-                    o.append(true);
-                }
-                if x.kind == fd_kind::DIR {
-                    extra |= libc::O_DIRECTORY;
-                    o.read(true).write(false);
-                }
-                o.custom_flags(extra);
-                let mut file = o.open(&path).with_context(|| format!("cannot reopen fd {} ({path})", x.fd))?;
-                if x.kind != fd_kind::CHR || x.pos != 0 {
-                    if let Err(e) = file.seek(SeekFrom::Start(x.pos)) {
-                        if x.kind != fd_kind::CHR {
-                            return Err(anyhow!("cannot seek fd {} ({path}) to {}: {e}", x.fd, x.pos));
-                        }
-                    }
-                }
-                let fd = OwnedFd::from(file);
-                leaders.insert(x.fd, fd.try_clone()?);
-                fd
-            }
-        };
-        fds.add(fd, x.fd);
-    }
-    Ok(())
-}
-
 /// Restores `image` and supervises it.
 pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats)> {
     let t0 = Instant::now();
@@ -103,7 +56,7 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
     let img = Arc::new(open_checked(image)?);
     let pl = Plumbing::new(opts)?;
     let mut fds = FdMap::default();
-    program_fds(&img, &pl, &mut fds)?;
+    super::fds::recreate(&img, &pl, &mut fds)?;
     let ctl = img.process.ctl_fd;
     fds.add(pl.child_ctl.try_clone()?, ctl);
     // Our own descriptors go above all of the program's.

@@ -121,7 +121,8 @@ fn resident_pages() -> usize {
 fn checkpoint(c: &Checkpoint, out_fd: i32) {
     let t0 = sys::monotonic_ns();
     let resident = resident_pages();
-    let scratch = Scratch::new((64 << 20) + resident * 64 + (16 << 20));
+    // NORESERVE: only what is used takes memory (descriptor state, maps, page lists).
+    let scratch = Scratch::new((128 << 20) + resident * 64);
     let Ok(mut s) = scratch else {
         let _ = sys::close(out_fd);
         return fail(&[b"cannot reserve memory for the checkpoint"]);
@@ -375,7 +376,9 @@ fn write_all(out: &mut Out, j: &Job, maps: &Maps, scan: &Scan, fdt: &FdTable, t0
         out.wire(kind::VMA, &v, name)?;
     }
     for r in fdt.recs[..fdt.n].iter() {
-        out.wire(kind::FD, &r.info, fdt.path(r))?;
+        let mut ib = [0u8; FdInfo::SIZE];
+        r.info.encode(&mut ib).ok_or(sys::Errno::EINVAL)?;
+        out.record(kind::FD, &[&ib, fdt.path(r), fdt.extra(r)])?;
     }
     for w in scan.wins[..scan.n_wins].iter() {
         let area = &scan.areas[w.area as usize];

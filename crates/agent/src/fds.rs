@@ -1,21 +1,25 @@
-//! The file descriptor table, from `/proc/self/fd` without wrappers.
+//! The file descriptor table, from `/proc/self/fd` and `/proc/self/fdinfo` without wrappers.
 //!
 //! Regular files, directories and character devices are reopened by path at restore (with
-//! their flags and offsets); the supervisor's standard pipes are handed over anew.
-//! Descriptors that share one open file description (`dup`) are found with
+//! their flags and offsets); the supervisor's standard pipes are handed over anew. The
+//! program's own pipes keep their unread bytes (copied with `tee(2)`, not taken), eventfds
+//! their counters, timerfds their settings, signalfds their masks and epolls their
+//! interest lists. Descriptors that share one open file description (`dup`) are found with
 //! `kcmp(KCMP_FILE)` and restored shared. Anything else fails the checkpoint with a message
 //! naming the descriptor; the program runs on.
 
 use crate::global::{Saved, MAX_FD};
 use crate::scratch::Scratch;
-use limitless_image::format::{fd_kind, FdInfo};
+use limitless_image::format::{fd_kind, EpollItem, FdInfo, TimerfdState};
+use limitless_image::wire::Wire;
 use limitless_sys as sys;
 
-/// One descriptor and where its path is in the path arena.
+/// One descriptor; its path and extra state are in the table's arenas.
 #[derive(Clone, Copy, Default)]
 pub struct FdRec {
     pub info: FdInfo,
     pub path_off: u32,
+    pub extra_off: u32,
 }
 
 /// The table.
@@ -23,12 +27,18 @@ pub struct FdTable {
     pub recs: &'static mut [FdRec],
     pub n: usize,
     pub paths: &'static mut [u8],
+    pub extras: &'static mut [u8],
 }
 
 impl FdTable {
     /// The path of record `r`.
     pub fn path(&self, r: &FdRec) -> &[u8] {
         &self.paths[r.path_off as usize..(r.path_off + r.info.path_len) as usize]
+    }
+
+    /// The kind-specific state of record `r`.
+    pub fn extra(&self, r: &FdRec) -> &[u8] {
+        &self.extras[r.extra_off as usize..(r.extra_off + r.info.extra_len) as usize]
     }
 }
 
@@ -40,20 +50,109 @@ pub struct FdError {
     pub path_len: usize,
 }
 
-fn fd_path(fd: i32, out: &mut [u8]) -> usize {
-    let mut p = [0u8; 40];
-    let pre = b"/proc/self/fd/";
-    p[..pre.len()].copy_from_slice(pre);
+/// Bytes for the kind-specific state of all descriptors (unread pipe data mostly).
+const EXTRAS: usize = 32 << 20;
+/// Largest `/proc/self/fdinfo` file read (an epoll with many items).
+const FDINFO_MAX: usize = 8 << 20;
+
+fn proc_path<'a>(dir: &[u8], fd: i32, buf: &'a mut [u8; 48]) -> &'a [u8] {
+    buf[..dir.len()].copy_from_slice(dir);
     let mut d = [0u8; 20];
     let ds = sys::fmt_u64(fd as u64, &mut d);
-    p[pre.len()..pre.len() + ds.len()].copy_from_slice(ds);
-    let end = pre.len() + ds.len();
-    sys::readlinkat(sys::AT_FDCWD, &p[..end + 1], out).unwrap_or(0)
+    buf[dir.len()..dir.len() + ds.len()].copy_from_slice(ds);
+    let end = dir.len() + ds.len();
+    buf[end] = 0;
+    &buf[..end + 1]
 }
 
-/// Collects every descriptor except those in `skip`. The error is either a descriptor that
-/// cannot be checkpointed or a failed system call (large, but the agent has no heap). `stdio_ino` are the inodes of the
-/// supervisor's stdin, stdout and stderr pipes.
+fn fd_path(fd: i32, out: &mut [u8]) -> usize {
+    let mut b = [0u8; 48];
+    sys::readlinkat(sys::AT_FDCWD, proc_path(b"/proc/self/fd/", fd, &mut b), out).unwrap_or(0)
+}
+
+/// Reads `/proc/self/fdinfo/<fd>` into `buf`; returns its text.
+fn fdinfo(fd: i32, buf: &mut [u8]) -> &[u8] {
+    let mut b = [0u8; 48];
+    let n = crate::process::read_file(proc_path(b"/proc/self/fdinfo/", fd, &mut b), buf);
+    &buf[..n]
+}
+
+/// The value after `key:` on its line (leading blanks skipped), if any.
+fn field<'a>(text: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    for line in text.split(|&c| c == b'\n') {
+        if let Some(rest) = line.strip_prefix(key).and_then(|r| r.strip_prefix(b":")) {
+            let i = rest.iter().position(|&c| c != b' ' && c != b'\t').unwrap_or(rest.len());
+            return Some(&rest[i..]);
+        }
+    }
+    None
+}
+
+fn hex_field(text: &[u8], key: &[u8]) -> Option<u64> {
+    field(text, key).and_then(sys::parse_hex).map(|v| v.0)
+}
+
+fn dec_field(text: &[u8], key: &[u8]) -> Option<u64> {
+    field(text, key).and_then(sys::parse_u64).map(|v| v.0)
+}
+
+fn skip_blank(s: &[u8]) -> &[u8] {
+    let i = s.iter().position(|&c| c != b' ' && c != b'\t').unwrap_or(s.len());
+    &s[i..]
+}
+
+/// Parses the `tfd: N events: X data: Y ...` lines of an epoll's fdinfo into `out`.
+fn epoll_items(text: &[u8], out: &mut [u8]) -> Option<usize> {
+    let mut n = 0;
+    for line in text.split(|&c| c == b'\n') {
+        let Some(rest) = line.strip_prefix(b"tfd:") else { continue };
+        let (tfd, k) = sys::parse_u64(skip_blank(rest))?;
+        let rest = skip_blank(rest)[k..].strip_prefix(b" ").map(skip_blank)?;
+        let rest = rest.strip_prefix(b"events:").map(skip_blank)?;
+        let (events, k) = sys::parse_hex(rest)?;
+        let rest = skip_blank(&rest[k..]).strip_prefix(b"data:").map(skip_blank)?;
+        let (data, _) = sys::parse_hex(rest)?;
+        let item = EpollItem { tfd: tfd as i32, events: events as u32, data };
+        if n + EpollItem::SIZE > out.len() {
+            return None;
+        }
+        item.put(&mut out[n..]);
+        n += EpollItem::SIZE;
+    }
+    Some(n)
+}
+
+/// Copies the unread bytes of pipe read end `fd` into `out` without taking them.
+fn pipe_data(fd: i32, out: &mut [u8]) -> Option<usize> {
+    let n = sys::fionread(fd).ok()?;
+    if n == 0 {
+        return Some(0);
+    }
+    if n > out.len() {
+        return None;
+    }
+    let mut p = [0i32; 2];
+    sys::pipe2(&mut p, sys::O_CLOEXEC | sys::O_NONBLOCK).ok()?;
+    let _ = sys::fcntl(p[1], sys::F_SETPIPE_SZ, n.max(4096));
+    let r = (|| {
+        let copied = sys::tee(fd, p[1], n, sys::SPLICE_F_NONBLOCK).ok()?;
+        let mut got = 0;
+        while got < copied {
+            match sys::read(p[0], &mut out[got..copied]) {
+                Ok(0) | Err(_) => return None,
+                Ok(k) => got += k,
+            }
+        }
+        Some(copied)
+    })();
+    let _ = sys::close(p[0]);
+    let _ = sys::close(p[1]);
+    r
+}
+
+/// Collects every descriptor except those in `skip`. `stdio_ino` are the inodes of the
+/// supervisor's stdin, stdout and stderr pipes. The error is either a descriptor that
+/// cannot be checkpointed or a failed system call (large, but the agent has no heap).
 #[allow(clippy::result_large_err)]
 pub fn collect(s: &mut Scratch, sv: &mut Saved, skip: &[i32], stdio_ino: [u64; 3]) -> Result<FdTable, Result<FdError, sys::Errno>> {
     let dir = sys::openat(sys::AT_FDCWD, b"/proc/self/fd\0", sys::O_RDONLY | sys::O_DIRECTORY | sys::O_CLOEXEC, 0).map_err(Err)?;
@@ -95,9 +194,13 @@ fn collect_in(
     nums[..count].sort_unstable();
     let recs = s.array::<FdRec>(count.max(1)).ok_or(Err(sys::Errno::ENOMEM))?;
     let paths = s.array::<u8>(count.max(1) * 4096).ok_or(Err(sys::Errno::ENOMEM))?;
+    let extras = s.array::<u8>(EXTRAS).ok_or(Err(sys::Errno::ENOMEM))?;
+    let info_buf = s.array::<u8>(FDINFO_MAX).ok_or(Err(sys::Errno::ENOMEM))?;
+    let captured = s.array::<u64>(count.max(1)).ok_or(Err(sys::Errno::ENOMEM))?;
+    let mut ncaptured = 0;
     sv.cloexec = [0; MAX_FD / 64];
     let pid = sys::getpid();
-    let mut used = 0usize;
+    let (mut used, mut xused) = (0usize, 0usize);
     let mut n = 0;
     for &fd in nums[..count].iter() {
         let mut st = sys::Stat::default();
@@ -123,17 +226,34 @@ fn collect_in(
         let fdfl = sys::fcntl(fd, sys::F_GETFD, 0).unwrap_or(0) as u32;
         info.fd_flags = fdfl & sys::FD_CLOEXEC as u32;
         info.share = fd;
+        let mut keep_path = true;
+        let extra = &mut extras[xused..];
+        let mut xlen = 0usize;
         match st.mode & sys::S_IFMT {
-            sys::S_IFIFO => match stdio_ino.iter().position(|&i| i == st.ino && i != 0) {
-                Some(k) => {
+            sys::S_IFIFO => {
+                keep_path = false;
+                if let Some(k) = stdio_ino.iter().position(|&i| i == st.ino && i != 0) {
                     info.kind = fd_kind::STDIO;
                     info.aux = k as u32;
+                } else if path.starts_with(b"pipe:[") {
+                    info.kind = fd_kind::PIPE;
+                    info.aux = sys::fcntl(fd, sys::F_GETPIPE_SZ, 0).unwrap_or(65536) as u32;
+                    let read_end = info.open_flags as i32 & sys::O_ACCMODE == sys::O_RDONLY;
+                    if read_end && !captured[..ncaptured].contains(&st.ino) {
+                        match pipe_data(fd, extra) {
+                            Some(k) => xlen = k,
+                            None => return Err(fail("a pipe whose unread data could not be copied")),
+                        }
+                        captured[ncaptured] = st.ino;
+                        ncaptured += 1;
+                    }
+                } else {
+                    return Err(fail("a named FIFO (not supported yet)"));
                 }
-                None => return Err(fail("a pipe (only the standard streams from the supervisor are supported yet)")),
-            },
+            }
             sys::S_IFREG => {
                 if path.ends_with(b" (deleted)") || !path.starts_with(b"/") {
-                    return Err(fail("a deleted or unnamed file (memfd, O_TMPFILE)"));
+                    return Err(fail("a deleted or unnamed file (memfd, O_TMPFILE; not supported yet)"));
                 }
                 info.kind = fd_kind::REG;
                 info.pos = sys::lseek(fd, 0, sys::SEEK_CUR).unwrap_or(0);
@@ -153,7 +273,53 @@ fn collect_in(
                 info.pos = sys::lseek(fd, 0, sys::SEEK_CUR).unwrap_or(0);
             }
             sys::S_IFSOCK => return Err(fail("a socket (sockets are not supported yet)")),
-            _ => return Err(fail("a kernel object such as eventfd, timerfd, epoll or signalfd (not supported yet)")),
+            _ => {
+                keep_path = false;
+                let text = fdinfo(fd, info_buf);
+                match path {
+                    b"anon_inode:[eventfd]" => {
+                        info.kind = fd_kind::EVENTFD;
+                        info.pos = hex_field(text, b"eventfd-count").unwrap_or(0);
+                        info.aux = dec_field(text, b"eventfd-semaphore").unwrap_or(0) as u32;
+                    }
+                    b"anon_inode:[signalfd]" => {
+                        info.kind = fd_kind::SIGNALFD;
+                        info.pos = hex_field(text, b"sigmask").unwrap_or(0);
+                    }
+                    b"anon_inode:[timerfd]" => {
+                        info.kind = fd_kind::TIMERFD;
+                        let Ok(t) = sys::timerfd_gettime(fd) else { return Err(fail("a timerfd that cannot be read")) };
+                        let flags = field(text, b"settime flags").and_then(sys::parse_u64).map_or(0, |v| v.0);
+                        let ts = TimerfdState {
+                            clockid: dec_field(text, b"clockid").unwrap_or(1) as u32,
+                            // fdinfo prints the flags in octal; only TFD_TIMER_ABSTIME (1) and
+                            // TFD_TIMER_CANCEL_ON_SET (2) exist, which read the same.
+                            settime_flags: flags as u32 & 3,
+                            ticks: dec_field(text, b"ticks").unwrap_or(0),
+                            interval_sec: t[0],
+                            interval_nsec: t[1],
+                            value_sec: t[2],
+                            value_nsec: t[3],
+                        };
+                        ts.put(extra);
+                        xlen = TimerfdState::SIZE;
+                    }
+                    b"anon_inode:[eventpoll]" => {
+                        info.kind = fd_kind::EPOLL;
+                        match epoll_items(text, extra) {
+                            Some(k) => xlen = k,
+                            None => return Err(fail("an epoll whose interest list could not be read")),
+                        }
+                    }
+                    b"anon_inode:[io_uring]" => return Err(fail("an io_uring instance, which cannot be checkpointed")),
+                    b"anon_inode:[perf_event]" => return Err(fail("a perf event, which cannot be checkpointed")),
+                    p if p.starts_with(b"anon_inode:bpf") => return Err(fail("a BPF object, which cannot be checkpointed")),
+                    b"anon_inode:[pidfd]" | b"anon_inode:[pidfd]:" => return Err(fail("a pidfd (process trees are not supported yet)")),
+                    b"anon_inode:[userfaultfd]" => return Err(fail("a userfaultfd, which cannot be checkpointed")),
+                    b"anon_inode:inotify" => return Err(fail("an inotify instance (not supported yet)")),
+                    _ => return Err(fail("a kernel object of a kind that is not supported yet")),
+                }
+            }
         }
         // Shared open file description with an earlier descriptor?
         for r in recs[..n].iter() {
@@ -169,10 +335,12 @@ fn collect_in(
         if info.fd_flags != 0 && (fd as usize) < MAX_FD {
             sv.cloexec[fd as usize / 64] |= 1 << (fd as usize % 64);
         }
-        info.path_len = if info.kind == fd_kind::STDIO { 0 } else { plen as u32 };
-        recs[n] = FdRec { info, path_off: used as u32 };
+        info.path_len = if keep_path { plen as u32 } else { 0 };
+        info.extra_len = xlen as u32;
+        recs[n] = FdRec { info, path_off: used as u32, extra_off: xused as u32 };
         used += plen;
+        xused += xlen;
         n += 1;
     }
-    Ok(FdTable { recs, n, paths })
+    Ok(FdTable { recs, n, paths, extras })
 }

@@ -165,11 +165,24 @@ pub struct Vma {
     pub name: Vec<u8>,
 }
 
-/// A file descriptor and its path.
+/// A file descriptor, its path, and its kind-specific state.
 #[derive(Clone, Debug)]
 pub struct Fd {
     pub info: FdInfo,
     pub path: Vec<u8>,
+    pub extra: Vec<u8>,
+}
+
+impl Fd {
+    /// A timerfd's state.
+    pub fn timerfd(&self) -> Option<TimerfdState> {
+        TimerfdState::decode(&self.extra)
+    }
+
+    /// An epoll's interest list.
+    pub fn epoll_items(&self) -> Vec<EpollItem> {
+        self.extra.chunks_exact(EpollItem::SIZE).filter_map(EpollItem::decode).collect()
+    }
 }
 
 /// Where one `PAGES` record is.
@@ -382,6 +395,7 @@ impl Image {
             let meta_limit = match e.kind {
                 kind::PAGES => PagesHeader::SIZE as u64 + WINDOW_PAGES * PAGE,
                 kind::STDIN => limits::MAX_STDIN,
+                kind::FD => limits::MAX_FD_RECORD,
                 _ => limits::MAX_META,
             };
             if e.stored_len > meta_limit {
@@ -457,10 +471,11 @@ impl Image {
             }
             kind::FD => {
                 let f = FdInfo::decode(p).ok_or_else(bad_len)?;
-                if f.path_len > limits::MAX_PATH || p.len() != FdInfo::SIZE + f.path_len as usize {
+                if f.path_len > limits::MAX_PATH || p.len() as u64 != FdInfo::SIZE as u64 + f.path_len as u64 + f.extra_len as u64 {
                     return Err(bad_len());
                 }
-                self.fds.push(Fd { info: f, path: p[FdInfo::SIZE..].to_vec() });
+                let path_end = FdInfo::SIZE + f.path_len as usize;
+                self.fds.push(Fd { info: f, path: p[FdInfo::SIZE..path_end].to_vec(), extra: p[path_end..].to_vec() });
             }
             kind::STDIN => {
                 if !self.stdin.is_empty() {
@@ -647,26 +662,58 @@ impl Image {
         if fds.windows(2).any(|w| w[0] == w[1]) {
             return Err(corrupt("file descriptors are not unique"));
         }
+        let mut pipe_data: Vec<u64> = Vec::new();
         for (i, f) in self.fds.iter().enumerate() {
             let x = &f.info;
-            if x.fd < 0
-                || x.fd as u32 >= limits::MAX_FDS
-                || x.fd == p.ctl_fd
-                || x.fd_flags & !1 != 0
-                || x.reserved != 0
-                || x.mtime_nsec >= 1_000_000_000
-            {
+            if x.fd < 0 || x.fd as u32 >= limits::MAX_FDS || x.fd == p.ctl_fd || x.fd_flags & !1 != 0 || x.mtime_nsec >= 1_000_000_000 {
                 return Err(corrupt(format!("fd record {i}")));
             }
+            let bad = |what: &str| corrupt(format!("fd {} ({}) {what}", x.fd, fd_kind::name(x.kind)));
+            let no_extra = f.extra.is_empty();
             match x.kind {
                 fd_kind::STDIO => {
-                    if x.aux > 2 {
-                        return Err(corrupt(format!("fd {} stdio stream", x.fd)));
+                    if x.aux > 2 || !no_extra {
+                        return Err(bad("stdio stream"));
                     }
                 }
                 fd_kind::REG | fd_kind::DIR | fd_kind::CHR => {
-                    if f.path.first() != Some(&b'/') || f.path.contains(&0) {
-                        return Err(corrupt(format!("fd {} path", x.fd)));
+                    if f.path.first() != Some(&b'/') || f.path.contains(&0) || !no_extra {
+                        return Err(bad("path"));
+                    }
+                }
+                fd_kind::PIPE => {
+                    if x.aux < PAGE as u32 || x.aux > limits::MAX_PIPE || f.extra.len() as u64 > x.aux as u64 {
+                        return Err(bad("pipe capacity or data"));
+                    }
+                    if !no_extra {
+                        if x.open_flags & 3 != 0 || pipe_data.contains(&x.ino) {
+                            return Err(bad("pipe data on a write end, or twice"));
+                        }
+                        pipe_data.push(x.ino);
+                    }
+                }
+                fd_kind::EVENTFD | fd_kind::SIGNALFD => {
+                    if !no_extra || x.aux > 1 || (x.kind == fd_kind::EVENTFD && x.pos == u64::MAX) {
+                        return Err(bad("state"));
+                    }
+                }
+                fd_kind::TIMERFD => match f.timerfd() {
+                    Some(t)
+                        if f.extra.len() == TimerfdState::SIZE
+                            && [0u32, 1, 7, 8, 9].contains(&t.clockid)
+                            && t.value_sec >= 0
+                            && t.interval_sec >= 0
+                            && (0..1_000_000_000).contains(&t.value_nsec)
+                            && (0..1_000_000_000).contains(&t.interval_nsec) => {}
+                    _ => return Err(bad("timer state")),
+                },
+                fd_kind::EPOLL => {
+                    let n = f.extra.len() / EpollItem::SIZE;
+                    if f.extra.len() % EpollItem::SIZE != 0
+                        || n as u32 > limits::MAX_EPOLL_ITEMS
+                        || f.epoll_items().iter().any(|it| it.tfd < 0)
+                    {
+                        return Err(bad("interest list"));
                     }
                 }
                 _ => return Err(corrupt(format!("fd {} has unknown kind {}", x.fd, x.kind))),

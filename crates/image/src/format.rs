@@ -15,7 +15,7 @@ pub const END_MAGIC: [u8; 8] = *b"LMTLSEND";
 /// Format major version: a reader refuses any other.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Format minor version: a reader refuses a newer one.
-pub const FORMAT_MINOR: u16 = 0;
+pub const FORMAT_MINOR: u16 = 1;
 
 /// Page size the format is defined for.
 pub const PAGE: u64 = 4096;
@@ -36,6 +36,12 @@ pub mod limits {
     pub const MAX_PATH: u32 = 4096;
     /// Size of any metadata record payload.
     pub const MAX_META: u64 = 1 << 20;
+    /// Size of a file descriptor record (unread pipe data rides in it).
+    pub const MAX_FD_RECORD: u64 = 4 << 20;
+    /// Interest-list entries of one epoll.
+    pub const MAX_EPOLL_ITEMS: u32 = 65_536;
+    /// Capacity of a pipe (Linux's default `fs.pipe-max-size`).
+    pub const MAX_PIPE: u32 = 1 << 20;
     /// Pending standard input carried in an image.
     pub const MAX_STDIN: u64 = 64 << 20;
     /// Records in one image.
@@ -421,6 +427,17 @@ pub mod fd_kind {
     pub const CHR: u32 = 3;
     /// One of the supervisor's standard pipes (`aux` = 0, 1 or 2).
     pub const STDIO: u32 = 4;
+    /// A pipe of the program's own (`ino`: the pipe, `aux`: its capacity; a read end's
+    /// extra data is the bytes not read yet, recorded on one read end per pipe).
+    pub const PIPE: u32 = 5;
+    /// An eventfd (`pos`: the counter; `aux` 1: semaphore mode).
+    pub const EVENTFD: u32 = 6;
+    /// A timerfd (extra data: a [`TimerfdState`](super::TimerfdState)).
+    pub const TIMERFD: u32 = 7;
+    /// A signalfd (`pos`: its signal mask).
+    pub const SIGNALFD: u32 = 8;
+    /// An epoll (extra data: its interest list, [`EpollItem`](super::EpollItem)s).
+    pub const EPOLL: u32 = 9;
 
     /// A short name for a kind.
     pub fn name(k: u32) -> &'static str {
@@ -429,13 +446,19 @@ pub mod fd_kind {
             DIR => "dir",
             CHR => "chardev",
             STDIO => "stdio",
+            PIPE => "pipe",
+            EVENTFD => "eventfd",
+            TIMERFD => "timerfd",
+            SIGNALFD => "signalfd",
+            EPOLL => "epoll",
             _ => "unknown",
         }
     }
 }
 
 wire! {
-    /// One file descriptor. Followed in the payload by `path_len` bytes of its path.
+    /// One file descriptor. Followed in the payload by `path_len` bytes of its path, then
+    /// `extra_len` bytes of kind-specific state (format 1.1; zero in 1.0 images).
     pub struct FdInfo {
         pub fd: i32,
         pub kind: u32,
@@ -452,7 +475,30 @@ wire! {
         pub mtime_nsec: u32,
         pub aux: u32,
         pub path_len: u32,
-        pub reserved: u32,
+        pub extra_len: u32,
+    }
+}
+
+wire! {
+    /// A timerfd's state: `timerfd_gettime` (time left, interval) and `fdinfo`.
+    pub struct TimerfdState {
+        pub clockid: u32,
+        pub settime_flags: u32,
+        /// Expirations not read yet.
+        pub ticks: u64,
+        pub value_sec: i64,
+        pub value_nsec: i64,
+        pub interval_sec: i64,
+        pub interval_nsec: i64,
+    }
+}
+
+wire! {
+    /// One entry of an epoll interest list.
+    pub struct EpollItem {
+        pub tfd: i32,
+        pub events: u32,
+        pub data: u64,
     }
 }
 

@@ -128,7 +128,9 @@ pub const F_SETFD: i32 = 2;
 pub const F_GETFL: i32 = 3;
 pub const F_SETFL: i32 = 4;
 pub const F_DUPFD_CLOEXEC: i32 = 1030;
+pub const F_SETPIPE_SZ: i32 = 1031;
 pub const F_GETPIPE_SZ: i32 = 1032;
+pub const SPLICE_F_NONBLOCK: u32 = 2;
 pub const FD_CLOEXEC: i32 = 1;
 
 pub const SEEK_SET: i32 = 0;
@@ -523,6 +525,29 @@ pub fn kcmp(pid1: i32, pid2: i32, ty: i32, idx1: usize, idx2: usize) -> Result<u
 pub fn pipe2(fds: &mut [i32; 2], flags: i32) -> Result<()> {
     // SAFETY: the kernel writes two ints.
     unsafe { sc!(nr::PIPE2, fds.as_mut_ptr(), flags).map(|_| ()) }
+}
+
+/// `tee(2)`: copies up to `len` bytes from pipe `fd_in` to pipe `fd_out` without taking
+/// them.
+pub fn tee(fd_in: i32, fd_out: i32, len: usize, flags: u32) -> Result<usize> {
+    // SAFETY: no memory arguments.
+    unsafe { sc!(nr::TEE, fd_in, fd_out, len, flags) }
+}
+
+/// `timerfd_gettime(2)`: (interval, value) as four numbers (s, ns, s, ns).
+pub fn timerfd_gettime(fd: i32) -> Result<[i64; 4]> {
+    let mut v = [0i64; 4];
+    // SAFETY: the kernel writes one struct itimerspec (four longs).
+    unsafe { sc!(nr::TIMERFD_GETTIME, fd, v.as_mut_ptr())? };
+    Ok(v)
+}
+
+/// `FIONREAD`: bytes waiting in a pipe or socket.
+pub fn fionread(fd: i32) -> Result<usize> {
+    let mut n: i32 = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe { ioctl(fd, 0x541B, &mut n as *mut i32 as usize)? };
+    Ok(n.max(0) as usize)
 }
 
 /// `fsync(2)`.
