@@ -267,3 +267,55 @@ pub fn lines(s: &str) -> Vec<&str> {
 pub fn read_lines(p: &Path) -> Vec<String> {
     BufReader::new(std::fs::File::open(p).expect("open")).lines().map(|l| l.expect("line")).collect()
 }
+
+pub fn each_user(name: &str, f: impl Fn(User, &Path)) {
+    for u in users() {
+        let d = workdir(name, u);
+        eprintln!("== {name} as {u:?} in {}", d.display());
+        f(u, &d);
+    }
+}
+
+/// launch -> READY -> dump (stop) -> restore with `input` -> compare with a plain run.
+pub fn stop_and_restore(name: &str, args: &[&str], input: &str) {
+    stop_and_restore_prog(name, &program(name), args, input, "READY");
+}
+
+/// As [`stop_and_restore`] for any program, dumping once `marker` appears in its output.
+pub fn stop_and_restore_prog(name: &str, prog: &Path, args: &[&str], input: &str, marker: &str) {
+    let prog = prog.to_path_buf();
+    let refdir = workdir(&format!("{name}-ref"), User::Root);
+    let want = reference_in(&prog, args, input, &refdir);
+    each_user(name, |u, d| {
+        let r = launch(u, d, &prog, args);
+        r.expect_out(marker);
+        let img = d.join("image");
+        dump_ok(u, &r, &img, false);
+        let (st, out1, err1) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "launch should exit 75 after the checkpoint; stderr: {err1}");
+        let mut r2 = restore(u, d, &img);
+        if !input.is_empty() {
+            r2.send(input);
+        }
+        let (st2, out2, err2) = r2.finish();
+        assert_eq!(st2.code(), Some(0), "restored program failed; stderr: {err2}");
+        assert_eq!(lines(&(out1 + &out2)), lines(&want), "output differs from an uninterrupted run");
+    });
+}
+
+pub fn reference_in(prog: &Path, args: &[&str], input: &str, dir: &Path) -> String {
+    let o = std::process::Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(input.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("reference run");
+    assert!(o.status.success(), "reference run failed");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
