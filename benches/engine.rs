@@ -27,7 +27,7 @@ struct Run {
 }
 
 fn one(prog: &Path, dir: &Path, mib: u64, kind: &str) -> Run {
-    let opts = Options { socket: None };
+    let opts = Options { socket: None, carry: Default::default() };
     let sup = Supervisor::launch(prog, &[mib.to_string().into(), kind.into()], &opts).expect("launch");
     assert!(sup.wait_ready(Duration::from_secs(30)), "agent did not start");
     // The program prints READY when its memory is filled; wait for its output to flow.
@@ -47,7 +47,7 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str) -> Run {
         .expect("checkpoint");
     sup.wait().expect("wait");
     // Restore from a cold-ish page cache is not what we measure: the image was just written.
-    let (sup2, rs) = restore(&img, &Options { socket: None }).expect("restore");
+    let (sup2, rs) = restore(&img, &Options { socket: None, carry: Default::default() }).expect("restore");
     sup2.inner.kill();
     let _ = sup2.wait();
     let _ = std::fs::remove_file(&img);

@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Keep the last image after the chain ends.
     pub keep_images: bool,
+    /// Files every checkpoint carries (`--carry`).
+    pub carry: crate::engine::carry::Carry,
 }
 
 /// Steps that die in a row before the chain gives up.
@@ -118,6 +120,8 @@ pub fn run_new(argv: &[OsString], opts: &RunOptions) -> Result<i32> {
         margin_ms: opts.margin.as_millis() as u64,
         created_unix_ms: now_unix_ms(),
         env: Vec::new(),
+        carry: opts.carry.dirs.iter().map(|d| d.display().to_string()).collect(),
+        carry_written: opts.carry.written,
     };
     if !opts.store.put_if_absent(&keys::spec(&chain), serde_json::to_string(&spec)?.as_bytes())? {
         bail!("chain id {chain} is taken (try again)");

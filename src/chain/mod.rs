@@ -76,6 +76,12 @@ pub struct Spec {
     /// Environment the program starts with, besides the step process's own.
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// Directories every checkpoint carries (`--carry`).
+    #[serde(default)]
+    pub carry: Vec<String>,
+    /// Every checkpoint carries the files open for writing (`--carry-written`).
+    #[serde(default)]
+    pub carry_written: bool,
 }
 
 /// One measured checkpoint, for predicting the next one.

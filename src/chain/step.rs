@@ -109,7 +109,10 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
     .context("the chain's spec is unreadable")?;
 
     // Start or restore the program.
-    let opts = Options { socket: None };
+    let opts = Options {
+        socket: None,
+        carry: crate::engine::carry::Carry { dirs: spec.carry.iter().map(Into::into).collect(), written: spec.carry_written },
+    };
     let mut restored_from: Option<String> = None;
     let (mut sup, mut history) = if a.step == 0 {
         let prog = find_program(std::path::Path::new(&spec.argv[0])).map_err(|(_, m)| anyhow!(m))?;

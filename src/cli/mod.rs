@@ -58,6 +58,8 @@ enum Cmd {
         /// Keep the last checkpoint image in the store after the chain ends.
         #[arg(long)]
         keep_images: bool,
+        #[command(flatten)]
+        carry: CarryArgs,
         /// The program and its arguments.
         #[arg(trailing_var_arg = true, value_name = "PROG [ARGS]...", required_unless_present = "resume")]
         prog: Vec<OsString>,
@@ -110,6 +112,8 @@ enum Cmd {
         /// /tmp/limitless-UID/limitless/PID.sock, where PID is this limitless process].
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+        #[command(flatten)]
+        carry: CarryArgs,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, value_name = "PROG [ARGS]...")]
         prog: Vec<OsString>,
@@ -145,6 +149,8 @@ enum Cmd {
         /// Control socket to listen on [default: as for launch].
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+        #[command(flatten)]
+        carry: CarryArgs,
         /// The image to restore.
         image: PathBuf,
     },
@@ -160,6 +166,33 @@ enum Cmd {
         /// The image.
         image: PathBuf,
     },
+}
+
+/// What checkpoints carry in the image besides the process.
+#[derive(clap::Args, Debug, Default)]
+struct CarryArgs {
+    /// Carry this directory's files in every image and write them back at restore (for
+    /// scratch space such as /tmp, which a fresh container does not have). It may not exist
+    /// yet. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    carry: Vec<PathBuf>,
+    /// Also carry every regular file the program has open for writing.
+    #[arg(long)]
+    carry_written: bool,
+}
+
+impl CarryArgs {
+    fn to_carry(&self) -> Result<crate::engine::carry::Carry, String> {
+        let mut dirs = Vec::new();
+        for d in &self.carry {
+            let a = std::path::absolute(d).map_err(|e| format!("bad --carry {}: {e}", d.display()))?;
+            if a.exists() && !a.is_dir() {
+                return Err(format!("--carry {} is not a directory", d.display()));
+            }
+            dirs.push(a);
+        }
+        Ok(crate::engine::carry::Carry { dirs, written: self.carry_written })
+    }
 }
 
 fn init_logging() {
@@ -184,13 +217,17 @@ pub fn main() -> i32 {
     };
     init_logging();
     match cli.command {
-        Cmd::Run { limit, margin, store, report, resume, keep_images, prog } => {
-            run_cmd(limit, margin, store, report, resume, keep_images, prog)
-        }
+        Cmd::Run { limit, margin, store, report, resume, keep_images, carry, prog } => match carry.to_carry() {
+            Ok(c) => run_cmd(limit, margin, store, report, resume, keep_images, c, prog),
+            Err(e) => fail(e),
+        },
         Cmd::Step { store, chain, step, attempt, deadline_unix_ms, margin_ms } => {
             step_cmd(store, chain, step, attempt, deadline_unix_ms, margin_ms)
         }
-        Cmd::Launch { socket, prog } => launch(socket, prog),
+        Cmd::Launch { socket, carry, prog } => match carry.to_carry() {
+            Ok(c) => launch(socket, c, prog),
+            Err(e) => fail(e),
+        },
         Cmd::Serve { port, action_dir, margin } => {
             match crate::openwhisk::server::serve(crate::openwhisk::server::ServeOptions { port, action_dir, margin }) {
                 Ok(()) => 0,
@@ -198,7 +235,10 @@ pub fn main() -> i32 {
             }
         }
         Cmd::Dump { socket, pid, output, leave_running, freeze_timeout } => dump(socket, pid, output, leave_running, freeze_timeout),
-        Cmd::Restore { socket, image } => restore_cmd(socket, image),
+        Cmd::Restore { socket, carry, image } => match carry.to_carry() {
+            Ok(c) => restore_cmd(socket, c, image),
+            Err(e) => fail(e),
+        },
         Cmd::Inspect { json, no_verify, image } => match inspect::run(&image, json, !no_verify) {
             Ok(()) => 0,
             Err(e) => fail(format!("{e:#}")),
@@ -210,7 +250,7 @@ fn socket_or_default(s: Option<PathBuf>) -> PathBuf {
     s.unwrap_or_else(|| api::default_socket(std::process::id()))
 }
 
-fn launch(socket: Option<PathBuf>, prog: Vec<OsString>) -> i32 {
+fn launch(socket: Option<PathBuf>, carry: crate::engine::carry::Carry, prog: Vec<OsString>) -> i32 {
     let path = match find_program(std::path::Path::new(&prog[0])) {
         Ok(p) => p,
         Err((code, msg)) => {
@@ -221,7 +261,7 @@ fn launch(socket: Option<PathBuf>, prog: Vec<OsString>) -> i32 {
     if let Err(why) = crate::engine::supervisor::check_dynamic(&path) {
         eprintln!("limitless: warning: {why}; it runs, but checkpoints will fail");
     }
-    let opts = Options { socket: Some(socket_or_default(socket)) };
+    let opts = Options { socket: Some(socket_or_default(socket)), carry };
     match Supervisor::launch(&path, &prog[1..], &opts) {
         Ok(sup) => sup.wait().unwrap_or_else(fail),
         Err(e) => fail(format!("{e:#}")),
@@ -259,8 +299,8 @@ fn dump(socket: Option<PathBuf>, pid: Option<u32>, output: PathBuf, leave_runnin
     }
 }
 
-fn restore_cmd(socket: Option<PathBuf>, image: PathBuf) -> i32 {
-    let opts = Options { socket: Some(socket_or_default(socket)) };
+fn restore_cmd(socket: Option<PathBuf>, carry: crate::engine::carry::Carry, image: PathBuf) -> i32 {
+    let opts = Options { socket: Some(socket_or_default(socket)), carry };
     match restore::restore(&image, &opts) {
         Ok((sup, stats)) => {
             tracing::info!("restored {} thread(s) in {:.1} ms ({} of page data)", stats.threads, stats.total_ms, bytes(stats.data_bytes));
@@ -278,6 +318,7 @@ fn run_cmd(
     report: Option<PathBuf>,
     resume: Option<String>,
     keep_images: bool,
+    carry: crate::engine::carry::Carry,
     prog: Vec<OsString>,
 ) -> i32 {
     use crate::chain::controller::{self, RunOptions, MIN_LIMIT};
@@ -314,8 +355,8 @@ fn run_cmd(
         Err(e) => return fail(format!("{e:#}")),
     };
     let url = st.describe();
-    let opts =
-        RunOptions { store: st, store_url: url, limit, margin, report, progress: controller::is_terminal(&std::io::stderr()), keep_images };
+    let progress = controller::is_terminal(&std::io::stderr());
+    let opts = RunOptions { store: st, store_url: url, limit, margin, report, progress, keep_images, carry };
     let r = match resume {
         Some(c) => controller::resume(&c, &opts),
         None => controller::run_new(&prog, &opts),

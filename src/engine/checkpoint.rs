@@ -63,6 +63,9 @@ pub struct Stats {
     pub pages: u64,
     /// Unread input carried in the image.
     pub stdin_bytes: u64,
+    /// Bytes of carried files (`--carry`).
+    #[serde(default)]
+    pub carried_bytes: u64,
     /// The program keeps running.
     pub left_running: bool,
 }
@@ -185,16 +188,28 @@ impl Inner {
         let mut w = Writer::new(BufWriter::with_capacity(1 << 20, file), now_unix_ns())?;
         let reader = BufReader::with_capacity(1 << 20, File::from(pr));
         let mut records = 0u64;
+        let mut written: Vec<std::path::PathBuf> = Vec::new();
+        let mut carrier = super::carry::Carrier::default();
         let streamed = read_stream(reader, |h, payload| {
             records += 1;
             if records == 20 {
                 crate::failpoint::hit("checkpoint.writing");
             }
-            if h.kind == kind::END && !stdin.is_empty() {
-                w.plain(kind::STDIN, &stdin)?;
+            if h.kind == kind::FD && self.carry.written {
+                written.extend(super::carry::written_file(&payload));
+            }
+            if h.kind == kind::END {
+                // The program is frozen: its files are as it left them.
+                for p in self.carry.dirs.iter().chain(written.iter()) {
+                    carrier.add(&mut w, p).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+                }
+                if !stdin.is_empty() {
+                    w.plain(kind::STDIN, &stdin)?;
+                }
             }
             w.plain(h.kind, &payload)
         });
+        stats.carried_bytes = carrier.bytes;
         if let Err(e) = streamed {
             // The agent says why, if it can.
             let why = match self.next_event(Duration::from_secs(5)) {

@@ -9,7 +9,7 @@ use super::spawn::{EpollSpec, FdMap};
 use super::supervisor::Plumbing;
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::file::{Fd, Image};
-use limitless_image::format::fd_kind;
+use limitless_image::format::{fd_kind, file_kind};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -133,7 +133,7 @@ fn timerfd(f: &Fd) -> Result<OwnedFd> {
 }
 
 /// Opens every descriptor the program had, for its number in the child.
-pub fn recreate(img: &Image, pl: &Plumbing, fds: &mut FdMap) -> Result<()> {
+pub fn recreate(img: &Image, pl: &Plumbing, objs: &HashMap<u32, OwnedFd>, fds: &mut FdMap) -> Result<()> {
     let mut leaders: HashMap<i32, OwnedFd> = HashMap::new();
     let mut pipes: HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)> = HashMap::new();
     let mut epolls: HashMap<i32, EpollSpec> = HashMap::new();
@@ -175,6 +175,11 @@ pub fn recreate(img: &Image, pl: &Plumbing, fds: &mut FdMap) -> Result<()> {
                     set_nonblock(&fd);
                 }
                 fd
+            }
+            fd_kind::SHM | fd_kind::DELETED => {
+                let want = if x.kind == fd_kind::SHM { file_kind::SHM } else { file_kind::DELETED };
+                let obj = img.file_by_identity(want, x.dev, x.ino).ok_or_else(|| anyhow!("fd {} has no file object", x.fd))?;
+                super::objects::reopen(&objs[&obj.info.id], x.open_flags, x.pos)?
             }
             fd_kind::EVENTFD => eventfd(f)?,
             fd_kind::SIGNALFD => signalfd(f)?,

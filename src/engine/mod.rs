@@ -2,11 +2,13 @@
 //! checkpoints into image files, restoring them, and the pieces those share.
 
 pub mod api;
+pub mod carry;
 pub mod checkpoint;
 pub mod embedded;
 pub mod fds;
 pub mod host;
 pub mod link;
+pub mod objects;
 pub mod plan;
 pub mod restore;
 pub mod spawn;

@@ -76,7 +76,7 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, fds: &PlanFds) -> Vec<u
         }
         let (kind, fd, offset) = match x.kind {
             vma_kind::FILE_PRIVATE => (pk::FILE_PRIVATE, vma_fd(i), x.pgoff),
-            vma_kind::FILE_SHARED => (pk::FILE_SHARED, vma_fd(i), x.pgoff),
+            vma_kind::FILE_SHARED | vma_kind::SHM => (pk::FILE_SHARED, vma_fd(i), x.pgoff),
             _ => (pk::ANON, -1, 0),
         };
         vmas.push(PlanVma { start: x.start, len: x.end - x.start, offset, kind, prot: x.prot, flags, fd });

@@ -16,7 +16,7 @@ use super::spawn::FdMap;
 use super::supervisor::{Options, Plumbing, Supervisor};
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::file::Image;
-use limitless_image::format::vma_kind;
+use limitless_image::format::{file_kind, vma_kind};
 use limitless_image::plan::RESTORER_FAILED;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -38,9 +38,12 @@ pub struct RestoreStats {
     pub threads: u32,
 }
 
-/// Validates `image` for this machine; returns it.
+/// Validates `image` for this machine and writes back the files it carries (`--carry`);
+/// returns it.
 pub fn open_checked(image: &Path) -> Result<Image> {
     let img = Image::open(image).map_err(|e| anyhow!("{}: {e}", image.display()))?;
+    // Carried files first: the program may have them mapped, which the checks below verify.
+    super::objects::write_carried(&img)?;
     host::check_vdso(&img.process.vdso)?;
     host::check_cpu(&img.process.cpu)?;
     host::check_files(&img, |p| {
@@ -56,7 +59,8 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
     let img = Arc::new(open_checked(image)?);
     let pl = Plumbing::new(opts)?;
     let mut fds = FdMap::default();
-    super::fds::recreate(&img, &pl, &mut fds)?;
+    let objs = super::objects::create(&img)?;
+    super::fds::recreate(&img, &pl, &objs, &mut fds)?;
     let ctl = img.process.ctl_fd;
     fds.add(pl.child_ctl.try_clone()?, ctl);
     // Our own descriptors go above all of the program's.
@@ -70,7 +74,27 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
     // One fd per mapped file (and access mode).
     let mut by_path: HashMap<(String, bool), i32> = HashMap::new();
     let mut vma_fd = vec![-1; img.vmas.len()];
+    let mut by_obj: HashMap<u32, i32> = HashMap::new();
     for (i, v) in img.vmas.iter().enumerate() {
+        if v.info.kind == vma_kind::SHM {
+            // Every mapping of a shared object maps the one restored memfd (aliasing kept).
+            let obj = img
+                .files
+                .iter()
+                .find(|f| f.info.dev == v.info.dev && f.info.ino == v.info.ino && f.info.kind < file_kind::CARRIED)
+                .ok_or_else(|| anyhow!("shared memory at {:#x} has no object", v.info.start))?;
+            let n = match by_obj.get(&obj.info.id) {
+                Some(&n) => n,
+                None => {
+                    let n = alloc();
+                    fds.add(objs[&obj.info.id].try_clone()?, n);
+                    by_obj.insert(obj.info.id, n);
+                    n
+                }
+            };
+            vma_fd[i] = n;
+            continue;
+        }
         if v.info.kind != vma_kind::FILE_PRIVATE && v.info.kind != vma_kind::FILE_SHARED {
             continue;
         }

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 pub struct Options {
     /// Where to listen for control requests (`None`: nowhere).
     pub socket: Option<PathBuf>,
+    /// Files every checkpoint carries in the image.
+    pub carry: super::carry::Carry,
 }
 
 /// What the agent has told us outside of a checkpoint.
@@ -65,6 +67,8 @@ pub struct Inner {
     pub stopped: AtomicBool,
     /// Only one checkpoint at a time.
     pub busy: Mutex<()>,
+    /// Files every checkpoint carries in the image.
+    pub carry: super::carry::Carry,
 }
 
 impl Inner {
@@ -118,6 +122,8 @@ pub struct Plumbing {
     pub err_w: OwnedFd,
     /// The control socket, bound before the program starts.
     pub api: Option<Bound>,
+    /// Files every checkpoint carries.
+    pub carry: super::carry::Carry,
 }
 
 impl Plumbing {
@@ -128,7 +134,7 @@ impl Plumbing {
         let (input, stdin_r) = Input::new().context("cannot create the stdin pipe")?;
         let (out_r, out_w) = stdio::pipe()?;
         let (err_r, err_w) = stdio::pipe()?;
-        Ok(Plumbing { link, child_ctl, input, stdin_r, out_r, out_w, err_r, err_w, api })
+        Ok(Plumbing { link, child_ctl, input, stdin_r, out_r, out_w, err_r, err_w, api, carry: opts.carry.clone() })
     }
 
     /// Adds the standard streams of the child to `fds` at 0, 1 and 2 (clones, so that an
@@ -170,6 +176,7 @@ impl Plumbing {
             pid,
             stopped: AtomicBool::new(false),
             busy: Mutex::new(()),
+            carry: self.carry,
         });
         start_reader(inner.clone(), tx);
         let api = match self.api {

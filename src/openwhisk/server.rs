@@ -216,6 +216,7 @@ fn run_job(opts: &ServeOptions, init_env: &[(String, String)], msg: &Map<String,
             // The API key stays out of the store; the first attempt gets it in its environment.
             let env: Vec<(String, String)> =
                 init_env.iter().cloned().chain(ow_env.iter().filter(|(k, _)| k != "__OW_API_KEY").cloned()).collect();
+            let carry = crate::engine::carry::Carry::from_env();
             let spec = Spec {
                 format: FORMAT,
                 chain: chain.clone(),
@@ -225,6 +226,8 @@ fn run_job(opts: &ServeOptions, init_env: &[(String, String)], msg: &Map<String,
                 margin_ms: opts.margin.as_millis() as u64,
                 created_unix_ms: now_unix_ms(),
                 env,
+                carry: carry.dirs.iter().map(|d| d.display().to_string()).collect(),
+                carry_written: carry.written,
             };
             if !store.put_if_absent(&keys::spec(&chain), serde_json::to_string(&spec)?.as_bytes())? {
                 anyhow::bail!("chain id {chain} is taken");

@@ -12,6 +12,7 @@ use crate::freeze::{self, FreezeError};
 use crate::global::*;
 use crate::libc;
 use crate::maps::{self, Maps};
+use crate::objects::Objects;
 use crate::process;
 use crate::scan::{self, Scan, ScanError};
 use crate::scratch::Scratch;
@@ -87,6 +88,8 @@ struct Job {
     maps: *const Maps,
     scan: *const Scan,
     fds: *const FdTable,
+    objs: *const Objects,
+    scratch: *mut Scratch,
     membuf: *mut u8,
     mem_fd: i32,
     result: sys::Result<(u64, u64)>,
@@ -100,6 +103,8 @@ static JOB: Shared<Job> = Shared::new(Job {
     maps: core::ptr::null(),
     scan: core::ptr::null(),
     fds: core::ptr::null(),
+    objs: core::ptr::null(),
+    scratch: core::ptr::null_mut(),
     membuf: core::ptr::null_mut(),
     mem_fd: -1,
     result: Ok((0, 0)),
@@ -152,7 +157,12 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
     let sv = unsafe { saved() };
     process::save_kernel_state(sv);
     let ctl_fd = CTL_FD.load(Ordering::Relaxed);
-    let fdt = match fds::collect(&mut s, sv, &[ctl_fd, out_fd], c.stdio_ino) {
+    let Some(mut objs) = Objects::new(&mut s, 4096) else {
+        freeze::thaw();
+        let _ = sys::close(out_fd);
+        return fail(&[b"the checkpoint ran out of scratch memory"]);
+    };
+    let fdt = match fds::collect(&mut s, sv, &mut objs, &[ctl_fd, out_fd], c.stdio_ino) {
         Ok(t) => t,
         Err(e) => {
             freeze::thaw();
@@ -182,7 +192,7 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
         }
     };
     let max_wins = resident + 2 * maps.n + 1024;
-    let scan = match scan::scan(&maps, &mut s, max_wins) {
+    let scan = match scan::scan(&maps, &mut s, &mut objs, max_wins) {
         Ok(sc) => sc,
         Err(e) => {
             freeze::thaw();
@@ -222,6 +232,8 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
         j.maps = &maps;
         j.scan = &scan;
         j.fds = &fdt;
+        j.objs = &objs;
+        j.scratch = &mut s;
         j.membuf = membuf.map_or(core::ptr::null_mut(), |m| m.as_mut_ptr());
         j.mem_fd = mem_fd;
         j.result = Ok((0, 0));
@@ -380,6 +392,9 @@ fn write_all(out: &mut Out, j: &Job, maps: &Maps, scan: &Scan, fdt: &FdTable, t0
         r.info.encode(&mut ib).ok_or(sys::Errno::EINVAL)?;
         out.record(kind::FD, &[&ib, fdt.path(r), fdt.extra(r)])?;
     }
+    // SAFETY: the manager owns JOB and the scratch mapping during the write phase.
+    let (objs, scratch) = unsafe { (&*j.objs, &mut *j.scratch) };
+    crate::objects::write(out, objs, &scan.objmaps[..scan.n_objmaps], scratch, j.mem_fd)?;
     for w in scan.wins[..scan.n_wins].iter() {
         let area = &scan.areas[w.area as usize];
         let mut runs = [(0usize, 0usize); 130];

@@ -9,8 +9,9 @@
 //! naming the descriptor; the program runs on.
 
 use crate::global::{Saved, MAX_FD};
+use crate::objects::{self, Obj, Objects};
 use crate::scratch::Scratch;
-use limitless_image::format::{fd_kind, EpollItem, FdInfo, TimerfdState};
+use limitless_image::format::{fd_kind, file_kind, EpollItem, FdInfo, TimerfdState};
 use limitless_image::wire::Wire;
 use limitless_sys as sys;
 
@@ -154,9 +155,15 @@ fn pipe_data(fd: i32, out: &mut [u8]) -> Option<usize> {
 /// supervisor's stdin, stdout and stderr pipes. The error is either a descriptor that
 /// cannot be checkpointed or a failed system call (large, but the agent has no heap).
 #[allow(clippy::result_large_err)]
-pub fn collect(s: &mut Scratch, sv: &mut Saved, skip: &[i32], stdio_ino: [u64; 3]) -> Result<FdTable, Result<FdError, sys::Errno>> {
+pub fn collect(
+    s: &mut Scratch,
+    sv: &mut Saved,
+    objs: &mut Objects,
+    skip: &[i32],
+    stdio_ino: [u64; 3],
+) -> Result<FdTable, Result<FdError, sys::Errno>> {
     let dir = sys::openat(sys::AT_FDCWD, b"/proc/self/fd\0", sys::O_RDONLY | sys::O_DIRECTORY | sys::O_CLOEXEC, 0).map_err(Err)?;
-    let r = collect_in(s, sv, skip, stdio_ino, dir);
+    let r = collect_in(s, sv, objs, skip, stdio_ino, dir);
     let _ = sys::close(dir);
     r
 }
@@ -165,6 +172,7 @@ pub fn collect(s: &mut Scratch, sv: &mut Saved, skip: &[i32], stdio_ino: [u64; 3
 fn collect_in(
     s: &mut Scratch,
     sv: &mut Saved,
+    objs: &mut Objects,
     skip: &[i32],
     stdio_ino: [u64; 3],
     dir: i32,
@@ -251,9 +259,35 @@ fn collect_in(
                     return Err(fail("a named FIFO (not supported yet)"));
                 }
             }
+            sys::S_IFREG if path.ends_with(b" (deleted)") || path.starts_with(b"/memfd:") => {
+                // A memfd, or a file deleted while open: the image carries its contents.
+                let k = objects::kind_of(path);
+                let size = st.size as u64;
+                if (k == file_kind::DELETED && size > objects::MAX_DELETED) || size > objects::MAX_SHM {
+                    return Err(fail("a deleted file or memfd too large to carry in an image"));
+                }
+                if objs.find(st.dev, st.ino).is_none() {
+                    let o = Obj {
+                        kind: k,
+                        dev: st.dev,
+                        ino: st.ino,
+                        size,
+                        mode: st.mode & 0o7777,
+                        fd,
+                        mtime_sec: st.mtime.sec,
+                        mtime_nsec: st.mtime.nsec as u32,
+                        ..Obj::default()
+                    };
+                    if objs.add(o, objects::display_name(path)).is_none() {
+                        return Err(fail("one file object too many"));
+                    }
+                }
+                info.kind = if k == file_kind::SHM { fd_kind::SHM } else { fd_kind::DELETED };
+                info.pos = sys::lseek(fd, 0, sys::SEEK_CUR).unwrap_or(0);
+            }
             sys::S_IFREG => {
-                if path.ends_with(b" (deleted)") || !path.starts_with(b"/") {
-                    return Err(fail("a deleted or unnamed file (memfd, O_TMPFILE; not supported yet)"));
+                if !path.starts_with(b"/") {
+                    return Err(fail("an unnamed file"));
                 }
                 info.kind = fd_kind::REG;
                 info.pos = sys::lseek(fd, 0, sys::SEEK_CUR).unwrap_or(0);

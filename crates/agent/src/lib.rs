@@ -21,6 +21,7 @@ mod freeze;
 mod global;
 mod libc;
 mod maps;
+mod objects;
 mod process;
 mod restart;
 mod scan;

@@ -14,8 +14,9 @@
 //! entries on older kernels. The vDSO block is recorded, not saved.
 
 use crate::maps::{MapEntry, Maps};
+use crate::objects::{self, Obj, ObjMap, Objects};
 use crate::scratch::Scratch;
-use limitless_image::format::{vdso_kind, vma_kind, PagesHeader, VdsoArea, VdsoInfo, VmaInfo, PAGE, WINDOW_PAGES};
+use limitless_image::format::{file_kind, vdso_kind, vma_kind, PagesHeader, VdsoArea, VdsoInfo, VmaInfo, PAGE, WINDOW_PAGES};
 use limitless_sys as sys;
 
 /// One memory area of the image.
@@ -60,18 +61,23 @@ pub struct Scan {
     pub vdso_hash: u64,
     pub zero_pages: u64,
     pub pages: u64,
+    /// Mappings of file objects (shared memory).
+    pub objmaps: &'static mut [ObjMap],
+    pub n_objmaps: usize,
 }
 
 const WINDOW: u64 = WINDOW_PAGES * PAGE;
 
 /// Scans every area of `maps` except the scratch mapping itself.
-pub fn scan(maps: &Maps, s: &mut Scratch, max_wins: usize) -> Result<Scan, ScanError> {
+pub fn scan(maps: &Maps, s: &mut Scratch, objs: &mut Objects, max_wins: usize) -> Result<Scan, ScanError> {
     let areas = s.array::<Area>(maps.n * 2 + 2).ok_or(ScanError::NoMem)?;
+    let objmaps = s.array::<ObjMap>(maps.n + 1).ok_or(ScanError::NoMem)?;
     let wins = s.array::<Win>(max_wins).ok_or(ScanError::NoMem)?;
     let regions = s.array::<sys::PageRegion>(4096).ok_or(ScanError::NoMem)?;
     let membuf = s.array::<u8>(WINDOW as usize).ok_or(ScanError::NoMem)?;
     let pagemap = s.array::<u64>(4096).ok_or(ScanError::NoMem)?;
-    let mut sc = Scan { areas, n_areas: 0, wins, n_wins: 0, vdso: VdsoInfo::zeroed(), vdso_hash: 0, zero_pages: 0, pages: 0 };
+    let mut sc =
+        Scan { areas, n_areas: 0, wins, n_wins: 0, vdso: VdsoInfo::zeroed(), vdso_hash: 0, zero_pages: 0, pages: 0, objmaps, n_objmaps: 0 };
     let pm = sys::openat(sys::AT_FDCWD, b"/proc/self/pagemap\0", sys::O_RDONLY | sys::O_CLOEXEC, 0).map_err(ScanError::Io)?;
     let mem = sys::openat(sys::AT_FDCWD, b"/proc/self/mem\0", sys::O_RDONLY | sys::O_CLOEXEC, 0).map_err(ScanError::Io)?;
     let mut ctx = Ctx { pm, mem, use_scan: true, regions, membuf, pagemap };
@@ -106,7 +112,7 @@ pub fn scan(maps: &Maps, s: &mut Scratch, max_wins: usize) -> Result<Scan, ScanE
                     piece.pgoff += a - e.start;
                     piece.start = a;
                     piece.end = b;
-                    add_area(&mut sc, &mut ctx, maps, &piece)?;
+                    add_area(&mut sc, &mut ctx, maps, objs, &piece)?;
                 }
             }
         }
@@ -152,7 +158,7 @@ enum Want {
     All,
 }
 
-fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, e: &MapEntry) -> Result<(), ScanError> {
+fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &MapEntry) -> Result<(), ScanError> {
     let name = maps.name(e);
     let mut info = VmaInfo::zeroed();
     info.start = e.start;
@@ -163,15 +169,47 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, e: &MapEntry) -> Result<()
     let mut via_mem = e.prot & 1 == 0;
     let want;
     let deleted = name.ends_with(b" (deleted)");
-    if e.shared {
-        if e.ino == 0
-            || deleted
-            || !name.starts_with(b"/")
-            || name.starts_with(b"/dev/zero")
-            || name.starts_with(b"/memfd:")
-            || name.starts_with(b"/SYSV")
+    if e.shared && name.starts_with(b"/SYSV") {
+        return Err(unsupported(e, "System V shared memory (not supported yet; memfd and MAP_SHARED|MAP_ANONYMOUS are)"));
+    }
+    if e.shared && (objects::is_shm(name) || deleted) {
+        // Shared memory: the object's contents go into the image once; every mapping of it
+        // maps the restored object again.
+        let k = objects::kind_of(name);
+        let extent = e.pgoff + (e.end - e.start);
+        let id = match objs.find(e.dev, e.ino) {
+            Some(o) => {
+                if o.fd < 0 {
+                    o.size = o.size.max(extent);
+                }
+                o.id
+            }
+            None => {
+                let o = Obj { kind: k, dev: e.dev, ino: e.ino, size: extent, mode: 0o600, fd: -1, ..Obj::default() };
+                let i = objs.add(o, objects::display_name(name)).ok_or(ScanError::NoMem)?;
+                objs.list[i].id
+            }
+        };
+        if objs
+            .find(e.dev, e.ino)
+            .is_some_and(|o| o.size > objects::MAX_SHM || (o.kind == file_kind::DELETED && o.size > objects::MAX_DELETED))
         {
-            return Err(unsupported(e, "shared anonymous memory (memfd, shm, MAP_SHARED|MAP_ANONYMOUS) is not supported yet"));
+            return Err(unsupported(e, "shared memory too large to carry in an image"));
+        }
+        if sc.n_objmaps == sc.objmaps.len() || sc.n_areas == sc.areas.len() {
+            return Err(ScanError::NoMem);
+        }
+        sc.objmaps[sc.n_objmaps] = ObjMap { start: e.start, end: e.end, pgoff: e.pgoff, obj: id, readable: e.prot & 1 != 0 };
+        sc.n_objmaps += 1;
+        info.kind = vma_kind::SHM;
+        info.pgoff = e.pgoff;
+        sc.areas[sc.n_areas] = Area { info, name_off: e.name_off, name_len: e.name_len, via_mem: false };
+        sc.n_areas += 1;
+        return Ok(());
+    }
+    if e.shared {
+        if e.ino == 0 || !name.starts_with(b"/") {
+            return Err(unsupported(e, "a shared mapping of a special object (not supported)"));
         }
         let st = stat_path(name).ok_or_else(|| unsupported(e, "a shared file mapping whose file cannot be found again"))?;
         if st.dev != e.dev || st.ino != e.ino {

@@ -185,6 +185,21 @@ impl Fd {
     }
 }
 
+/// A file object the image carries, and its name.
+#[derive(Clone, Debug)]
+pub struct FileRec {
+    pub info: FileObj,
+    pub name: Vec<u8>,
+}
+
+/// Where one `FILE_DATA` record is.
+#[derive(Clone, Copy, Debug)]
+pub struct FileDataRecord {
+    /// Position in the index.
+    pub index: usize,
+    pub header: FileData,
+}
+
 /// Where one `PAGES` record is.
 #[derive(Clone, Copy, Debug)]
 pub struct PageRecord {
@@ -209,6 +224,8 @@ pub struct Image {
     pub pages: Vec<PageRecord>,
     pub stdin: Vec<u8>,
     pub end: EndInfo,
+    pub files: Vec<FileRec>,
+    pub file_data: Vec<FileDataRecord>,
 }
 
 fn read_exact_at(f: &File, buf: &mut [u8], off: u64, what: &str) -> Result<(), ImageError> {
@@ -336,6 +353,8 @@ impl Image {
             pages: Vec::new(),
             stdin: Vec::new(),
             end: EndInfo::zeroed(),
+            files: Vec::new(),
+            file_data: Vec::new(),
         };
         img.load_records()?;
         img.validate()?;
@@ -379,12 +398,36 @@ impl Image {
         Ok(payload.split_off(PagesHeader::SIZE))
     }
 
-    /// Checks the hash of every page record (what `inspect` and `restore` verify).
+    /// Checks the hash of every page and file data record (what `inspect` and `restore`
+    /// verify).
     pub fn verify_pages(&self) -> Result<(), ImageError> {
         for p in &self.pages {
             self.read_pages(p)?;
         }
+        for d in &self.file_data {
+            self.read_file_data(d)?;
+        }
         Ok(())
+    }
+
+    /// Reads the bytes of file data record `d`, checking the record's hash first.
+    pub fn read_file_data(&self, d: &FileDataRecord) -> Result<Vec<u8>, ImageError> {
+        let mut payload = self.read_record(d.index)?;
+        let h = FileData::decode(&payload).ok_or_else(|| corrupt("file data header"))?;
+        if h != d.header {
+            return Err(corrupt(format!("record {} changed while it was read", d.index)));
+        }
+        Ok(payload.split_off(FileData::SIZE))
+    }
+
+    /// The file object `id`.
+    pub fn file(&self, id: u32) -> Option<&FileRec> {
+        self.files.iter().find(|f| f.info.id == id)
+    }
+
+    /// The file object of kind `k` with this identity.
+    pub fn file_by_identity(&self, k: u32, dev: u64, ino: u64) -> Option<&FileRec> {
+        self.files.iter().find(|f| f.info.kind == k && f.info.dev == dev && f.info.ino == ino)
     }
 
     fn load_records(&mut self) -> Result<(), ImageError> {
@@ -394,6 +437,7 @@ impl Image {
             let e = self.index[i];
             let meta_limit = match e.kind {
                 kind::PAGES => PagesHeader::SIZE as u64 + WINDOW_PAGES * PAGE,
+                kind::FILE_DATA => FileData::SIZE as u64 + FILE_DATA_MAX,
                 kind::STDIN => limits::MAX_STDIN,
                 kind::FD => limits::MAX_FD_RECORD,
                 _ => limits::MAX_META,
@@ -409,7 +453,7 @@ impl Image {
                 kind::THREAD => 1,
                 kind::VMA => 2,
                 kind::FD => 3,
-                kind::PAGES | kind::STDIN => 4,
+                kind::PAGES | kind::STDIN | kind::FILE | kind::FILE_DATA => 4,
                 kind::END => 5,
                 _ => return Err(corrupt(format!("record {i} has unknown kind {}", e.kind))),
             };
@@ -427,6 +471,22 @@ impl Image {
                     self.check_header(i, &b)?;
                     let h = PagesHeader::decode(&b[RecordHeader::SIZE..]).ok_or_else(|| corrupt("pages header"))?;
                     self.pages.push(PageRecord { index: i, header: h });
+                }
+                kind::FILE_DATA => {
+                    let mut b = [0u8; RecordHeader::SIZE + FileData::SIZE];
+                    if (e.stored_len as usize) < FileData::SIZE {
+                        return Err(corrupt(format!("file data record {i} is too short")));
+                    }
+                    read_exact_at(&self.file, &mut b, e.offset, "a file data record")?;
+                    self.check_header(i, &b)?;
+                    let h = FileData::decode(&b[RecordHeader::SIZE..]).ok_or_else(|| corrupt("file data header"))?;
+                    if e.raw_len != FileData::SIZE as u64 + h.len || h.len > FILE_DATA_MAX || h.len == 0 || h.reserved != 0 {
+                        return Err(corrupt(format!("file data record {i} has the wrong length")));
+                    }
+                    if !self.files.iter().any(|f| f.info.id == h.id) {
+                        return Err(corrupt(format!("file data record {i} names file {} before it is described", h.id)));
+                    }
+                    self.file_data.push(FileDataRecord { index: i, header: h });
                 }
                 _ => {
                     let p = self.read_record(i)?;
@@ -476,6 +536,13 @@ impl Image {
                 }
                 let path_end = FdInfo::SIZE + f.path_len as usize;
                 self.fds.push(Fd { info: f, path: p[FdInfo::SIZE..path_end].to_vec(), extra: p[path_end..].to_vec() });
+            }
+            kind::FILE => {
+                let f = FileObj::decode(p).ok_or_else(bad_len)?;
+                if f.name_len > limits::MAX_PATH || p.len() != FileObj::SIZE + f.name_len as usize {
+                    return Err(bad_len());
+                }
+                self.files.push(FileRec { info: f, name: p[FileObj::SIZE..].to_vec() });
             }
             kind::STDIN => {
                 if !self.stdin.is_empty() {
@@ -601,6 +668,7 @@ impl Image {
             }
             match x.kind {
                 vma_kind::ANON | vma_kind::HEAP | vma_kind::STACK => {}
+                vma_kind::SHM => {}
                 vma_kind::FILE_PRIVATE | vma_kind::FILE_SHARED | vma_kind::FILE_GONE => {
                     if v.name.first() != Some(&b'/') {
                         return Err(corrupt(format!("memory area {i} has no file path")));
@@ -707,6 +775,7 @@ impl Image {
                             && (0..1_000_000_000).contains(&t.interval_nsec) => {}
                     _ => return Err(bad("timer state")),
                 },
+                fd_kind::SHM | fd_kind::DELETED => {}
                 fd_kind::EPOLL => {
                     let n = f.extra.len() / EpollItem::SIZE;
                     if f.extra.len() % EpollItem::SIZE != 0
@@ -723,6 +792,62 @@ impl Image {
                     Some(o) if o.info.share == o.info.fd && o.info.kind == x.kind && o.info.fd < x.fd => {}
                     _ => return Err(corrupt(format!("fd {} shares with fd {}", x.fd, x.share))),
                 }
+            }
+        }
+        // File objects: unique, well formed, their data inside them and adding up.
+        let mut ids: Vec<u32> = self.files.iter().map(|f| f.info.id).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return Err(corrupt("file object ids are not unique"));
+        }
+        for f in &self.files {
+            let x = &f.info;
+            let what = |w: &str| corrupt(format!("file object {} ({}) {w}", x.id, file_kind::name(x.kind)));
+            if !(file_kind::SHM..=file_kind::CARRIED_SYMLINK).contains(&x.kind)
+                || x.reserved != 0
+                || x.mtime_nsec >= 1_000_000_000
+                || x.size > 1 << 40
+            {
+                return Err(what("fields"));
+            }
+            if f.name.contains(&0) {
+                return Err(what("name"));
+            }
+            if x.kind >= file_kind::CARRIED {
+                let p = String::from_utf8_lossy(&f.name);
+                if !p.starts_with('/') || p.split('/').any(|c| c == "..") || x.id < SUPERVISOR_FILE_IDS {
+                    return Err(what("path"));
+                }
+            }
+            let mut at = 0u64;
+            let mut sum = 0u64;
+            for d in self.file_data.iter().filter(|d| d.header.id == x.id) {
+                let h = &d.header;
+                if h.offset < at || h.offset.checked_add(h.len).is_none_or(|e| e > x.size) || x.kind == file_kind::CARRIED_DIR {
+                    return Err(what("data is out of place"));
+                }
+                at = h.offset + h.len;
+                sum += h.len;
+            }
+            if sum != x.data_bytes {
+                return Err(what("data does not add up"));
+            }
+        }
+        for v in &self.vmas {
+            let has_obj = self.file_by_identity(file_kind::SHM, v.info.dev, v.info.ino).is_some()
+                || self.file_by_identity(file_kind::DELETED, v.info.dev, v.info.ino).is_some();
+            if v.info.kind == vma_kind::SHM && (v.info.pages != 0 || !has_obj) {
+                return Err(corrupt(format!("shared memory area {:#x} has no object", v.info.start)));
+            }
+        }
+        for f in &self.fds {
+            let want = match f.info.kind {
+                fd_kind::SHM => file_kind::SHM,
+                fd_kind::DELETED => file_kind::DELETED,
+                _ => continue,
+            };
+            if self.file_by_identity(want, f.info.dev, f.info.ino).is_none() || !f.extra.is_empty() {
+                return Err(corrupt(format!("fd {} has no file object", f.info.fd)));
             }
         }
         // Page records: inside areas that take pages, in order, counts consistent.
@@ -750,7 +875,11 @@ impl Image {
             }
             let vi = self.vmas.partition_point(|v| v.info.end <= h.start);
             match self.vmas.get(vi) {
-                Some(v) if v.info.start <= h.start && end <= v.info.end && v.info.kind != vma_kind::FILE_SHARED => {}
+                Some(v)
+                    if v.info.start <= h.start
+                        && end <= v.info.end
+                        && v.info.kind != vma_kind::FILE_SHARED
+                        && v.info.kind != vma_kind::SHM => {}
                 _ => return Err(corrupt(format!("{} is outside any memory area that holds pages", what()))),
             }
             per_vma[vi] += h.count as u64;
@@ -814,9 +943,13 @@ pub fn read_stream<R: Read>(mut r: R, mut f: impl FnMut(RecordHeader, Vec<u8>) -
         let h = RecordHeader::decode(&hb).ok_or_else(|| io::Error::other("short record header"))?;
         let max = match h.kind {
             kind::PAGES => PagesHeader::SIZE as u64 + WINDOW_PAGES * PAGE,
+            kind::FILE_DATA => FileData::SIZE as u64 + FILE_DATA_MAX,
+            kind::FD => limits::MAX_FD_RECORD,
             _ => limits::MAX_META,
         };
-        if h.stored_len > max || h.flags != 0 || h.raw_len != h.stored_len || h.kind == kind::INDEX || h.kind == 0 || h.kind > kind::END {
+        let known =
+            matches!(h.kind, kind::PROCESS | kind::THREAD | kind::VMA | kind::FD | kind::PAGES | kind::END | kind::FILE | kind::FILE_DATA);
+        if h.stored_len > max || h.flags != 0 || h.raw_len != h.stored_len || !known {
             return Err(io::Error::other(format!("the agent sent a bad record (kind {}, {} bytes)", h.kind, h.stored_len)));
         }
         let mut payload = vec![0u8; h.stored_len as usize];

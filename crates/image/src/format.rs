@@ -66,6 +66,10 @@ pub mod kind {
     pub const END: u32 = 7;
     /// The index: [`IndexEntry`](super::IndexEntry) per record. Written by the supervisor.
     pub const INDEX: u32 = 8;
+    /// [`FileObj`](super::FileObj) + name: a file the image carries (format 1.1).
+    pub const FILE: u32 = 9;
+    /// [`FileData`](super::FileData) + bytes: part of a carried file's contents.
+    pub const FILE_DATA: u32 = 10;
 
     /// A short name for a kind.
     pub fn name(k: u32) -> &'static str {
@@ -78,6 +82,8 @@ pub mod kind {
             STDIN => "stdin",
             END => "end",
             INDEX => "index",
+            FILE => "file",
+            FILE_DATA => "file-data",
             _ => "unknown",
         }
     }
@@ -371,6 +377,10 @@ pub mod vma_kind {
     pub const FILE_SHARED: u32 = 5;
     /// A private mapping of a file that is gone: every page is in the image.
     pub const FILE_GONE: u32 = 6;
+    /// A shared mapping of a memfd or of shared anonymous memory: the object (same
+    /// `dev`/`ino`) is a [`FileObj`](super::FileObj) of kind SHM; mappings of one object
+    /// stay aliased.
+    pub const SHM: u32 = 7;
 
     /// A short name for a kind.
     pub fn name(k: u32) -> &'static str {
@@ -381,6 +391,7 @@ pub mod vma_kind {
             FILE_PRIVATE => "file",
             FILE_SHARED => "file-shared",
             FILE_GONE => "file-deleted",
+            SHM => "shared-memory",
             _ => "unknown",
         }
     }
@@ -438,6 +449,10 @@ pub mod fd_kind {
     pub const SIGNALFD: u32 = 8;
     /// An epoll (extra data: its interest list, [`EpollItem`](super::EpollItem)s).
     pub const EPOLL: u32 = 9;
+    /// A memfd (the object with the same `dev`/`ino` is a SHM [`FileObj`](super::FileObj)).
+    pub const SHM: u32 = 10;
+    /// A regular file deleted while open (its contents are a DELETED file object).
+    pub const DELETED: u32 = 11;
 
     /// A short name for a kind.
     pub fn name(k: u32) -> &'static str {
@@ -451,6 +466,8 @@ pub mod fd_kind {
             TIMERFD => "timerfd",
             SIGNALFD => "signalfd",
             EPOLL => "epoll",
+            SHM => "memfd",
+            DELETED => "deleted-file",
             _ => "unknown",
         }
     }
@@ -499,6 +516,67 @@ wire! {
         pub tfd: i32,
         pub events: u32,
         pub data: u64,
+    }
+}
+
+/// Kinds of files an image carries.
+pub mod file_kind {
+    /// A memfd or shared anonymous memory (restored as a memfd).
+    pub const SHM: u32 = 1;
+    /// A regular file deleted while the program had it open (restored unnamed).
+    pub const DELETED: u32 = 2;
+    /// A regular file written back to its path at restore (`--carry`).
+    pub const CARRIED: u32 = 3;
+    /// A directory created at restore (`--carry`).
+    pub const CARRIED_DIR: u32 = 4;
+    /// A symbolic link created at restore (`--carry`); its data is the target.
+    pub const CARRIED_SYMLINK: u32 = 5;
+
+    /// A short name for a kind.
+    pub fn name(k: u32) -> &'static str {
+        match k {
+            SHM => "shared-memory",
+            DELETED => "deleted",
+            CARRIED => "file",
+            CARRIED_DIR => "dir",
+            CARRIED_SYMLINK => "symlink",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Ids of file objects the supervisor adds start here (the agent's are below).
+pub const SUPERVISOR_FILE_IDS: u32 = 1 << 24;
+/// Most bytes in one `FILE_DATA` record.
+pub const FILE_DATA_MAX: u64 = 1 << 20;
+
+wire! {
+    /// A file the image carries. Followed by `name_len` bytes: the memfd's name, or the
+    /// file's path.
+    pub struct FileObj {
+        pub id: u32,
+        pub kind: u32,
+        /// Identity in the checkpointed process (links memfd mappings and descriptors).
+        pub dev: u64,
+        pub ino: u64,
+        pub size: u64,
+        pub mode: u32,
+        pub name_len: u32,
+        pub mtime_sec: i64,
+        pub mtime_nsec: u32,
+        pub reserved: u32,
+        /// Bytes of contents in its `FILE_DATA` records (holes and zero runs are left out).
+        pub data_bytes: u64,
+    }
+}
+
+wire! {
+    /// Part of a file's contents: `len` bytes at `offset` follow.
+    pub struct FileData {
+        pub id: u32,
+        pub reserved: u32,
+        pub offset: u64,
+        pub len: u64,
     }
 }
 
