@@ -43,6 +43,7 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str) -> Run {
             output: img.clone(),
             after: limitless::engine::checkpoint::After::Kill,
             freeze_timeout: Duration::from_secs(10),
+            wait_idle: Duration::ZERO,
         })
         .expect("checkpoint");
     sup.wait().expect("wait");

@@ -156,3 +156,89 @@ fn carried_scratch_files_and_written_files_come_back_in_a_fresh_container() {
         assert_eq!(lines(&(first + &out2)), lines(&want));
     });
 }
+
+fn free_port() -> u16 {
+    loop {
+        let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if p < 65000 && std::net::UdpSocket::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+#[test]
+fn listeners_are_bound_again_and_connections_come_back_closed() {
+    let prog = program("sockets");
+    each_user("sockets", |u, d| {
+        let port = free_port().to_string();
+        let r = launch(u, d, &prog, &[&port]);
+        r.expect_out("READY");
+        let img = d.join("image");
+        dump_ok(u, &r, &img, false);
+        let (st, out1, _) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED));
+        let mut r2 = restore(u, d, &img);
+        r2.send("go\n");
+        let (st2, out2, err2) = r2.finish();
+        assert_eq!(st2.code(), Some(0), "{err2}");
+        // (An uninterrupted run would wait on its own open connection: this program is
+        // only meaningful across a restore.)
+        assert_eq!(
+            lines(&(out1 + &out2)),
+            vec!["READY", "old connection after restore: closed (EOF)", "new connection: hello again", "udp bound again: 1"]
+        );
+    });
+}
+
+#[test]
+fn wait_idle_freezes_once_connections_close() {
+    let prog = program("sockets");
+    let u = users()[0];
+    let d = workdir("wait-idle", u);
+    let port = free_port();
+    let mut r = launch(u, &d, &prog, &[&port.to_string(), "serve"]);
+    r.expect_out("READY");
+    // A client holds a connection for 400 ms; the checkpoint waits for it (up to 5 s).
+    let client = std::thread::spawn(move || {
+        let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        drop(c);
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let img = d.join("image");
+    let t = std::time::Instant::now();
+    let o = command(u, limitless())
+        .arg("dump")
+        .arg("--socket")
+        .arg(&r.socket)
+        .arg("--output")
+        .arg(&img)
+        .args(["--leave-running", "--wait-idle", "5s"])
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        took >= std::time::Duration::from_millis(250) && took < std::time::Duration::from_secs(4),
+        "the checkpoint took {took:?}: it should wait for the connection and not much longer"
+    );
+    client.join().unwrap();
+    // With a connection that stays open, the wait ends at its bound and the checkpoint is taken.
+    let hold = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let t = std::time::Instant::now();
+    let o = command(u, limitless())
+        .arg("dump")
+        .arg("--socket")
+        .arg(&r.socket)
+        .arg("--output")
+        .arg(&img)
+        .args(["--leave-running", "--wait-idle", "300ms"])
+        .output()
+        .unwrap();
+    assert!(o.status.success() && t.elapsed() >= std::time::Duration::from_millis(300), "{}", String::from_utf8_lossy(&o.stderr));
+    drop(hold);
+    r.send("go\n");
+    let (st, out, _) = r.finish();
+    assert_eq!(st.code(), Some(0));
+    assert!(out.contains("new connection: hello again"), "{out}");
+}

@@ -44,6 +44,8 @@ pub struct RunOptions {
     pub keep_images: bool,
     /// Files every checkpoint carries (`--carry`).
     pub carry: crate::engine::carry::Carry,
+    /// Wait up to this long for no connected TCP socket before each checkpoint.
+    pub wait_idle: Duration,
 }
 
 /// Steps that die in a row before the chain gives up.
@@ -122,6 +124,7 @@ pub fn run_new(argv: &[OsString], opts: &RunOptions) -> Result<i32> {
         env: Vec::new(),
         carry: opts.carry.dirs.iter().map(|d| d.display().to_string()).collect(),
         carry_written: opts.carry.written,
+        wait_idle_ms: opts.wait_idle.as_millis() as u64,
     };
     if !opts.store.put_if_absent(&keys::spec(&chain), serde_json::to_string(&spec)?.as_bytes())? {
         bail!("chain id {chain} is taken (try again)");

@@ -82,6 +82,9 @@ pub struct Spec {
     /// Every checkpoint carries the files open for writing (`--carry-written`).
     #[serde(default)]
     pub carry_written: bool,
+    /// Wait up to this long for no connected TCP socket before each checkpoint.
+    #[serde(default)]
+    pub wait_idle_ms: u64,
 }
 
 /// One measured checkpoint, for predicting the next one.

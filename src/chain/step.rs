@@ -150,7 +150,9 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
         let ps = sup.proc_stats();
         stats.cpu_ms = stats.cpu_ms.max(ps.cpu_ms);
         stats.peak_rss_bytes = stats.peak_rss_bytes.max(ps.peak_rss_bytes);
-        let m = margin::margin(ps.rss_bytes, &history, a.margin_floor.saturating_sub(reserve)) + reserve;
+        let m = margin::margin(ps.rss_bytes, &history, a.margin_floor.saturating_sub(reserve))
+            + reserve
+            + Duration::from_millis(spec.wait_idle_ms);
         let at = a.deadline.checked_sub(m).unwrap_or(UNIX_EPOCH);
         let plan = unix_ms(at);
         if plan.abs_diff(last_plan) > 200 {
@@ -166,7 +168,7 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
             continue;
         }
         stats.run_ms = ms(running_since.elapsed());
-        match checkpoint(a, store, &sup, ps.rss_bytes, &mut history, &mut stats, restored_from.as_deref())? {
+        match checkpoint(a, &sup, ps.rss_bytes, &mut history, &mut stats, restored_from.as_deref(), spec.wait_idle_ms)? {
             Some(o) => break o,
             None => {
                 // The checkpoint could not be taken or stored; the program runs on. Try again
@@ -237,18 +239,20 @@ fn finish(a: &StepArgs, store: &dyn Store, sup: &Supervisor, code: i32, stats: &
 /// the chain's latest.
 fn checkpoint(
     a: &StepArgs,
-    store: &dyn Store,
     sup: &Supervisor,
     rss: u64,
     history: &mut Vec<CostSample>,
     stats: &mut StepStats,
     restored_from: Option<&str>,
+    wait_idle_ms: u64,
 ) -> Result<Option<Outcome>> {
+    let store = &*a.store;
     let staging = store.staging_path("image")?;
     let t = Instant::now();
     let freeze_timeout =
         until(a.deadline).saturating_sub(Duration::from_millis(200)).clamp(Duration::from_millis(100), Duration::from_secs(10));
-    let cs = match sup.inner.checkpoint(&Request { output: staging.clone(), after: After::Hold, freeze_timeout }) {
+    let wait_idle = Duration::from_millis(wait_idle_ms);
+    let cs = match sup.inner.checkpoint(&Request { output: staging.clone(), after: After::Hold, freeze_timeout, wait_idle }) {
         Ok(cs) => cs,
         Err(e) => {
             tracing::warn!("checkpoint of step {} failed: {e:#}", a.step);

@@ -58,6 +58,10 @@ enum Cmd {
         /// Keep the last checkpoint image in the store after the chain ends.
         #[arg(long)]
         keep_images: bool,
+        /// Before each checkpoint, wait up to DURATION for a moment with no connected TCP
+        /// socket (kept in the margin), so that a request in flight is not cut off.
+        #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+        wait_idle: Duration,
         #[command(flatten)]
         carry: CarryArgs,
         /// The program and its arguments.
@@ -140,6 +144,10 @@ enum Cmd {
         /// How long to wait for every thread to stop.
         #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
         freeze_timeout: Duration,
+        /// Wait up to DURATION for a moment with no connected TCP socket before freezing, so
+        /// that a request in flight is not cut off (connected sockets come back closed).
+        #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+        wait_idle: Duration,
     },
     /// Restore a program from IMAGE as a child of this process, and continue it.
     ///
@@ -217,8 +225,8 @@ pub fn main() -> i32 {
     };
     init_logging();
     match cli.command {
-        Cmd::Run { limit, margin, store, report, resume, keep_images, carry, prog } => match carry.to_carry() {
-            Ok(c) => run_cmd(limit, margin, store, report, resume, keep_images, c, prog),
+        Cmd::Run { limit, margin, store, report, resume, keep_images, wait_idle, carry, prog } => match carry.to_carry() {
+            Ok(c) => run_cmd(limit, margin, store, report, resume, keep_images, wait_idle, c, prog),
             Err(e) => fail(e),
         },
         Cmd::Step { store, chain, step, attempt, deadline_unix_ms, margin_ms } => {
@@ -234,7 +242,9 @@ pub fn main() -> i32 {
                 Err(e) => fail(format!("{e:#}")),
             }
         }
-        Cmd::Dump { socket, pid, output, leave_running, freeze_timeout } => dump(socket, pid, output, leave_running, freeze_timeout),
+        Cmd::Dump { socket, pid, output, leave_running, freeze_timeout, wait_idle } => {
+            dump(socket, pid, output, leave_running, freeze_timeout, wait_idle)
+        }
         Cmd::Restore { socket, carry, image } => match carry.to_carry() {
             Ok(c) => restore_cmd(socket, c, image),
             Err(e) => fail(e),
@@ -268,7 +278,14 @@ fn launch(socket: Option<PathBuf>, carry: crate::engine::carry::Carry, prog: Vec
     }
 }
 
-fn dump(socket: Option<PathBuf>, pid: Option<u32>, output: PathBuf, leave_running: bool, freeze_timeout: Duration) -> i32 {
+fn dump(
+    socket: Option<PathBuf>,
+    pid: Option<u32>,
+    output: PathBuf,
+    leave_running: bool,
+    freeze_timeout: Duration,
+    wait_idle: Duration,
+) -> i32 {
     let sock = match (socket, pid) {
         (Some(s), _) => s,
         (None, Some(p)) => api::default_socket(p),
@@ -278,7 +295,12 @@ fn dump(socket: Option<PathBuf>, pid: Option<u32>, output: PathBuf, leave_runnin
         Ok(p) => p,
         Err(e) => return fail(format!("bad output path {}: {e}", output.display())),
     };
-    let req = ApiRequest::Dump { output: output.clone(), leave_running, freeze_timeout_ms: Some(freeze_timeout.as_millis() as u64) };
+    let req = ApiRequest::Dump {
+        output: output.clone(),
+        leave_running,
+        freeze_timeout_ms: Some(freeze_timeout.as_millis() as u64),
+        wait_idle_ms: Some(wait_idle.as_millis() as u64),
+    };
     match api::request(&sock, &req) {
         Ok(r) if r.ok => {
             if let Some(s) = r.stats {
@@ -318,6 +340,7 @@ fn run_cmd(
     report: Option<PathBuf>,
     resume: Option<String>,
     keep_images: bool,
+    wait_idle: Duration,
     carry: crate::engine::carry::Carry,
     prog: Vec<OsString>,
 ) -> i32 {
@@ -356,7 +379,7 @@ fn run_cmd(
     };
     let url = st.describe();
     let progress = controller::is_terminal(&std::io::stderr());
-    let opts = RunOptions { store: st, store_url: url, limit, margin, report, progress, keep_images, carry };
+    let opts = RunOptions { store: st, store_url: url, limit, margin, report, progress, keep_images, carry, wait_idle };
     let r = match resume {
         Some(c) => controller::resume(&c, &opts),
         None => controller::run_new(&prog, &opts),

@@ -29,6 +29,9 @@ pub enum ApiRequest {
         /// How long to wait for every thread to stop.
         #[serde(default)]
         freeze_timeout_ms: Option<u64>,
+        /// Wait up to this long for no connected TCP socket before freezing.
+        #[serde(default)]
+        wait_idle_ms: Option<u64>,
     },
     /// Report the program's pid and whether its agent is ready.
     Status,
@@ -137,9 +140,14 @@ fn serve(c: UnixStream, inner: &Inner) {
                 ..Default::default()
             }
         }
-        Ok(ApiRequest::Dump { output, leave_running, freeze_timeout_ms }) => {
+        Ok(ApiRequest::Dump { output, leave_running, freeze_timeout_ms, wait_idle_ms }) => {
             let after = if leave_running { After::Resume } else { After::Kill };
-            let req = Request { output, after, freeze_timeout: freeze_timeout_ms.map_or(FREEZE_TIMEOUT, Duration::from_millis) };
+            let req = Request {
+                output,
+                after,
+                freeze_timeout: freeze_timeout_ms.map_or(FREEZE_TIMEOUT, Duration::from_millis),
+                wait_idle: Duration::from_millis(wait_idle_ms.unwrap_or(0)),
+            };
             match inner.checkpoint(&req) {
                 Ok(s) => ApiReply { ok: true, stats: Some(s), pid: Some(inner.pid), ..Default::default() },
                 Err(e) => ApiReply { error: Some(format!("{e:#}")), ..Default::default() },

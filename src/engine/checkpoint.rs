@@ -42,6 +42,8 @@ pub struct Request {
     pub after: After,
     /// How long to wait for every thread to stop.
     pub freeze_timeout: Duration,
+    /// Wait up to this long for a moment with no connected TCP socket before freezing.
+    pub wait_idle: Duration,
 }
 
 /// What a checkpoint cost.
@@ -118,6 +120,8 @@ impl Inner {
             flags: if req.after == After::Resume { ckpt_flags::LEAVE_RUNNING } else { 0 },
             freeze_timeout_ms: req.freeze_timeout.as_millis().min(u32::MAX as u128) as u32,
             stdio_ino: self.stdio_ino,
+            wait_idle_ms: req.wait_idle.as_millis().min(u32::MAX as u128) as u32,
+            reserved: 0,
         };
         if let Err(e) = self.link.send_wire(msg::CHECKPOINT, &c, Some(pw.as_fd())) {
             let _ = fs::remove_file(&tmp);
@@ -168,7 +172,7 @@ impl Inner {
     /// The program's input stays paused until [`release`](Self::release), so none is lost.
     fn run_checkpoint(&self, req: &Request, file: File, pr: std::os::fd::OwnedFd) -> Result<(Stats, Instant)> {
         let mut stats = Stats::default();
-        let wait = req.freeze_timeout + Duration::from_secs(10);
+        let wait = req.freeze_timeout + req.wait_idle + Duration::from_secs(10);
         match self.next_event(wait)? {
             AgentMsg::Frozen(f) => {
                 stats.threads = f.threads;

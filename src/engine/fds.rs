@@ -9,7 +9,7 @@ use super::spawn::{EpollSpec, FdMap};
 use super::supervisor::Plumbing;
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::file::{Fd, Image};
-use limitless_image::format::{fd_kind, file_kind};
+use limitless_image::format::{fd_kind, file_kind, sock, sock_flags, SocketState};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -132,6 +132,75 @@ fn timerfd(f: &Fd) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+fn sockaddr_text(s: &SocketState) -> String {
+    let a = &s.addr[..s.addr_len as usize];
+    match s.family as i32 {
+        libc::AF_INET if a.len() >= 8 => format!("{}.{}.{}.{}:{}", a[4], a[5], a[6], a[7], u16::from_be_bytes([a[2], a[3]])),
+        libc::AF_INET6 if a.len() >= 24 => format!(
+            "[{}]:{}",
+            std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&a[8..24]).unwrap_or([0; 16])),
+            u16::from_be_bytes([a[2], a[3]])
+        ),
+        _ => String::from_utf8_lossy(a.get(2..).unwrap_or(&[])).trim_end_matches('\0').to_string(),
+    }
+}
+
+fn socket(f: &Fd) -> Result<OwnedFd> {
+    let s = SocketState::decode(&f.extra).ok_or_else(|| anyhow!("socket {} has no state", f.info.fd))?;
+    let ty = s.sock_type as i32 | libc::SOCK_CLOEXEC;
+    let fd = if f.info.aux == sock::CLOSED {
+        // A socket whose peer is gone: reads see the end, writes fail with EPIPE.
+        let mut sv = [0i32; 2];
+        let t = if s.sock_type as i32 == libc::SOCK_DGRAM { libc::SOCK_DGRAM } else { s.sock_type as i32 } | libc::SOCK_CLOEXEC;
+        // SAFETY: creates a pair of new sockets into `sv`.
+        if unsafe { libc::socketpair(libc::AF_UNIX, t, 0, sv.as_mut_ptr()) } < 0 {
+            bail!("cannot make a closed socket for fd {}: {}", f.info.fd, std::io::Error::last_os_error());
+        }
+        // SAFETY: both are new descriptors we own; the peer is closed at once.
+        unsafe { libc::close(sv[1]) };
+        cvt(sv[0], String::new)?
+    } else {
+        // SAFETY: creates a new socket.
+        let fd = cvt(unsafe { libc::socket(s.family as i32, ty, s.protocol as i32) }, || format!("cannot recreate socket {}", f.info.fd))?;
+        let on: libc::c_int = 1;
+        let set = |level, opt| {
+            // SAFETY: sets an int option on our socket.
+            unsafe { libc::setsockopt(fd.as_raw_fd(), level, opt, &on as *const _ as *const libc::c_void, 4) };
+        };
+        // Bind again even while the old connections linger in TIME_WAIT.
+        set(libc::SOL_SOCKET, libc::SO_REUSEADDR);
+        if s.flags & sock_flags::REUSEPORT != 0 {
+            set(libc::SOL_SOCKET, libc::SO_REUSEPORT);
+        }
+        if s.flags & sock_flags::V6ONLY != 0 {
+            set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY);
+        }
+        if f.info.aux == sock::LISTEN || f.info.aux == sock::BOUND {
+            if s.family as i32 == libc::AF_UNIX && s.addr_len > 2 && s.addr[2] != 0 {
+                // A path left behind by the dead original: bind needs it gone.
+                let p = std::path::PathBuf::from(sockaddr_text(&s));
+                if std::fs::symlink_metadata(&p).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+            // SAFETY: binds our socket to the recorded address (length checked on read).
+            let r = unsafe { libc::bind(fd.as_raw_fd(), s.addr.as_ptr() as *const libc::sockaddr, s.addr_len) };
+            if r < 0 {
+                bail!("cannot bind socket {} to {} again: {}", f.info.fd, sockaddr_text(&s), std::io::Error::last_os_error());
+            }
+            // SAFETY: listens on our socket.
+            if f.info.aux == sock::LISTEN && unsafe { libc::listen(fd.as_raw_fd(), 4096) } < 0 {
+                bail!("cannot listen on {} again: {}", sockaddr_text(&s), std::io::Error::last_os_error());
+            }
+        }
+        fd
+    };
+    if nonblock(f) {
+        set_nonblock(&fd);
+    }
+    Ok(fd)
+}
+
 /// Opens every descriptor the program had, for its number in the child.
 pub fn recreate(img: &Image, pl: &Plumbing, objs: &HashMap<u32, OwnedFd>, fds: &mut FdMap) -> Result<()> {
     let mut leaders: HashMap<i32, OwnedFd> = HashMap::new();
@@ -181,6 +250,7 @@ pub fn recreate(img: &Image, pl: &Plumbing, objs: &HashMap<u32, OwnedFd>, fds: &
                 let obj = img.file_by_identity(want, x.dev, x.ino).ok_or_else(|| anyhow!("fd {} has no file object", x.fd))?;
                 super::objects::reopen(&objs[&obj.info.id], x.open_flags, x.pos)?
             }
+            fd_kind::SOCKET => socket(f)?,
             fd_kind::EVENTFD => eventfd(f)?,
             fd_kind::SIGNALFD => signalfd(f)?,
             fd_kind::TIMERFD => timerfd(f)?,

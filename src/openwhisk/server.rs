@@ -228,6 +228,10 @@ fn run_job(opts: &ServeOptions, init_env: &[(String, String)], msg: &Map<String,
                 env,
                 carry: carry.dirs.iter().map(|d| d.display().to_string()).collect(),
                 carry_written: carry.written,
+                wait_idle_ms: std::env::var("LIMITLESS_WAIT_IDLE")
+                    .ok()
+                    .and_then(|v| crate::util::parse_duration(&v).ok())
+                    .map_or(0, |d| d.as_millis() as u64),
             };
             if !store.put_if_absent(&keys::spec(&chain), serde_json::to_string(&spec)?.as_bytes())? {
                 anyhow::bail!("chain id {chain} is taken");

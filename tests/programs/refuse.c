@@ -1,12 +1,18 @@
-/* Holds something the engine cannot checkpoint yet: "socket" opens a socketpair, "block"
- * starts a thread that blocks every signal with a raw system call (so it never stops).
+/* Holds something the engine cannot checkpoint: "block" starts a thread that blocks every
+ * signal with a raw system call (so it never stops), "io_uring" and "perf" and "bpf" open
+ * such descriptors, "child" starts a child process, "traced" has a child trace it.
  * Prints READY, waits for a line, prints "still running". */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <linux/bpf.h>
+#include <linux/perf_event.h>
+#include <sys/prctl.h>
+#include <sys/ptrace.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -23,8 +29,40 @@ int main(int argc, char **argv) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   int sv[2];
   pthread_t t;
-  if (argc > 1 && !strcmp(argv[1], "socket")) socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
-  if (argc > 1 && !strcmp(argv[1], "block")) pthread_create(&t, NULL, blocker, NULL);
+  const char *m = argc > 1 ? argv[1] : "";
+  (void)sv;
+  if (!strcmp(m, "block")) pthread_create(&t, NULL, blocker, NULL);
+  if (!strcmp(m, "io_uring")) {
+    char params[512] = {0};
+    if (syscall(425, 4, params) < 0) { perror("io_uring_setup"); return 3; }
+  }
+  if (!strcmp(m, "perf")) {
+    struct perf_event_attr a;
+    memset(&a, 0, sizeof a);
+    a.type = PERF_TYPE_SOFTWARE; a.size = sizeof a; a.config = PERF_COUNT_SW_TASK_CLOCK; a.exclude_kernel = 1;
+    if (syscall(SYS_perf_event_open, &a, 0, -1, -1, 0) < 0) { perror("perf_event_open"); return 3; }
+  }
+  if (!strcmp(m, "bpf")) {
+    union bpf_attr a;
+    memset(&a, 0, sizeof a);
+    a.map_type = BPF_MAP_TYPE_ARRAY; a.key_size = 4; a.value_size = 4; a.max_entries = 1;
+    if (syscall(SYS_bpf, BPF_MAP_CREATE, &a, sizeof a) < 0) { perror("bpf"); return 3; }
+  }
+  if (!strcmp(m, "child") && fork() == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    sleep(30);
+    _exit(0);
+  }
+  if (!strcmp(m, "traced")) {
+    pid_t parent = getpid();
+    if (fork() == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (ptrace(PTRACE_SEIZE, parent, 0, 0) != 0) _exit(1);
+      sleep(30);
+      _exit(0);
+    }
+    usleep(200000);
+  }
   printf("READY\n");
   char line[16];
   if (!fgets(line, sizeof line, stdin)) return 2;

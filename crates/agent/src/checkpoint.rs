@@ -132,11 +132,32 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
         let _ = sys::close(out_fd);
         return fail(&[b"cannot reserve memory for the checkpoint"]);
     };
-    let timeout = (c.freeze_timeout_ms.max(10) as u64) * 1_000_000;
-    if let Err(e) = freeze::freeze(timeout) {
-        freeze::thaw();
+    if let Some(tracer) = tracer_pid() {
         let _ = sys::close(out_fd);
-        return report_freeze_error(e, c.freeze_timeout_ms);
+        let mut d = [0u8; 20];
+        return fail(&[
+            b"the program is being traced (ptrace) by process ",
+            sys::fmt_u64(tracer, &mut d),
+            b"; a traced program cannot be checkpointed",
+        ]);
+    }
+    let timeout = (c.freeze_timeout_ms.max(10) as u64) * 1_000_000;
+    // With --wait-idle: freeze at a moment with no connected TCP socket, if one comes in time.
+    let idle_deadline = t0 + c.wait_idle_ms as u64 * 1_000_000;
+    loop {
+        while c.wait_idle_ms > 0 && fds::has_tcp_connections() && sys::monotonic_ns() < idle_deadline {
+            sys::sleep_ns(5_000_000);
+        }
+        if let Err(e) = freeze::freeze(timeout) {
+            freeze::thaw();
+            let _ = sys::close(out_fd);
+            return report_freeze_error(e, c.freeze_timeout_ms);
+        }
+        // A connection may have come between the look and the freeze.
+        if c.wait_idle_ms == 0 || !fds::has_tcp_connections() || sys::monotonic_ns() >= idle_deadline {
+            break;
+        }
+        freeze::thaw();
     }
     let freeze_ns = sys::monotonic_ns() - t0;
     let threads = live_threads() + 1;
@@ -273,6 +294,20 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
         }
     }
     freeze::thaw();
+}
+
+/// The pid tracing this process, if one is (`TracerPid` in `/proc/self/status`).
+fn tracer_pid() -> Option<u64> {
+    let mut b = [0u8; 4096];
+    let n = process::read_file(b"/proc/self/status\0", &mut b);
+    let text = &b[..n];
+    let i = text.windows(10).position(|w| w == b"TracerPid:")?;
+    let rest = &text[i + 10..];
+    let j = rest.iter().position(|&c| c != b' ' && c != b'\t')?;
+    match sys::parse_u64(&rest[j..]) {
+        Some((0, _)) | None => None,
+        Some((p, _)) => Some(p),
+    }
 }
 
 fn live_threads() -> usize {

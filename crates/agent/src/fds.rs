@@ -11,7 +11,7 @@
 use crate::global::{Saved, MAX_FD};
 use crate::objects::{self, Obj, Objects};
 use crate::scratch::Scratch;
-use limitless_image::format::{fd_kind, file_kind, EpollItem, FdInfo, TimerfdState};
+use limitless_image::format::{fd_kind, file_kind, sock, sock_flags, EpollItem, FdInfo, SocketState, TimerfdState};
 use limitless_image::wire::Wire;
 use limitless_sys as sys;
 
@@ -121,6 +121,94 @@ fn epoll_items(text: &[u8], out: &mut [u8]) -> Option<usize> {
         n += EpollItem::SIZE;
     }
     Some(n)
+}
+
+/// Whether an address says nothing (an unbound socket).
+fn unspecified(family: i32, addr: &[u8]) -> bool {
+    match family {
+        sys::AF_INET | sys::AF_INET6 => addr.len() < 4 || addr[2] == 0 && addr[3] == 0,
+        _ => addr.len() <= 2,
+    }
+}
+
+/// What a socket is: (restore kind, state). `None`: a kind the engine does not handle.
+pub fn socket_state(fd: i32) -> Option<(u32, SocketState)> {
+    let family = sys::getsockopt_int(fd, sys::SOL_SOCKET, sys::SO_DOMAIN).ok()?;
+    let ty = sys::getsockopt_int(fd, sys::SOL_SOCKET, sys::SO_TYPE).ok()?;
+    let protocol = sys::getsockopt_int(fd, sys::SOL_SOCKET, sys::SO_PROTOCOL).unwrap_or(0);
+    if ![sys::AF_UNIX, sys::AF_INET, sys::AF_INET6].contains(&family)
+        || ![sys::SOCK_STREAM, sys::SOCK_DGRAM, sys::SOCK_SEQPACKET].contains(&ty)
+    {
+        return None;
+    }
+    let listening = sys::getsockopt_int(fd, sys::SOL_SOCKET, sys::SO_ACCEPTCONN) == Ok(1);
+    let mut addr = [0u8; 128];
+    let alen = sys::sockname(fd, false, &mut addr).unwrap_or(0);
+    let mut peer = [0u8; 128];
+    let connected = sys::sockname(fd, true, &mut peer).is_ok();
+    let mut flags = 0;
+    if sys::getsockopt_int(fd, sys::SOL_SOCKET, sys::SO_REUSEADDR) == Ok(1) {
+        flags |= sock_flags::REUSEADDR;
+    }
+    if sys::getsockopt_int(fd, sys::SOL_SOCKET, sys::SO_REUSEPORT) == Ok(1) {
+        flags |= sock_flags::REUSEPORT;
+    }
+    if family == sys::AF_INET6 && sys::getsockopt_int(fd, sys::IPPROTO_IPV6, sys::IPV6_V6ONLY) == Ok(1) {
+        flags |= sock_flags::V6ONLY;
+    }
+    let aux = if listening {
+        sock::LISTEN
+    } else if connected {
+        sock::CLOSED
+    } else if !unspecified(family, &addr[..alen]) {
+        sock::BOUND
+    } else {
+        sock::FRESH
+    };
+    let st = SocketState {
+        family: family as u32,
+        sock_type: ty as u32,
+        protocol: protocol as u32,
+        flags,
+        addr_len: alen as u32,
+        reserved: 0,
+        addr,
+    };
+    Some((aux, st))
+}
+
+/// Whether the program has a connected TCP socket (for waiting until it has none).
+pub fn has_tcp_connections() -> bool {
+    let Ok(dir) = sys::openat(sys::AT_FDCWD, b"/proc/self/fd\0", sys::O_RDONLY | sys::O_DIRECTORY | sys::O_CLOEXEC, 0) else {
+        return false;
+    };
+    let mut buf = [0u8; 4096];
+    let mut found = false;
+    'outer: loop {
+        let n = match sys::getdents64(dir, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut off = 0;
+        while off + 19 < n {
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            let name = &buf[off + 19..off + reclen];
+            off += reclen.max(1);
+            let Some((fd, _)) = sys::parse_u64(name) else { continue };
+            let mut st = sys::Stat::default();
+            if sys::fstat(fd as i32, &mut st).is_err() || st.mode & sys::S_IFMT != sys::S_IFSOCK {
+                continue;
+            }
+            if let Some((sock::CLOSED, s)) = socket_state(fd as i32) {
+                if (s.family == sys::AF_INET as u32 || s.family == sys::AF_INET6 as u32) && s.sock_type == sys::SOCK_STREAM as u32 {
+                    found = true;
+                    break 'outer;
+                }
+            }
+        }
+    }
+    let _ = sys::close(dir);
+    found
 }
 
 /// Copies the unread bytes of pipe read end `fd` into `out` without taking them.
@@ -306,7 +394,22 @@ fn collect_in(
                 info.kind = fd_kind::CHR;
                 info.pos = sys::lseek(fd, 0, sys::SEEK_CUR).unwrap_or(0);
             }
-            sys::S_IFSOCK => return Err(fail("a socket (sockets are not supported yet)")),
+            sys::S_IFSOCK => {
+                keep_path = false;
+                match socket_state(fd) {
+                    Some((aux, st)) => {
+                        info.kind = fd_kind::SOCKET;
+                        info.aux = aux;
+                        st.put(extra);
+                        xlen = SocketState::SIZE;
+                    }
+                    None => {
+                        return Err(fail(
+                            "a socket of a kind that is not supported (only Unix, IPv4 and IPv6 stream and datagram sockets are)",
+                        ))
+                    }
+                }
+            }
             _ => {
                 keep_path = false;
                 let text = fdinfo(fd, info_buf);

@@ -72,6 +72,10 @@ wire! {
         /// Inodes of the supervisor's stdin, stdout and stderr pipes (0: not a pipe), so the
         /// agent can tell them from the program's own pipes.
         pub stdio_ino: [u64; 3],
+        /// Wait up to this many milliseconds for a moment with no connected TCP socket
+        /// before freezing (0: do not wait). Older agents ignore it.
+        pub wait_idle_ms: u32,
+        pub reserved: u32,
     }
 }
 

@@ -776,6 +776,17 @@ impl Image {
                     _ => return Err(bad("timer state")),
                 },
                 fd_kind::SHM | fd_kind::DELETED => {}
+                fd_kind::SOCKET => match SocketState::decode(&f.extra) {
+                    Some(s)
+                        if f.extra.len() == SocketState::SIZE
+                            && (sock::LISTEN..=sock::FRESH).contains(&x.aux)
+                            && [1u32, 2, 10].contains(&s.family)
+                            && [1u32, 2, 5].contains(&s.sock_type)
+                            && s.addr_len <= 128
+                            && s.reserved == 0
+                            && s.flags & !7 == 0 => {}
+                    _ => return Err(bad("socket state")),
+                },
                 fd_kind::EPOLL => {
                     let n = f.extra.len() / EpollItem::SIZE;
                     if f.extra.len() % EpollItem::SIZE != 0

@@ -453,6 +453,9 @@ pub mod fd_kind {
     pub const SHM: u32 = 10;
     /// A regular file deleted while open (its contents are a DELETED file object).
     pub const DELETED: u32 = 11;
+    /// A socket (extra data: a [`SocketState`](super::SocketState); `aux` says what the
+    /// restore makes of it, see [`sock`](super::sock)).
+    pub const SOCKET: u32 = 12;
 
     /// A short name for a kind.
     pub fn name(k: u32) -> &'static str {
@@ -468,6 +471,7 @@ pub mod fd_kind {
             EPOLL => "epoll",
             SHM => "memfd",
             DELETED => "deleted-file",
+            SOCKET => "socket",
             _ => "unknown",
         }
     }
@@ -516,6 +520,50 @@ wire! {
         pub tfd: i32,
         pub events: u32,
         pub data: u64,
+    }
+}
+
+/// What a restore makes of a socket (`FdInfo::aux`).
+pub mod sock {
+    /// A listening socket: bound to its address again and listening.
+    pub const LISTEN: u32 = 1;
+    /// A bound datagram socket: bound to its address again.
+    pub const BOUND: u32 = 2;
+    /// A connected stream socket: closed (reads see the end, writes fail), so the program
+    /// notices and reconnects.
+    pub const CLOSED: u32 = 3;
+    /// A socket with no address yet: a new one of the same kind.
+    pub const FRESH: u32 = 4;
+
+    /// A short name.
+    pub fn name(s: u32) -> &'static str {
+        match s {
+            LISTEN => "listening",
+            BOUND => "bound",
+            CLOSED => "closed at restore",
+            FRESH => "unbound",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Socket flags in [`SocketState`].
+pub mod sock_flags {
+    pub const REUSEADDR: u32 = 1;
+    pub const REUSEPORT: u32 = 2;
+    pub const V6ONLY: u32 = 4;
+}
+
+wire! {
+    /// A socket: its kind, options and local address.
+    pub struct SocketState {
+        pub family: u32,
+        pub sock_type: u32,
+        pub protocol: u32,
+        pub flags: u32,
+        pub addr_len: u32,
+        pub reserved: u32,
+        pub addr: [u8; 128],
     }
 }
 

@@ -550,6 +550,39 @@ pub fn fionread(fd: i32) -> Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// `getsockopt(2)` for an int option.
+pub fn getsockopt_int(fd: i32, level: i32, opt: i32) -> Result<i32> {
+    let mut v: i32 = 0;
+    let mut len: u32 = 4;
+    // SAFETY: the kernel writes at most `len` bytes into `v` and updates `len`.
+    unsafe { sc!(nr::GETSOCKOPT, fd, level, opt, &mut v as *mut i32, &mut len as *mut u32)? };
+    Ok(v)
+}
+
+/// `getsockname(2)` or `getpeername(2)` (`peer`): the address into `buf`, its length.
+pub fn sockname(fd: i32, peer: bool, buf: &mut [u8; 128]) -> Result<usize> {
+    let mut len: u32 = 128;
+    let n = if peer { nr::GETPEERNAME } else { nr::GETSOCKNAME };
+    // SAFETY: the kernel writes at most `len` bytes into `buf` and updates `len`.
+    unsafe { sc!(n, fd, buf.as_mut_ptr(), &mut len as *mut u32)? };
+    Ok((len as usize).min(128))
+}
+
+pub const SO_TYPE: i32 = 3;
+pub const SO_REUSEADDR: i32 = 2;
+pub const SO_REUSEPORT: i32 = 15;
+pub const SO_ACCEPTCONN: i32 = 30;
+pub const SO_PROTOCOL: i32 = 38;
+pub const SO_DOMAIN: i32 = 39;
+pub const IPPROTO_IPV6: i32 = 41;
+pub const IPV6_V6ONLY: i32 = 26;
+pub const AF_UNIX: i32 = 1;
+pub const AF_INET: i32 = 2;
+pub const AF_INET6: i32 = 10;
+pub const SOCK_STREAM: i32 = 1;
+pub const SOCK_DGRAM: i32 = 2;
+pub const SOCK_SEQPACKET: i32 = 5;
+
 /// `fsync(2)`.
 pub fn fsync(fd: i32) -> Result<()> {
     // SAFETY: no memory arguments.
