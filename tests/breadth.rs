@@ -117,6 +117,15 @@ fn memfd_shared_anonymous_memory_and_deleted_files_keep_contents_and_aliasing() 
 }
 
 #[test]
+fn shared_file_mappings_prot_none_areas_and_guard_pages() {
+    // The reference run prints each guard page as "faults"; a restore that lost them would
+    // print the page's contents instead.
+    let out = reference_in(&program("memkinds"), &[], "go\n", &workdir("memkinds-probe", User::Root));
+    assert!(out.contains("guard area page 3: faults"), "this kernel lacks MADV_GUARD_INSTALL (Linux 6.13+): {out}");
+    stop_and_restore("memkinds", &[], "go\n");
+}
+
+#[test]
 fn carried_scratch_files_and_written_files_come_back_in_a_fresh_container() {
     let prog = program("scratch");
     let refdir = workdir("scratch-ref", User::Root);

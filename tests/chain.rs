@@ -379,8 +379,8 @@ fn a_limit_too_short_for_the_program_fails_naming_the_minimum() {
     let r = run_chain(user, &d, "1s", &[prog.to_str().unwrap(), "700"], &[]);
     assert_eq!(r.code, Some(125), "{}", r.err);
     let last = r.err.lines().last().unwrap_or("");
-    assert!(last.contains("--limit") && (last.contains("at least") || last.contains("longer")), "{last}");
-    assert!(last.contains("resume") || last.contains("almost no time"), "{last}");
+    assert!(last.contains("--limit") && (last.contains("at least") || last.contains("longer")), "{}", r.err);
+    assert!(last.contains("resume") || last.contains("almost no time"), "{}", r.err);
 }
 
 #[test]

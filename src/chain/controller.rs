@@ -253,6 +253,8 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
     let duplicate = std::env::var_os("LIMITLESS_TEST_DUPLICATE_STEPS").is_some();
     let mut failures = 0;
     let mut killed_in_a_row = 0;
+    // Of the failures in a row, how many were kills by the limit.
+    let mut killed_of_failures = 0;
     let mut steps_run = 0u32;
     loop {
         let deadline = SystemTime::now() + opts.limit;
@@ -309,6 +311,7 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
             step = s;
             attempt = a;
             failures = 0;
+            killed_of_failures = 0;
             if let Some((msg, least)) = report::too_short(&*opts.store, chain, opts.limit)? {
                 bail!("{msg}; resume it with `limitless run --limit {least} --store {} --resume {chain}`", opts.store.describe());
             }
@@ -316,12 +319,19 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
         }
         failures += 1;
         killed_in_a_row = if killed { killed_in_a_row + 1 } else { 0 };
+        killed_of_failures += killed as u32;
         let last = last_manifest(&*opts.store, chain)?;
         if failures >= MAX_FAILURES {
             let resume = format!("the chain is kept: resume it with `limitless run --store {} --resume {chain}`", opts.store.describe());
             if killed_in_a_row >= MAX_FAILURES {
                 bail!(
                     "step {step} was killed by the limit {failures} times before it could hand over: {}; {resume}",
+                    report::why_killed(&*opts.store, chain, opts.limit)?
+                );
+            }
+            if killed_of_failures > 0 {
+                bail!(
+                    "step {step} failed {failures} times in a row, killed by the limit {killed_of_failures} of them (see the messages above): {}; {resume}",
                     report::why_killed(&*opts.store, chain, opts.limit)?
                 );
             }

@@ -3,7 +3,7 @@
 use crate::util::bytes;
 use anyhow::{anyhow, Result};
 use limitless_image::cpu;
-use limitless_image::file::Image;
+use limitless_image::file::{Fd, Image};
 use limitless_image::format::*;
 use limitless_image::wire::unfixed;
 use serde::Serialize;
@@ -27,7 +27,17 @@ struct Report {
     threads: Vec<Thread>,
     memory: Memory,
     files: Vec<FileRow>,
+    objects: Vec<ObjectRow>,
     stdin_pending_bytes: usize,
+}
+
+#[derive(Serialize)]
+struct ObjectRow {
+    id: u32,
+    kind: &'static str,
+    name: String,
+    size: u64,
+    stored_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -54,6 +64,7 @@ struct Memory {
     areas: usize,
     mapped_bytes: u64,
     stored_bytes: u64,
+    guard_bytes: u64,
     by_kind: BTreeMap<&'static str, KindRow>,
 }
 
@@ -92,10 +103,37 @@ fn flags(f: u32) -> String {
     v.join("|")
 }
 
+/// A socket's kind, local address and what the restore makes of it.
+fn socket(f: &Fd) -> String {
+    let Some(s) = SocketState::decode(&f.extra) else { return "socket".into() };
+    let a = &s.addr[..(s.addr_len as usize).min(s.addr.len())];
+    let port = |a: &[u8]| u16::from_be_bytes([a[2], a[3]]);
+    let kind = match (s.family as i32, s.sock_type as i32 & 0xf) {
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM) => "tcp",
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM) => "udp",
+        (libc::AF_UNIX, libc::SOCK_STREAM) => "unix-stream",
+        (libc::AF_UNIX, libc::SOCK_DGRAM) => "unix-dgram",
+        (libc::AF_UNIX, _) => "unix",
+        _ => "socket",
+    };
+    let addr = match s.family as i32 {
+        libc::AF_INET if a.len() >= 8 => format!(" {}:{}", std::net::Ipv4Addr::new(a[4], a[5], a[6], a[7]), port(a)),
+        libc::AF_INET6 if a.len() >= 24 => {
+            let ip: [u8; 16] = a[8..24].try_into().unwrap_or_default();
+            format!(" [{}]:{}", std::net::Ipv6Addr::from(ip), port(a))
+        }
+        libc::AF_UNIX if a.len() > 2 && a[2] == 0 => format!(" @{}", String::from_utf8_lossy(&a[3..])),
+        libc::AF_UNIX if a.len() > 2 => format!(" {}", String::from_utf8_lossy(unfixed(&a[2..]))),
+        _ => String::new(),
+    };
+    format!("{kind}{addr}, {}", sock::name(f.info.aux))
+}
+
 fn report(path: &Path, img: &Image, verified: bool) -> Report {
     let p = &img.process;
     let mut by_kind: BTreeMap<&'static str, KindRow> = BTreeMap::new();
     let (mut mapped, mut stored) = (0, 0);
+    let guards = img.vmas.iter().flat_map(|v| &v.guards).map(|g| g.end - g.start).sum();
     for v in &img.vmas {
         let r = by_kind.entry(vma_kind::name(v.info.kind)).or_default();
         r.areas += 1;
@@ -141,20 +179,31 @@ fn report(path: &Path, img: &Image, verified: bool) -> Report {
                 rseq: t.rseq_len != 0,
             })
             .collect(),
-        memory: Memory { areas: img.vmas.len(), mapped_bytes: mapped, stored_bytes: stored, by_kind },
+        memory: Memory { areas: img.vmas.len(), mapped_bytes: mapped, stored_bytes: stored, guard_bytes: guards, by_kind },
         files: img
             .fds
             .iter()
             .map(|f| FileRow {
                 fd: f.info.fd,
                 kind: fd_kind::name(f.info.kind),
-                path: if f.info.kind == fd_kind::STDIO {
-                    ["stdin", "stdout", "stderr"][f.info.aux.min(2) as usize].to_string()
-                } else {
-                    String::from_utf8_lossy(&f.path).into_owned()
+                path: match f.info.kind {
+                    fd_kind::STDIO => ["stdin", "stdout", "stderr"][f.info.aux.min(2) as usize].to_string(),
+                    fd_kind::SOCKET => socket(f),
+                    _ => String::from_utf8_lossy(&f.path).into_owned(),
                 },
                 offset: f.info.pos,
                 flags: flags(f.info.open_flags),
+            })
+            .collect(),
+        objects: img
+            .files
+            .iter()
+            .map(|o| ObjectRow {
+                id: o.info.id,
+                kind: file_kind::name(o.info.kind),
+                name: String::from_utf8_lossy(&o.name).into_owned(),
+                size: o.info.size,
+                stored_bytes: o.info.data_bytes,
             })
             .collect(),
         stdin_pending_bytes: img.stdin.len(),
@@ -193,6 +242,9 @@ pub fn run(image: &Path, json: bool, verify: bool) -> Result<()> {
         bytes(r.memory.mapped_bytes),
         bytes(r.memory.stored_bytes)
     );
+    if r.memory.guard_bytes > 0 {
+        println!("          guard pages over {}", bytes(r.memory.guard_bytes));
+    }
     for (k, row) in &r.memory.by_kind {
         println!(
             "          {:<13} {:>4} areas {:>11} mapped {:>11} stored",
@@ -205,6 +257,12 @@ pub fn run(image: &Path, json: bool, verify: bool) -> Result<()> {
     println!("files     {}", r.files.len());
     for f in &r.files {
         println!("          {:>4} {:<8} {} (offset {}, {})", f.fd, f.kind, f.path, f.offset, f.flags);
+    }
+    if !r.objects.is_empty() {
+        println!("objects   {} carried in the image", r.objects.len());
+        for o in &r.objects {
+            println!("          {:<14} {} ({}, {} stored)", o.kind, o.name, bytes(o.size), bytes(o.stored_bytes));
+        }
     }
     if r.stdin_pending_bytes > 0 {
         println!("stdin     {} not yet read by the program", bytes(r.stdin_pending_bytes as u64));

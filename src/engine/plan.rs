@@ -80,6 +80,9 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, fds: &PlanFds) -> Vec<u
             _ => (pk::ANON, -1, 0),
         };
         vmas.push(PlanVma { start: x.start, len: x.end - x.start, offset, kind, prot: x.prot, flags, fd });
+        for g in &v.guards {
+            vmas.push(PlanVma { start: g.start, len: g.end - g.start, offset: 0, kind: pk::GUARD, prot: 0, flags: 0, fd: -1 });
+        }
     }
     let mut runs = Vec::new();
     for p in &img.pages {

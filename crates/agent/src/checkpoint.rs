@@ -298,16 +298,7 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
 
 /// The pid tracing this process, if one is (`TracerPid` in `/proc/self/status`).
 fn tracer_pid() -> Option<u64> {
-    let mut b = [0u8; 4096];
-    let n = process::read_file(b"/proc/self/status\0", &mut b);
-    let text = &b[..n];
-    let i = text.windows(10).position(|w| w == b"TracerPid:")?;
-    let rest = &text[i + 10..];
-    let j = rest.iter().position(|&c| c != b' ' && c != b'\t')?;
-    match sys::parse_u64(&rest[j..]) {
-        Some((0, _)) | None => None,
-        Some((p, _)) => Some(p),
-    }
+    process::proc_field(b"/proc/self/status\0", b"TracerPid:").filter(|&p| p != 0)
 }
 
 fn live_threads() -> usize {
@@ -420,7 +411,7 @@ fn write_all(out: &mut Out, j: &Job, maps: &Maps, scan: &Scan, fdt: &FdTable, t0
         let mut v = a.info;
         let name = &maps.text[a.name_off as usize..(a.name_off + a.name_len) as usize];
         v.name_len = name.len() as u32;
-        out.wire(kind::VMA, &v, name)?;
+        out.wire_items(kind::VMA, &v, name, scan.guards_of(a))?;
     }
     for r in fdt.recs[..fdt.n].iter() {
         let mut ib = [0u8; FdInfo::SIZE];

@@ -21,6 +21,25 @@ pub fn read_file(path: &[u8], buf: &mut [u8]) -> usize {
     n
 }
 
+/// The number after `key` (e.g. `b"TracerPid:"`) in a small `key: value` /proc file.
+pub fn proc_field(path: &[u8], key: &[u8]) -> Option<u64> {
+    let mut b = [0u8; 4096];
+    let n = read_file(path, &mut b);
+    let text = &b[..n];
+    let i = text.windows(key.len()).position(|w| w == key)?;
+    let rest = &text[i + key.len()..];
+    let j = rest.iter().position(|&c| c != b' ' && c != b'\t')?;
+    sys::parse_u64(&rest[j..]).map(|(v, _)| v)
+}
+
+/// Whether any swap space holds pages (then `mincore` does not see every page of shared
+/// memory).
+pub fn swap_in_use() -> bool {
+    let total = proc_field(b"/proc/meminfo\0", b"SwapTotal:").unwrap_or(0);
+    let free = proc_field(b"/proc/meminfo\0", b"SwapFree:").unwrap_or(0);
+    total > free
+}
+
 /// Builds `/proc/self/task/<tid>/<leaf>` (NUL-terminated) in `buf`; returns it.
 pub fn task_path<'a>(tid: i32, leaf: &[u8], buf: &'a mut [u8; 64]) -> &'a [u8] {
     let pre = b"/proc/self/task/";

@@ -16,7 +16,7 @@
 use crate::maps::{MapEntry, Maps};
 use crate::objects::{self, Obj, ObjMap, Objects};
 use crate::scratch::Scratch;
-use limitless_image::format::{file_kind, vdso_kind, vma_kind, PagesHeader, VdsoArea, VdsoInfo, VmaInfo, PAGE, WINDOW_PAGES};
+use limitless_image::format::{file_kind, vdso_kind, vma_kind, GuardRange, PagesHeader, VdsoArea, VdsoInfo, VmaInfo, PAGE, WINDOW_PAGES};
 use limitless_sys as sys;
 
 /// One memory area of the image.
@@ -27,6 +27,8 @@ pub struct Area {
     pub name_len: u32,
     /// Read its pages through `/proc/self/mem` (not readable in place, or file gone).
     pub via_mem: bool,
+    /// Its guard ranges: `Scan::guards[guard_first..guard_first + info.n_guards]`.
+    pub guard_first: u32,
 }
 
 /// One page window of the image.
@@ -64,6 +66,17 @@ pub struct Scan {
     /// Mappings of file objects (shared memory).
     pub objmaps: &'static mut [ObjMap],
     pub n_objmaps: usize,
+    /// Guard-page ranges of all areas, in address order.
+    pub guards: &'static mut [GuardRange],
+    pub n_guards: usize,
+}
+
+impl Scan {
+    /// The guard ranges of area `a`.
+    pub fn guards_of(&self, a: &Area) -> &[GuardRange] {
+        let f = a.guard_first as usize;
+        &self.guards[f..f + a.info.n_guards as usize]
+    }
 }
 
 const WINDOW: u64 = WINDOW_PAGES * PAGE;
@@ -76,11 +89,24 @@ pub fn scan(maps: &Maps, s: &mut Scratch, objs: &mut Objects, max_wins: usize) -
     let regions = s.array::<sys::PageRegion>(4096).ok_or(ScanError::NoMem)?;
     let membuf = s.array::<u8>(WINDOW as usize).ok_or(ScanError::NoMem)?;
     let pagemap = s.array::<u64>(4096).ok_or(ScanError::NoMem)?;
-    let mut sc =
-        Scan { areas, n_areas: 0, wins, n_wins: 0, vdso: VdsoInfo::zeroed(), vdso_hash: 0, zero_pages: 0, pages: 0, objmaps, n_objmaps: 0 };
+    let guards = s.array::<GuardRange>(maps.n + 4096).ok_or(ScanError::NoMem)?;
+    let mut sc = Scan {
+        areas,
+        n_areas: 0,
+        wins,
+        n_wins: 0,
+        vdso: VdsoInfo::zeroed(),
+        vdso_hash: 0,
+        zero_pages: 0,
+        pages: 0,
+        objmaps,
+        n_objmaps: 0,
+        guards,
+        n_guards: 0,
+    };
     let pm = sys::openat(sys::AT_FDCWD, b"/proc/self/pagemap\0", sys::O_RDONLY | sys::O_CLOEXEC, 0).map_err(ScanError::Io)?;
     let mem = sys::openat(sys::AT_FDCWD, b"/proc/self/mem\0", sys::O_RDONLY | sys::O_CLOEXEC, 0).map_err(ScanError::Io)?;
-    let mut ctx = Ctx { pm, mem, use_scan: true, regions, membuf, pagemap };
+    let mut ctx = Ctx { pm, mem, use_scan: true, swap: None, regions, membuf, pagemap };
     let r = (|| {
         for e in maps.entries[..maps.n].iter() {
             let name = maps.name(e);
@@ -137,9 +163,17 @@ struct Ctx {
     pm: i32,
     mem: i32,
     use_scan: bool,
+    /// Whether swap holds pages: unknown (None) until asked.
+    swap: Option<bool>,
     regions: &'static mut [sys::PageRegion],
     membuf: &'static mut [u8],
     pagemap: &'static mut [u64],
+}
+
+impl Ctx {
+    fn swap_in_use(&mut self) -> bool {
+        *self.swap.get_or_insert_with(crate::process::swap_in_use)
+    }
 }
 
 fn unsupported(e: &MapEntry, why: &'static str) -> ScanError {
@@ -196,6 +230,14 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &Ma
         {
             return Err(unsupported(e, "shared memory too large to carry in an image"));
         }
+        // Without an fd the contents are found with mincore, which does not see pages of
+        // shared memory that went to swap: refuse rather than lose them.
+        if objs.find(e.dev, e.ino).is_some_and(|o| o.fd < 0) && cx.swap_in_use() {
+            return Err(unsupported(
+                e,
+                "shared memory with no open fd while swap is in use (swapped pages cannot be found; keep its memfd open)",
+            ));
+        }
         if sc.n_objmaps == sc.objmaps.len() || sc.n_areas == sc.areas.len() {
             return Err(ScanError::NoMem);
         }
@@ -203,7 +245,7 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &Ma
         sc.n_objmaps += 1;
         info.kind = vma_kind::SHM;
         info.pgoff = e.pgoff;
-        sc.areas[sc.n_areas] = Area { info, name_off: e.name_off, name_len: e.name_len, via_mem: false };
+        sc.areas[sc.n_areas] = Area { info, name_off: e.name_off, name_len: e.name_len, via_mem: false, guard_first: 0 };
         sc.n_areas += 1;
         return Ok(());
     }
@@ -255,14 +297,16 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &Ma
     }
     let ai = sc.n_areas as u32;
     let first_win = sc.n_wins;
+    let guard_first = sc.n_guards;
     match want {
         Want::Nothing => {}
         Want::All => scan_all(sc, cx, e, ai)?,
         Want::Anon | Want::Cow => scan_present(sc, cx, e, ai, want, via_mem)?,
     }
     info.pages = sc.wins[first_win..sc.n_wins].iter().map(|w| w.hdr.count as u64).sum();
+    info.n_guards = (sc.n_guards - guard_first) as u32;
     sc.pages += info.pages;
-    sc.areas[sc.n_areas] = Area { info, name_off: e.name_off, name_len: e.name_len, via_mem };
+    sc.areas[sc.n_areas] = Area { info, name_off: e.name_off, name_len: e.name_len, via_mem, guard_first: guard_first as u32 };
     sc.n_areas += 1;
     Ok(())
 }
@@ -304,6 +348,20 @@ fn add_page(sc: &mut Scan, addr: u64, ai: u32, e: &MapEntry) -> Result<(), ScanE
     Ok(())
 }
 
+/// Adds a guard range to the current area, whose ranges start at `first`.
+fn add_guard(sc: &mut Scan, first: usize, start: u64, end: u64) -> Result<(), ScanError> {
+    if sc.n_guards > first && sc.guards[sc.n_guards - 1].end == start {
+        sc.guards[sc.n_guards - 1].end = end;
+        return Ok(());
+    }
+    if sc.n_guards == sc.guards.len() {
+        return Err(ScanError::NoMem);
+    }
+    sc.guards[sc.n_guards] = GuardRange { start, end };
+    sc.n_guards += 1;
+    Ok(())
+}
+
 /// Whether the page at `addr` (readable memory) is all zero bytes.
 fn page_is_zero(addr: u64) -> bool {
     // SAFETY: the caller only passes present pages of readable areas; the program's threads
@@ -314,6 +372,7 @@ fn page_is_zero(addr: u64) -> bool {
 
 fn scan_present(sc: &mut Scan, cx: &mut Ctx, e: &MapEntry, ai: u32, want: Want, via_mem: bool) -> Result<(), ScanError> {
     let check_zero = want == Want::Anon && !via_mem;
+    let first = sc.n_guards;
     let keep = |sc: &mut Scan, addr: u64| -> Result<(), ScanError> {
         if check_zero && page_is_zero(addr) {
             sc.zero_pages += 1;
@@ -322,9 +381,12 @@ fn scan_present(sc: &mut Scan, cx: &mut Ctx, e: &MapEntry, ai: u32, want: Want, 
         add_page(sc, addr, ai, e)
     };
     if cx.use_scan {
-        let (skip, any) = match want {
-            Want::Anon => (sys::PAGE_IS_PFNZERO | sys::PAGE_IS_GUARD, sys::PAGE_IS_PRESENT | sys::PAGE_IS_SWAPPED),
-            _ => (sys::PAGE_IS_FILE | sys::PAGE_IS_GUARD, sys::PAGE_IS_PRESENT | sys::PAGE_IS_SWAPPED),
+        // Guard pages report as SWAPPED|GUARD: they come back as their own regions, recorded
+        // as guard ranges and never read (reading one faults).
+        let any = sys::PAGE_IS_PRESENT | sys::PAGE_IS_SWAPPED;
+        let skip = match want {
+            Want::Anon => sys::PAGE_IS_PFNZERO,
+            _ => sys::PAGE_IS_FILE,
         };
         let mut at = e.start;
         while at < e.end {
@@ -340,12 +402,16 @@ fn scan_present(sc: &mut Scan, cx: &mut Ctx, e: &MapEntry, ai: u32, want: Want, 
                 category_inverted: skip,
                 category_mask: skip,
                 category_anyof_mask: any,
-                return_mask: any,
+                return_mask: any | sys::PAGE_IS_GUARD,
             };
             // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most vec_len regions to `regions`.
             match unsafe { sys::ioctl(cx.pm, sys::PAGEMAP_SCAN, &mut arg as *mut sys::PmScanArg as usize) } {
                 Ok(n) => {
                     for r in &cx.regions[..n] {
+                        if r.categories & sys::PAGE_IS_GUARD != 0 {
+                            add_guard(sc, first, r.start, r.end)?;
+                            continue;
+                        }
                         let mut p = r.start;
                         while p < r.end {
                             keep(sc, p)?;

@@ -55,6 +55,27 @@ impl<'a> Out<'a> {
     }
 
     /// Appends a record made of one wire structure and an optional byte tail.
+    /// Appends a record of `v`, then `tail`, then each of `items` encoded.
+    pub fn wire_items<T: Wire, I: Wire>(&mut self, kind: u32, v: &T, tail: &[u8], items: &[I]) -> sys::Result<()> {
+        let mut b = [0u8; 4096];
+        if T::SIZE > b.len() || I::SIZE > b.len() {
+            return Err(sys::Errno::EINVAL);
+        }
+        let total = T::SIZE + tail.len() + items.len() * I::SIZE;
+        let h = RecordHeader { kind, flags: 0, stored_len: total as u64, raw_len: total as u64, reserved: 0 };
+        h.put(&mut b);
+        self.put(&b[..RecordHeader::SIZE])?;
+        v.put(&mut b);
+        self.put(&b[..T::SIZE])?;
+        self.put(tail)?;
+        for it in items {
+            it.put(&mut b);
+            self.put(&b[..I::SIZE])?;
+        }
+        self.records += 1;
+        Ok(())
+    }
+
     pub fn wire<T: Wire>(&mut self, kind: u32, v: &T, tail: &[u8]) -> sys::Result<()> {
         let mut b = [0u8; 4096];
         if T::SIZE > b.len() {

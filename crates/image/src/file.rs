@@ -163,6 +163,8 @@ impl<W: Write> Writer<W> {
 pub struct Vma {
     pub info: VmaInfo,
     pub name: Vec<u8>,
+    /// Guard-page ranges inside the area.
+    pub guards: Vec<GuardRange>,
 }
 
 /// A file descriptor, its path, and its kind-specific state.
@@ -524,10 +526,15 @@ impl Image {
             }
             kind::VMA => {
                 let v = VmaInfo::decode(p).ok_or_else(bad_len)?;
-                if v.name_len > limits::MAX_PATH || p.len() != VmaInfo::SIZE + v.name_len as usize {
+                let name_end = VmaInfo::SIZE + v.name_len as usize;
+                if v.name_len > limits::MAX_PATH
+                    || v.n_guards > limits::MAX_GUARDS
+                    || p.len() != name_end + v.n_guards as usize * GuardRange::SIZE
+                {
                     return Err(bad_len());
                 }
-                self.vmas.push(Vma { info: v, name: p[VmaInfo::SIZE..].to_vec() });
+                let guards = p[name_end..].chunks_exact(GuardRange::SIZE).filter_map(GuardRange::decode).collect();
+                self.vmas.push(Vma { info: v, name: p[VmaInfo::SIZE..name_end].to_vec(), guards });
             }
             kind::FD => {
                 let f = FdInfo::decode(p).ok_or_else(bad_len)?;
@@ -659,8 +666,18 @@ impl Image {
             if x.start < prev_end && x.end > vstart {
                 return Err(corrupt(format!("memory area {i} overlaps the vDSO")));
             }
-            if x.prot > 7 || x.flags & !vflags::ALL != 0 || x.reserved != 0 || x.pgoff % PAGE != 0 || x.mtime_nsec >= 1_000_000_000 {
+            if x.prot > 7 || x.flags & !vflags::ALL != 0 || x.pgoff % PAGE != 0 || x.mtime_nsec >= 1_000_000_000 {
                 return Err(corrupt(format!("memory area {i} fields")));
+            }
+            let mut at = x.start;
+            for g in &v.guards {
+                if g.start % PAGE != 0 || g.end % PAGE != 0 || g.start < at || g.start >= g.end || g.end > x.end {
+                    return Err(corrupt(format!("memory area {i} has a misplaced guard range")));
+                }
+                at = g.end;
+            }
+            if !v.guards.is_empty() && matches!(x.kind, vma_kind::FILE_SHARED | vma_kind::SHM) {
+                return Err(corrupt(format!("shared memory area {i} has guard pages")));
             }
             let npages = (x.end - x.start) / PAGE;
             if x.pages > npages {
@@ -985,8 +1002,13 @@ mod tests {
         b
     }
 
-    /// A small valid image: one anonymous area with two stored pages, one thread, no fds.
+    /// A small valid image: one anonymous area with two stored pages and a guard range,
+    /// one thread, no fds.
     pub(crate) fn synthetic() -> Vec<u8> {
+        synthetic_with(&[GuardRange { start: 0x1c000, end: 0x1e000 }])
+    }
+
+    fn synthetic_with(guards: &[GuardRange]) -> Vec<u8> {
         let mut p = ProcessInfo::zeroed();
         p.pid = 42;
         p.page_size = PAGE as u32;
@@ -1006,7 +1028,19 @@ mod tests {
         t.role = role::MANAGER;
         t.ctx.rsp = 0x18000;
         t.ctx.rip = 0x10400;
-        let v = VmaInfo { start: 0x10000, end: 0x20000, prot: 7, kind: vma_kind::ANON, pages: 2, ..VmaInfo::zeroed() };
+        let v = VmaInfo {
+            start: 0x10000,
+            end: 0x20000,
+            prot: 7,
+            kind: vma_kind::ANON,
+            pages: 2,
+            n_guards: guards.len() as u32,
+            ..VmaInfo::zeroed()
+        };
+        let mut gb = Vec::new();
+        for g in guards {
+            gb.extend_from_slice(&enc_all(g, &[]));
+        }
         let mut ph = PagesHeader { start: 0x10000, npages: 16, ..PagesHeader::zeroed() };
         ph.set(0);
         ph.set(3);
@@ -1015,7 +1049,7 @@ mod tests {
         let mut w = Writer::new(Vec::new(), 1).unwrap();
         w.plain(kind::PROCESS, &enc_all(&p, &[])).unwrap();
         w.plain(kind::THREAD, &enc_all(&t, &[])).unwrap();
-        w.plain(kind::VMA, &enc_all(&v, &[])).unwrap();
+        w.plain(kind::VMA, &enc_all(&v, &gb)).unwrap();
         w.plain(kind::PAGES, &enc_all(&ph, &[7u8; 2 * PAGE as usize])).unwrap();
         w.plain(kind::END, &enc_all(&end, &[])).unwrap();
         w.finish().unwrap().0
@@ -1036,6 +1070,24 @@ mod tests {
         assert_eq!(img.vmas.len(), 1);
         assert_eq!(img.pages.len(), 1);
         assert_eq!(img.read_pages(&img.pages[0]).unwrap().len(), 2 * PAGE as usize);
+    }
+
+    #[test]
+    fn guard_ranges_are_read_and_checked() {
+        let img = open_bytes(&synthetic()).unwrap();
+        assert_eq!(img.vmas[0].guards, vec![GuardRange { start: 0x1c000, end: 0x1e000 }]);
+        let g = |start, end| GuardRange { start, end };
+        for bad in [
+            vec![g(0x1c000, 0x21000)],                      // past the area
+            vec![g(0x8000, 0x11000)],                       // before it
+            vec![g(0x1c000, 0x1c000)],                      // empty
+            vec![g(0x1c001, 0x1d000)],                      // not page aligned
+            vec![g(0x1c000, 0x1e000), g(0x1d000, 0x1f000)], // overlapping
+            vec![g(0x1d000, 0x1e000), g(0x1c000, 0x1d000)], // out of order
+        ] {
+            let r = open_bytes(&synthetic_with(&bad));
+            assert!(matches!(r, Err(ImageError::Corrupt(_))), "{bad:?} was accepted: {r:?}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub const END_MAGIC: [u8; 8] = *b"LMTLSEND";
 /// Format major version: a reader refuses any other.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Format minor version: a reader refuses a newer one.
-pub const FORMAT_MINOR: u16 = 1;
+pub const FORMAT_MINOR: u16 = 2;
 
 /// Page size the format is defined for.
 pub const PAGE: u64 = 4096;
@@ -30,6 +30,8 @@ pub mod limits {
     pub const MAX_THREADS: u32 = 16_384;
     /// Memory areas in one image.
     pub const MAX_VMAS: u32 = 262_144;
+    /// Most guard-page ranges in one memory area.
+    pub const MAX_GUARDS: u32 = 65_536;
     /// File descriptors in one image.
     pub const MAX_FDS: u32 = 65_536;
     /// Length of a path or a memory area name.
@@ -408,7 +410,8 @@ pub mod vflags {
 }
 
 wire! {
-    /// One memory area. Followed in the payload by `name_len` bytes of its name.
+    /// One memory area. Followed in the payload by `name_len` bytes of its name, then by
+    /// `n_guards` [`GuardRange`]s (format 1.2+).
     pub struct VmaInfo {
         pub start: u64,
         pub end: u64,
@@ -422,9 +425,19 @@ wire! {
         pub file_size: u64,
         pub mtime_sec: i64,
         pub mtime_nsec: u32,
-        pub reserved: u32,
+        /// Guard-page ranges (`MADV_GUARD_INSTALL`) inside this area.
+        pub n_guards: u32,
         /// Pages of this area stored in the image.
         pub pages: u64,
+    }
+}
+
+wire! {
+    /// Pages of a memory area that fault when touched (`MADV_GUARD_INSTALL`, Linux 6.13+).
+    /// They are invisible in `/proc/PID/maps`; restore installs them again.
+    pub struct GuardRange {
+        pub start: u64,
+        pub end: u64,
     }
 }
 

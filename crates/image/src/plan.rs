@@ -69,6 +69,9 @@ pub mod pk {
     pub const FILE_PRIVATE: u32 = 2;
     /// `MAP_SHARED` of `fd` at `offset`.
     pub const FILE_SHARED: u32 = 3;
+    /// Not a mapping: guard pages (`MADV_GUARD_INSTALL`) inside the area before it, installed
+    /// once the page data is in.
+    pub const GUARD: u32 = 4;
 }
 
 /// Plan VMA flags.

@@ -395,6 +395,9 @@ fn move_vdso(s: &Stage1, want: &VdsoInfo, cur: &CurVdso) {
 }
 
 fn map_vma(v: &PlanVma) {
+    if v.kind == pk::GUARD {
+        return;
+    }
     let has_data = v.flags & pvf::HAS_DATA != 0;
     let prot = if has_data { v.prot as i32 | sys::PROT_READ | sys::PROT_WRITE } else { v.prot as i32 };
     let mut flags = sys::MAP_FIXED_NOREPLACE;
@@ -442,6 +445,14 @@ fn read_run(fd: i32, r: &PlanRun) {
 
 fn finish_vma(v: &PlanVma) {
     let (a, l) = (v.start as usize, v.len as usize);
+    if v.kind == pk::GUARD {
+        // SAFETY: installs guard markers in an area this restorer created; the program had
+        // them there (its page data, already read, never covers them).
+        if let Err(e) = unsafe { sys::madvise(a, l, sys::MADV_GUARD_INSTALL) } {
+            report::fail_at_errno("cannot install the guard pages (MADV_GUARD_INSTALL, Linux 6.13+) at", v.start, e);
+        }
+        return;
+    }
     if v.flags & pvf::HAS_DATA != 0 && v.prot as i32 != (v.prot as i32 | sys::PROT_READ | sys::PROT_WRITE) {
         // SAFETY: sets the checkpointed protection on an area this restorer created.
         if let Err(e) = unsafe { sys::mprotect(a, l, v.prot as i32) } {
