@@ -27,6 +27,14 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
+# A real S3 server for the S3 store tests (tests/s3.rs): s3s-fs, which enforces
+# If-None-Match like AWS S3. About 2.5 minutes to build the first time.
+s3s="${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs"
+if ! [ -x "$s3s" ] || ! "$s3s" --version 2>/dev/null | grep -q '0\.14\.1'; then
+    echo "installing s3s-fs 0.14.1 (the S3 server the tests use)"
+    cargo install s3s-fs@0.14.1 --features binary --locked --quiet
+fi
+
 make -s -C examples
 cargo fmt --all --check
 # The agent and the restorer are no_std with their own panic handler: lint them as built

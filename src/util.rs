@@ -15,7 +15,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => v,
         "m" => v * 60.0,
         "h" => v * 3600.0,
-        _ => return Err(format!("`{s}` has an unknown unit `{unit}` (use ms, s, m or h)")),
+        "d" => v * 86_400.0,
+        _ => return Err(format!("`{s}` has an unknown unit `{unit}` (use ms, s, m, h or d)")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("`{s}` is not a valid duration"));

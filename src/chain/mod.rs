@@ -172,7 +172,7 @@ pub struct StepStats {
     pub outcome: Option<Outcome>,
     /// From the step's start to its end.
     pub wall_ms: f64,
-    /// Restoring the image (steps after the first).
+    /// Fetching, checking and restoring the image (steps after the first).
     pub restore_ms: Option<f64>,
     /// The program's CPU time in this step.
     pub cpu_ms: f64,
@@ -188,6 +188,10 @@ pub struct StepStats {
     pub store_ms: Option<f64>,
     /// Size of the image it wrote.
     pub image_bytes: Option<u64>,
+    /// Bytes sent to the store for that image (less than the image when the store already
+    /// held some of its chunks).
+    #[serde(default)]
+    pub stored_bytes: Option<u64>,
     /// Checkpoints that failed and were retried (a socket open at that moment, ...).
     pub checkpoint_retries: u32,
 }

@@ -126,12 +126,13 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
             &store.get(&keys::manifest(&a.chain, a.step))?.ok_or_else(|| anyhow!("step {} has no manifest in the store", a.step))?,
         )
         .context("the manifest is unreadable")?;
+        // Restoring includes fetching the image (a download from a remote store).
+        let t = Instant::now();
         let path = store.fetch_file(&m.image.key)?.ok_or_else(|| anyhow!("the image {} is missing from the store", m.image.key))?;
         let got = trailer_hash(&path)?;
         if got != m.image.trailer_hash {
             bail!("the image {} is not the one its manifest names (hash {got}, manifest {})", m.image.key, m.image.trailer_hash);
         }
-        let t = Instant::now();
         let (sup, _) = restore(&path, &opts)?;
         stats.restore_ms = Some(ms(t.elapsed()));
         restored_from = Some(m.image.key);
@@ -266,11 +267,15 @@ fn checkpoint(
     let ts = Instant::now();
     let hash = trailer_hash(&staging)?;
     failpoint::hit("store.image");
-    if let Err(e) = store.put_file(&image_key, &staging) {
-        tracing::warn!("storing the image of step {} failed: {e:#}", a.step);
-        let _ = std::fs::remove_file(&staging);
-        sup.inner.release(true);
-        return Ok(None);
+    match store.put_file(&image_key, &staging) {
+        Ok(sent) => stats.stored_bytes = Some(sent),
+        Err(e) => {
+            tracing::warn!("storing the image of step {} failed: {e:#}", a.step);
+            eprintln!("limitless: storing the checkpoint of step {} failed, the previous checkpoint is kept: {e:#}", a.step);
+            let _ = std::fs::remove_file(&staging);
+            sup.inner.release(true);
+            return Ok(None);
+        }
     }
     failpoint::hit("store.manifest");
     margin::remember(history, CostSample { rss_bytes: rss, ms: ms(t.elapsed()) + 20.0 });

@@ -174,6 +174,29 @@ enum Cmd {
         /// The image.
         image: PathBuf,
     },
+    /// Remove old chains and unused chunks from a store.
+    ///
+    /// A chain goes when nothing of it was written for --older-than (a running chain writes
+    /// every step, so only finished or abandoned chains qualify); then, in an S3 store, every
+    /// chunk that no remaining image names and that is older than --grace (so that the
+    /// chunks of a checkpoint being uploaded right now stay).
+    Gc {
+        /// The store (a directory, file:///path or s3://bucket/prefix); default: the local
+        /// default store.
+        store: Option<String>,
+        /// Remove chains with nothing written for this long (e.g. 7d, 12h, 30m).
+        #[arg(long, default_value = "7d", value_parser = parse_duration)]
+        older_than: Duration,
+        /// Keep unnamed chunks younger than this.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        grace: Duration,
+        /// Only show what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// What checkpoints carry in the image besides the process.
@@ -253,6 +276,35 @@ pub fn main() -> i32 {
             Ok(()) => 0,
             Err(e) => fail(format!("{e:#}")),
         },
+        Cmd::Gc { store, older_than, grace, dry_run, json } => gc_cmd(store, older_than, grace, dry_run, json),
+    }
+}
+
+fn gc_cmd(store: Option<String>, older_than: Duration, grace: Duration, dry_run: bool, json: bool) -> i32 {
+    let url = store.unwrap_or_else(|| crate::store::default_location().display().to_string());
+    let run = || -> anyhow::Result<()> {
+        let st = crate::store::open(&url)?;
+        let r = crate::store::gc::collect(&*st, &crate::store::gc::Options { older_than, grace, dry_run })?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            let verb = if dry_run { "would remove" } else { "removed" };
+            println!(
+                "{}: {verb} {} chains ({} objects) and {} chunks ({}); kept {} chains and {} chunks",
+                st.describe(),
+                r.chains.len(),
+                r.chain_objects,
+                r.chunks,
+                bytes(r.chunk_bytes),
+                r.chains_kept,
+                r.chunks_kept
+            );
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => 0,
+        Err(e) => fail(format!("{e:#}")),
     }
 }
 

@@ -195,7 +195,17 @@ fn run_job(opts: &ServeOptions, init_env: &[(String, String)], msg: &Map<String,
             s.to_string()
         }
     };
-    let store: Arc<dyn Store> = crate::store::open(&store_url)?;
+    // The MAC key: the container's LIMITLESS_KEY, an init parameter LIMITLESS_KEY, or the
+    // action's limitless_key default parameter (merged into every invocation by OpenWhisk,
+    // so it is never passed on).
+    let init_key = init_env.iter().find(|(k, _)| k == "LIMITLESS_KEY").map(|(_, v)| v.as_str());
+    let key = match (crate::store::seal::Sealer::from_env()?, init_key.or_else(|| param_str(params, "limitless_key"))) {
+        (Some(k), _) => Some(k),
+        (None, Some(k)) if !k.is_empty() => Some(crate::store::seal::Sealer::new(k.as_bytes())?),
+        _ => None,
+    };
+    // S3 settings may also come as init parameters (AWS_ENDPOINT_URL, ...).
+    let store: Arc<dyn Store> = crate::store::open_with(&store_url, key, init_env)?;
     let deadline_ms: u64 = msg
         .get("deadline")
         .and_then(|d| d.as_str().map(str::to_owned).or_else(|| d.as_u64().map(|n| n.to_string())))
@@ -214,8 +224,9 @@ fn run_job(opts: &ServeOptions, init_env: &[(String, String)], msg: &Map<String,
             let chain = new_chain_id();
             let cwd = if opts.action_dir.is_dir() { opts.action_dir.display().to_string() } else { "/".into() };
             // The API key stays out of the store; the first attempt gets it in its environment.
-            let env: Vec<(String, String)> =
-                init_env.iter().cloned().chain(ow_env.iter().filter(|(k, _)| k != "__OW_API_KEY").cloned()).collect();
+            // Secrets (the store's key and credentials) stay out of the store too.
+            let secret = |k: &str| ["__OW_API_KEY", "LIMITLESS_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"].contains(&k);
+            let env: Vec<(String, String)> = init_env.iter().chain(ow_env.iter()).filter(|(k, _)| !secret(k)).cloned().collect();
             let carry = crate::engine::carry::Carry::from_env();
             let spec = Spec {
                 format: FORMAT,

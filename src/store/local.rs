@@ -5,7 +5,7 @@
 //! exists, atomically, so of two writers exactly one wins). The directory is `fsync`ed after
 //! each change, so a visible object is a durable one.
 
-use super::{check_key, Store};
+use super::{check_key, ObjectInfo, Store};
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -93,9 +93,10 @@ impl Store for LocalStore {
         Ok(())
     }
 
-    fn put_file(&self, key: &str, src: &Path) -> Result<()> {
+    fn put_file(&self, key: &str, src: &Path) -> Result<u64> {
         let dst = self.path(key)?;
         let dir = self.parent_of(&dst)?;
+        let bytes = fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?.len();
         if fs::rename(src, &dst).is_err() {
             // Another file system: copy, sync, rename.
             let t = self.temp();
@@ -105,7 +106,7 @@ impl Store for LocalStore {
             let _ = fs::remove_file(src);
         }
         sync_dir(&dir);
-        Ok(())
+        Ok(bytes)
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
@@ -144,6 +145,38 @@ impl Store for LocalStore {
             }
         }
         out.sort();
+        Ok(out)
+    }
+
+    fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        // Walks the folders under the prefix's folder.
+        let dir = prefix.rfind('/').map_or("", |i| &prefix[..i]);
+        let mut todo = vec![dir.to_string()];
+        let mut out = Vec::new();
+        while let Some(d) = todo.pop() {
+            let p = if d.is_empty() { self.root.clone() } else { self.path(&d)? };
+            let rd = match fs::read_dir(&p) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => bail!("cannot list {} in the store: {e}", p.display()),
+            };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') || (d.is_empty() && name == "tmp") {
+                    continue;
+                }
+                let k = if d.is_empty() { name } else { format!("{d}/{name}") };
+                let Ok(m) = e.metadata() else { continue };
+                if m.is_dir() {
+                    if k.starts_with(prefix) || prefix.starts_with(&format!("{k}/")) {
+                        todo.push(k);
+                    }
+                } else if k.starts_with(prefix) {
+                    out.push(ObjectInfo { key: k, modified: m.modified().unwrap_or(std::time::UNIX_EPOCH), bytes: m.len() });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 

@@ -6,13 +6,29 @@
 //! then made visible, so a reader never sees half an object. The local-directory store
 //! is here; an S3 store will implement the same trait.
 
+pub mod gc;
 mod local;
+pub mod s3;
+pub mod seal;
 
 pub use local::LocalStore;
+pub use s3::S3Store;
 
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
+
+/// One object, as listed.
+#[derive(Clone, Debug)]
+pub struct ObjectInfo {
+    /// Its key.
+    pub key: String,
+    /// When it was last written.
+    pub modified: SystemTime,
+    /// Its size in the store.
+    pub bytes: u64,
+}
 
 /// A store of objects.
 pub trait Store: Send + Sync {
@@ -21,7 +37,9 @@ pub trait Store: Send + Sync {
     /// Writes `key` (replacing it), atomically.
     fn put(&self, key: &str, bytes: &[u8]) -> Result<()>;
     /// Moves or copies the local file `src` to `key`, atomically; `src` is gone after.
-    fn put_file(&self, key: &str, src: &Path) -> Result<()>;
+    /// Returns how many bytes it sent to the store (less than the file when the store
+    /// already had parts of it).
+    fn put_file(&self, key: &str, src: &Path) -> Result<u64>;
     /// Reads `key`; `None` if it does not exist.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// A local file with the contents of `key` (the object itself for a local store).
@@ -30,6 +48,8 @@ pub trait Store: Send + Sync {
     fn exists(&self, key: &str) -> Result<bool>;
     /// Keys that start with `prefix`.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Objects whose keys start with `prefix`, with their times and sizes.
+    fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
     /// Removes `key` (no error if it is gone).
     fn delete(&self, key: &str) -> Result<()>;
     /// A local path where a new large object can be written before `put_file` (on the same
@@ -37,6 +57,11 @@ pub trait Store: Send + Sync {
     fn staging_path(&self, name: &str) -> Result<PathBuf>;
     /// The store's URL or path, for messages.
     fn describe(&self) -> String;
+    /// The chunk objects the image at `key` is made of, for stores that split images
+    /// (`None` when this store keeps images whole or there is no such image).
+    fn chunks_of(&self, _key: &str) -> Result<Option<Vec<String>>> {
+        Ok(None)
+    }
 }
 
 /// Checks that `key` is a relative path without `..`.
@@ -47,10 +72,18 @@ pub fn check_key(key: &str) -> Result<()> {
     Ok(())
 }
 
-/// Opens the store at `url`: a directory path or `file://` URL.
+/// Opens the store at `url`: a directory path, a `file://` URL or `s3://bucket/prefix`,
+/// with the MAC key from `LIMITLESS_KEY`.
 pub fn open(url: &str) -> Result<Arc<dyn Store>> {
-    if let Some(rest) = url.strip_prefix("s3://") {
-        bail!("the store `s3://{rest}` is an S3 store, which this build does not support yet; use a directory");
+    open_with(url, seal::Sealer::from_env()?, &[])
+}
+
+/// [`open`] with the MAC key given (an S3 store needs one unless
+/// `LIMITLESS_INSECURE_STORE=1`; a directory store does not use it) and `AWS_*` settings
+/// that override the process environment's (an OpenWhisk action's init parameters).
+pub fn open_with(url: &str, key: Option<seal::Sealer>, aws_env: &[(String, String)]) -> Result<Arc<dyn Store>> {
+    if url.starts_with("s3://") {
+        return Ok(Arc::new(S3Store::open(url, key, aws_env)?));
     }
     if url.contains("://") && !url.starts_with("file://") {
         bail!("unsupported store URL `{url}`; use a directory path or file:///path");
@@ -89,8 +122,10 @@ mod tests {
     }
 
     #[test]
-    fn s3_is_refused_clearly() {
-        let e = open("s3://bucket/prefix").err().unwrap().to_string();
-        assert!(e.contains("S3"), "{e}");
+    fn s3_urls_are_checked() {
+        let e = open("s3:///prefix").err().unwrap().to_string();
+        assert!(e.contains("names no bucket"), "{e}");
+        let e = open("gs://bucket").err().unwrap().to_string();
+        assert!(e.contains("unsupported store URL"), "{e}");
     }
 }

@@ -1,0 +1,375 @@
+//! The S3 store against a real S3 server: `s3s-fs` (installed by scripts/test.sh) on
+//! 127.0.0.1, a fresh bucket directory per test. Store-level tests (round trips, tampering,
+//! wrong key, outages, gc) call the library; chain tests run `limitless run --store s3://`.
+
+mod common;
+
+use common::*;
+use limitless::store::{self, gc, Store};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const KEY: &str = "test-key-0123456789abcdef";
+
+/// A running s3s-fs.
+struct Server {
+    child: Child,
+    root: PathBuf,
+    port: u16,
+}
+
+fn s3s_fs() -> PathBuf {
+    let home =
+        std::env::var("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
+    let p = home.join("bin/s3s-fs");
+    assert!(
+        p.exists(),
+        "MISSING: {} is needed for the S3 tests; install it with `cargo install s3s-fs@0.14.1 --features binary --locked` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+impl Server {
+    fn start(name: &str) -> Server {
+        let root = std::env::temp_dir().join("limitless-tests").join(format!("s3-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("bkt")).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Server::start_at(root, port)
+    }
+
+    fn start_at(root: PathBuf, port: u16) -> Server {
+        let child = Command::new(s3s_fs())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "AKTEST", "--secret-key", "SKTEST12345678"])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(10), "s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server { child, root, port }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ACCESS_KEY_ID", "AKTEST".into()),
+            ("AWS_SECRET_ACCESS_KEY", "SKTEST12345678".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("LIMITLESS_S3_RETRY_SECS", "3".into()),
+        ]
+    }
+
+    /// Where s3s-fs keeps `key` of `prefix` in the bucket.
+    fn file(&self, prefix: &str, key: &str) -> PathBuf {
+        self.root.join("bkt").join(prefix).join(key)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The process environment is global: tests that open stores in-process take turns.
+static ENV: Mutex<()> = Mutex::new(());
+
+/// Opens `s3://bkt/PREFIX` in-process with the server's settings and `key`.
+fn open(srv: &Server, prefix: &str, key: Option<&str>) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    for (k, v) in srv.env() {
+        std::env::set_var(k, v);
+    }
+    match key {
+        Some(k) => std::env::set_var("LIMITLESS_KEY", k),
+        None => std::env::remove_var("LIMITLESS_KEY"),
+    }
+    std::env::remove_var("LIMITLESS_INSECURE_STORE");
+    store::open(&format!("s3://bkt/{prefix}"))
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn staged(s: &dyn Store, bytes: &[u8]) -> PathBuf {
+    let p = s.staging_path("test").unwrap();
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn images_round_trip_in_chunks_and_a_changed_image_uploads_only_its_changes() {
+    let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let srv = Server::start("roundtrip");
+    let s = open(&srv, "p", Some(KEY)).unwrap();
+    // 128 MiB: random, with a zero run (compressible).
+    let mut img = random_bytes(128 << 20, 7);
+    img[4 << 20..6 << 20].fill(0);
+    let first = s.put_file("images/c/1.0.img", &staged(&*s, &img)).unwrap();
+    assert!(first < img.len() as u64 && first > (img.len() as u64) * 3 / 4, "first upload sent {first} bytes of {}", img.len());
+    let back = std::fs::read(s.fetch_file("images/c/1.0.img").unwrap().unwrap()).unwrap();
+    assert!(back == img, "the image read back differs");
+    // Change 1 % in one place.
+    let n = img.len();
+    for b in &mut img[n / 2..n / 2 + n / 100] {
+        *b ^= 0x5a;
+    }
+    let second = s.put_file("images/c/2.0.img", &staged(&*s, &img)).unwrap();
+    assert!(second * 100 <= first * 3, "the second upload sent {second} bytes, more than 3 % of the first ({first})");
+    let back = std::fs::read(s.fetch_file("images/c/2.0.img").unwrap().unwrap()).unwrap();
+    assert!(back == img, "the second image read back differs");
+    // Insert a page (everything after it shifts): content-defined chunks find their
+    // boundaries again after a few chunks.
+    img.splice(3 << 20..3 << 20, random_bytes(4096, 9));
+    let third = s.put_file("images/c/3.0.img", &staged(&*s, &img)).unwrap();
+    assert!(third * 100 <= first * 3, "after an insertion the upload sent {third} bytes, more than 3 % of the first ({first})");
+    let back = std::fs::read(s.fetch_file("images/c/3.0.img").unwrap().unwrap()).unwrap();
+    assert!(back == img, "the third image read back differs");
+    let pct = |x: u64| x as f64 * 100.0 / first as f64;
+    eprintln!(
+        "first upload {first} bytes, after a 1 % change {second} ({:.2} %), after an insertion {third} ({:.2} %)",
+        pct(second),
+        pct(third)
+    );
+}
+
+/// `limitless run --limit LIMIT --store s3://bkt/PREFIX -- ARGS` with the server's settings.
+fn run_chain(
+    srv: &Server,
+    prefix: &str,
+    limit: &str,
+    args: &[&str],
+    extra: &[(&str, &str)],
+) -> (Option<i32>, String, String, serde_json::Value) {
+    let dir = std::env::temp_dir().join("limitless-tests").join(format!("s3run-{prefix}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = dir.join("report.json");
+    let _ = std::fs::remove_file(&report);
+    let mut c = Command::new(limitless());
+    c.args(["run", "--limit", limit, "--store", &format!("s3://bkt/{prefix}"), "--report"]).arg(&report).arg("--").args(args);
+    c.env_remove("LIMITLESS_KEY").env_remove("LIMITLESS_INSECURE_STORE");
+    for (k, v) in srv.env() {
+        c.env(k, v);
+    }
+    for (k, v) in extra {
+        c.env(k, v);
+    }
+    let o = c.stdin(Stdio::null()).output().expect("limitless run");
+    let rep = std::fs::read(&report).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(serde_json::Value::Null);
+    (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned(), rep)
+}
+
+#[test]
+fn a_chain_of_five_steps_runs_through_s3_and_later_checkpoints_upload_only_changes() {
+    let srv = Server::start("chain");
+    let churn = program("churn");
+    let churn = churn.to_str().unwrap();
+    let args = [churn, "128", "30", "500"];
+    let want = reference(Path::new(churn), &args[1..], "");
+    let (code, out, err, rep) = run_chain(&srv, "chain", "6s", &args, &[("LIMITLESS_KEY", KEY)]);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert_eq!(out, want, "output differs from an uninterrupted run; stderr: {err}");
+    let steps = rep["steps"].as_array().expect("report steps");
+    let sent: Vec<u64> = steps.iter().filter_map(|s| s["stored_bytes"].as_u64()).collect();
+    let imgs: Vec<u64> = steps.iter().filter_map(|s| s["image_bytes"].as_u64()).collect();
+    eprintln!("image bytes per checkpoint: {imgs:?}; bytes uploaded: {sent:?}");
+    assert!(steps.len() >= 5, "{} steps; stderr: {err}", steps.len());
+    assert!(sent.len() >= 4, "checkpoints stored: {sent:?}");
+    for (i, &s) in sent.iter().enumerate().skip(1) {
+        assert!(s * 100 <= sent[0] * 3, "checkpoint {} uploaded {s} bytes, more than 3 % of the first ({})", i + 1, sent[0]);
+    }
+    // Objects in the store are sealed: the spec ends with the MAC marker.
+    let chain = std::fs::read_dir(srv.root.join("bkt/chain/chains")).unwrap().next().unwrap().unwrap().path();
+    assert!(std::fs::read(chain.join("spec")).unwrap().ends_with(b"LMAC"), "the spec is not sealed");
+}
+
+#[test]
+fn a_shared_store_without_a_key_is_refused_unless_insecure_is_asked_for() {
+    let srv = Server::start("nokey");
+    let echo = ["/bin/echo", "hello"];
+    let (code, out, err, _) = run_chain(&srv, "nokey", "5s", &echo, &[]);
+    assert_eq!(code, Some(125), "stderr: {err}");
+    assert!(out.is_empty());
+    let line = err.trim_end();
+    assert!(!line.contains('\n') && line.contains("LIMITLESS_KEY") && line.contains("LIMITLESS_INSECURE_STORE=1"), "{err}");
+    let (code, out, err, _) = run_chain(&srv, "nokey", "5s", &echo, &[("LIMITLESS_INSECURE_STORE", "1")]);
+    assert_eq!((code, out.as_str()), (Some(0), "hello\n"), "stderr: {err}");
+    // And a short key is refused with the reason.
+    let (code, _, err, _) = run_chain(&srv, "nokey", "5s", &echo, &[("LIMITLESS_KEY", "short")]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("at least 16"), "{err}");
+}
+
+#[test]
+fn tampered_chunks_and_manifests_and_a_wrong_key_are_refused_and_nothing_is_lost() {
+    let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let srv = Server::start("tamper");
+    let s = open(&srv, "t", Some(KEY)).unwrap();
+    assert_eq!(store_conditional(&srv), "Enforced", "s3s-fs enforces If-None-Match");
+    let img = random_bytes(3 << 20, 11);
+    s.put_file("images/c/1.0.img", &staged(&*s, &img)).unwrap();
+    assert!(s.put_if_absent("chains/c/step-1.manifest", b"{\"step\":1}").unwrap());
+    assert!(!s.put_if_absent("chains/c/step-1.manifest", b"{\"step\":2}").unwrap(), "create-if-absent overwrote");
+    // A wrong key: every sealed object is refused.
+    let wrong = open(&srv, "t", Some("another-key-0123456789")).unwrap();
+    let e = format!("{:#}", wrong.get("chains/c/step-1.manifest").unwrap_err());
+    assert!(e.contains("does not verify") && e.contains("LIMITLESS_KEY"), "{e}");
+    let e = format!("{:#}", wrong.fetch_file("images/c/1.0.img").unwrap_err());
+    assert!(e.contains("does not verify"), "{e}");
+    // A tampered manifest (one byte of the JSON), then restored.
+    let mf = srv.file("t", "chains/c/step-1.manifest");
+    let orig = std::fs::read(&mf).unwrap();
+    let mut bad = orig.clone();
+    bad[3] ^= 0x01;
+    std::fs::write(&mf, &bad).unwrap();
+    let e = format!("{:#}", s.get("chains/c/step-1.manifest").unwrap_err());
+    assert!(e.contains("does not verify") && e.contains("tampered"), "{e}");
+    std::fs::write(&mf, &orig).unwrap();
+    assert_eq!(s.get("chains/c/step-1.manifest").unwrap().unwrap(), b"{\"step\":1}");
+    // A tampered chunk (the same length, one byte changed).
+    let chunks = s.chunks_of("images/c/1.0.img").unwrap().unwrap();
+    let cf = srv.file("t", &chunks[1]);
+    let orig = std::fs::read(&cf).unwrap();
+    let mut bad = orig.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x80;
+    std::fs::write(&cf, &bad).unwrap();
+    let e = format!("{:#}", s.fetch_file("images/c/1.0.img").unwrap_err());
+    assert!(e.contains(&chunks[1]) && e.contains("tampered"), "{e}");
+    // A truncated chunk.
+    std::fs::write(&cf, &orig[..orig.len() / 2]).unwrap();
+    assert!(s.fetch_file("images/c/1.0.img").is_err());
+    // A missing chunk.
+    std::fs::remove_file(&cf).unwrap();
+    let e = format!("{:#}", s.fetch_file("images/c/1.0.img").unwrap_err());
+    assert!(e.contains("missing"), "{e}");
+    // Nothing lost: put the chunk back and the image reads back whole.
+    std::fs::write(&cf, &orig).unwrap();
+    assert!(std::fs::read(s.fetch_file("images/c/1.0.img").unwrap().unwrap()).unwrap() == img);
+}
+
+fn store_conditional(srv: &Server) -> &'static str {
+    for (k, v) in srv.env() {
+        std::env::set_var(k, v);
+    }
+    match limitless::store::S3Store::open("s3://bkt/probe", limitless::store::seal::Sealer::from_env().unwrap(), &[]).unwrap().conditional()
+    {
+        limitless::store::s3::Conditional::Enforced => "Enforced",
+        limitless::store::s3::Conditional::Emulated => "Emulated",
+    }
+}
+
+#[test]
+fn a_server_stopped_mid_upload_fails_the_upload_clearly_and_keeps_what_was_stored() {
+    let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let mut srv = Server::start("outage");
+    let s = open(&srv, "o", Some(KEY)).unwrap();
+    let old = random_bytes(2 << 20, 3);
+    s.put_file("images/c/1.0.img", &staged(&*s, &old)).unwrap();
+    let big = staged(&*s, &random_bytes(256 << 20, 5));
+    let (root, port) = (srv.root.clone(), srv.port);
+    let s2 = s.clone();
+    let up = std::thread::spawn(move || s2.put_file("images/c/2.0.img", &big));
+    std::thread::sleep(Duration::from_millis(300));
+    srv.stop();
+    let t = Instant::now();
+    let e = format!("{:#}", up.join().unwrap().expect_err("an upload to a stopped server succeeded"));
+    assert!(e.contains(&format!("127.0.0.1:{port}")), "the error does not name the endpoint: {e}");
+    assert!(t.elapsed() < Duration::from_secs(60), "the upload took {:?} to give up", t.elapsed());
+    // The server comes back: the earlier image is intact, the failed one does not exist.
+    let _srv = Server::start_at(root, port);
+    assert!(std::fs::read(s.fetch_file("images/c/1.0.img").unwrap().unwrap()).unwrap() == old);
+    assert!(s.fetch_file("images/c/2.0.img").unwrap().is_none());
+}
+
+#[test]
+fn a_server_that_answers_errors_is_reported_with_the_endpoint() {
+    let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    // A server that answers every request with 503.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut c = c;
+                let mut buf = [0u8; 65536];
+                let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            });
+        }
+    });
+    let srv = Server { child: Command::new("true").spawn().unwrap(), root: PathBuf::new(), port };
+    let t = Instant::now();
+    let e = format!("{:#}", open(&srv, "x", Some(KEY)).err().expect("a store on a failing server opened"));
+    assert!(e.contains(&format!("127.0.0.1:{port}")) && e.contains("503"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(30), "giving up took {:?}", t.elapsed());
+}
+
+#[test]
+fn gc_removes_old_chains_and_unnamed_chunks_and_keeps_what_live_chains_need() {
+    let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let srv = Server::start("gc");
+    let s = open(&srv, "g", Some(KEY)).unwrap();
+    let shared = random_bytes(2 << 20, 21);
+    let mut old_img = shared.clone();
+    old_img.extend(random_bytes(2 << 20, 22));
+    let mut live_img = shared.clone();
+    live_img.extend(random_bytes(2 << 20, 23));
+    s.put("chains/old/spec", b"{}").unwrap();
+    s.put_file("images/old/1.0.img", &staged(&*s, &old_img)).unwrap();
+    s.put("chains/live/spec", b"{}").unwrap();
+    s.put_file("images/live/1.0.img", &staged(&*s, &live_img)).unwrap();
+    // An orphan chunk, as left by an image that was deleted.
+    s.put_file("images/gone/1.0.img", &staged(&*s, &random_bytes(1 << 20, 24))).unwrap();
+    let orphans = s.chunks_of("images/gone/1.0.img").unwrap().unwrap();
+    s.delete("images/gone/1.0.img").unwrap();
+    let old_chunks = s.chunks_of("images/old/1.0.img").unwrap().unwrap();
+    let live_chunks = s.chunks_of("images/live/1.0.img").unwrap().unwrap();
+    // Age the old chain and every chunk by two days (s3s-fs reports file times).
+    let past = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+    let mut files = vec![srv.file("g", "chains/old/spec"), srv.file("g", "images/old/1.0.img")];
+    files.extend(old_chunks.iter().chain(&live_chunks).chain(&orphans).map(|c| srv.file("g", c)));
+    for f in files {
+        std::fs::File::options().write(true).open(&f).unwrap().set_modified(past).unwrap();
+    }
+    let opts = gc::Options { older_than: Duration::from_secs(86_400), grace: Duration::from_secs(3600), dry_run: false };
+    let r = gc::collect(&*s, &opts).unwrap();
+    assert_eq!(r.chains, vec!["old".to_string()]);
+    for c in &live_chunks {
+        assert!(s.exists(c).unwrap(), "gc removed {c}, which the live chain needs");
+    }
+    for c in old_chunks.iter().filter(|c| !live_chunks.contains(c)).chain(&orphans) {
+        assert!(!s.exists(c).unwrap(), "gc kept {c}, which nothing names");
+    }
+    assert!(std::fs::read(s.fetch_file("images/live/1.0.img").unwrap().unwrap()).unwrap() == live_img);
+    // Chunks younger than the grace period stay even when nothing names them yet.
+    s.put_file("images/new/1.0.img", &staged(&*s, &random_bytes(1 << 20, 25))).unwrap();
+    let fresh = s.chunks_of("images/new/1.0.img").unwrap().unwrap();
+    s.delete("images/new/1.0.img").unwrap();
+    gc::collect(&*s, &opts).unwrap();
+    assert!(fresh.iter().all(|c| s.exists(c).unwrap()), "gc removed chunks younger than the grace period");
+}
