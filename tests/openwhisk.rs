@@ -66,6 +66,10 @@ struct FakeOpenWhisk {
     duplicate: Option<u32>,
     /// Put LIMITLESS_STORE in each container's environment (else a parameter carries it).
     store_in_env: bool,
+    /// The action's default parameters, merged into every activation (as OpenWhisk does).
+    defaults: serde_json::Map<String, Value>,
+    /// Environment of every container (as the image's ENV).
+    env: Vec<(&'static str, String)>,
 }
 
 fn free_port() -> u16 {
@@ -129,7 +133,17 @@ impl FakeOpenWhisk {
         let dir = workdir(name, user);
         std::fs::create_dir_all(dir.join("store")).unwrap();
         let _ = std::fs::set_permissions(dir.join("store"), std::os::unix::fs::PermissionsExt::from_mode(0o777));
-        FakeOpenWhisk { api, api_port, user, dir, limit, duplicate: None, store_in_env: true }
+        FakeOpenWhisk {
+            api,
+            api_port,
+            user,
+            dir,
+            limit,
+            duplicate: None,
+            store_in_env: true,
+            defaults: Default::default(),
+            env: Vec::new(),
+        }
     }
 
     /// The user's `wsk action invoke job -p ...`.
@@ -182,6 +196,10 @@ impl FakeOpenWhisk {
         } else {
             c.env_remove("LIMITLESS_STORE");
         }
+        c.env_remove("LIMITLESS_KEY");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
         c.current_dir(&self.dir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child: Child = c.spawn().expect("start limitless serve");
         let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
@@ -211,8 +229,12 @@ impl FakeOpenWhisk {
         assert_eq!(init.status().as_u16(), 200, "/init");
         let deadline = SystemTime::now() + self.limit;
         let deadline_ms = deadline.duration_since(UNIX_EPOCH).unwrap().as_millis();
+        let mut params = self.defaults.clone();
+        if let Value::Object(m) = &a.params {
+            params.extend(m.clone());
+        }
         let body = json!({
-            "value": a.params,
+            "value": params,
             "namespace": "guest",
             "action_name": ACTION,
             "action_version": "0.0.1",
@@ -325,6 +347,33 @@ fn a_throttled_self_invocation_is_retried() {
     let recs = ow.run_all(40);
     assert_eq!(ow.api.throttled.load(Ordering::SeqCst), 2, "the API answered 429 twice");
     check_job(&recs, &want);
+}
+
+#[test]
+fn a_job_hands_over_through_an_s3_store_with_the_key_as_a_default_parameter() {
+    let srv = common::s3::Server::start("ow");
+    let mut ow = FakeOpenWhisk::start(users()[0], "ow-s3", Duration::from_millis(1500));
+    ow.store_in_env = false;
+    ow.env = srv.env();
+    ow.defaults.insert("limitless_store".into(), json!("s3://bkt/ow"));
+    ow.defaults.insert("limitless_key".into(), json!("ow-test-key-0123456789abcdef"));
+    let (recs, want) = ticker_job(&ow, "500");
+    check_job(&recs, &want);
+    // The chain's objects are sealed, and the key is in none of them.
+    let chains = srv.root.join("bkt/ow/chains");
+    let chain = std::fs::read_dir(&chains).unwrap().next().expect("a chain in the bucket").unwrap().path();
+    let spec = std::fs::read(chain.join("spec")).unwrap();
+    assert!(spec.ends_with(b"LMAC"), "the spec is not sealed");
+    assert!(!String::from_utf8_lossy(&spec).contains("ow-test-key"), "the key was written into the spec");
+    // Without the key an activation fails with one clear error.
+    let mut bare = FakeOpenWhisk::start(users()[0], "ow-s3-nokey", Duration::from_millis(1500));
+    bare.store_in_env = false;
+    bare.env = srv.env();
+    bare.defaults.insert("limitless_store".into(), json!("s3://bkt/ow"));
+    let (recs, _) = ticker_job(&bare, "500");
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    let err = recs[0].body.as_ref().and_then(|b| b["error"].as_str()).unwrap_or_default().to_string();
+    assert!(err.contains("LIMITLESS_KEY"), "{recs:#?}");
 }
 
 #[test]

@@ -44,9 +44,10 @@ enum Cmd {
         /// the program's memory predicts a longer checkpoint.
         #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
         margin: Duration,
-        /// Where checkpoints and chain state go: a directory [default:
+        /// Where checkpoints and chain state go: a directory, or s3://BUCKET/PREFIX (AWS_*
+        /// settings and LIMITLESS_KEY from the environment; see docs/store.md) [default:
         /// ~/.local/share/limitless/store, or /tmp/limitless-UID/store].
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH|URL")]
         store: Option<String>,
         /// Write a JSON report (per step: wall and CPU time, peak memory, checkpoint,
         /// frozen and restore time, image size; and totals) to FILE.

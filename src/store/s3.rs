@@ -19,7 +19,7 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as OsPath;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -33,8 +33,9 @@ use tokio::task::JoinHandle;
 const CHUNK_MIN: usize = 128 * 1024;
 const CHUNK_AVG: usize = 512 * 1024;
 const CHUNK_MAX: usize = 2 * 1024 * 1024;
-/// Chunks in flight at once, each way (bounds memory: about this many times 2 * CHUNK_MAX).
-const IN_FLIGHT: usize = 8;
+/// Chunks in flight at once, each way, unless LIMITLESS_S3_PARALLEL says otherwise (bounds
+/// memory: about this many times 2 * CHUNK_MAX).
+const IN_FLIGHT: usize = 16;
 /// Chunk encodings.
 const RAW: u8 = 0;
 const ZSTD: u8 = 1;
@@ -78,6 +79,10 @@ pub struct S3Store {
     sealer: Option<Sealer>,
     conditional: Conditional,
     staged: Mutex<Vec<PathBuf>>,
+    in_flight: usize,
+    /// Chunks this process has seen in the store (those of the image it restored from):
+    /// a checkpoint skips them without asking the server.
+    known: Mutex<HashSet<String>>,
 }
 
 fn chunk_key(h: &str) -> String {
@@ -92,14 +97,20 @@ fn is_not_found(e: &object_store::Error) -> bool {
     matches!(e, object_store::Error::NotFound { .. })
 }
 
-/// Encodes a chunk: zstd when it saves at least 1/32 of the size, raw otherwise (random
-/// data is not slowed down by a second pass).
+/// Encodes a chunk: zstd when it saves at least 1/32 of the size, raw otherwise. A 16 KiB
+/// sample is tried first, so incompressible (random, already compressed) data costs one
+/// small compression, not a second pass over the chunk.
 fn encode(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() / 2 + 1);
-    out.push(ZSTD);
-    let ok = zstd::stream::copy_encode(data, &mut out, 1).is_ok();
-    if ok && out.len() < data.len() - data.len() / 32 {
-        return out;
+    const SAMPLE: usize = 16 * 1024;
+    let worth = |d: &[u8]| zstd::bulk::compress(d, 1).is_ok_and(|z| z.len() < d.len() - d.len() / 32);
+    let mid = data.len() / 2;
+    let sample = &data[mid.saturating_sub(SAMPLE / 2)..(mid + SAMPLE / 2).min(data.len())];
+    if data.len() <= SAMPLE || worth(sample) {
+        let mut out = Vec::with_capacity(data.len() / 2 + 1);
+        out.push(ZSTD);
+        if zstd::stream::copy_encode(data, &mut out, 1).is_ok() && out.len() < data.len() - data.len() / 32 {
+            return out;
+        }
     }
     let mut raw = Vec::with_capacity(data.len() + 1);
     raw.push(RAW);
@@ -157,7 +168,12 @@ impl S3Store {
             .with_allow_http(endpoint.starts_with("http://"))
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(120));
+        // Payloads are not signed by default (no SHA-256 pass over every chunk): chunks are
+        // checked against their BLAKE3 names and objects by their MAC at every read.
         let mut b = AmazonS3Builder::from_env();
+        if var("AWS_UNSIGNED_PAYLOAD").is_none() {
+            b = b.with_unsigned_payload(true);
+        }
         for (k, v) in extra.iter().filter(|(k, _)| k.starts_with("AWS_")) {
             if let Ok(ck) = k.to_ascii_lowercase().parse() {
                 b = b.with_config(ck, v);
@@ -184,6 +200,8 @@ impl S3Store {
             sealer,
             conditional: Conditional::Enforced,
             staged: Mutex::new(Vec::new()),
+            in_flight: (env_num("LIMITLESS_S3_PARALLEL", IN_FLIGHT as u64) as usize).clamp(1, 64),
+            known: Mutex::new(HashSet::new()),
         };
         s.conditional = s.probe_conditional()?;
         Ok(s)
@@ -348,7 +366,10 @@ impl Store for S3Store {
             let h = blake3::hash(&c.data).to_hex().to_string();
             list.bytes += c.length as u64;
             list.chunks.push(ChunkRef { h: h.clone(), n: c.length as u64 });
-            if pending.len() >= IN_FLIGHT {
+            if self.known.lock().expect("known chunks").contains(&h) {
+                continue;
+            }
+            if pending.len() >= self.in_flight {
                 sent += wait(pending.pop_front().expect("in flight"))?;
             }
             pending.push_back(self.upload_chunk(c.data, h)?);
@@ -378,7 +399,7 @@ impl Store for S3Store {
         let mut pending: VecDeque<(ChunkRef, JoinHandle<Result<bytes::Bytes>>)> = VecDeque::new();
         let mut next = list.chunks.into_iter();
         loop {
-            while pending.len() < IN_FLIGHT {
+            while pending.len() < self.in_flight {
                 let Some(r) = next.next() else { break };
                 let ck = chunk_key(&r.h);
                 let p = self.path(&ck)?;
@@ -399,6 +420,7 @@ impl Store for S3Store {
             let stored = wait(h)?;
             let data = decode(&chunk_key(&r.h), &r, &stored)?;
             out.write_all(&data).with_context(|| format!("cannot write {}", dst.display()))?;
+            self.known.lock().expect("known chunks").insert(r.h);
         }
         out.flush()?;
         Ok(Some(dst))

@@ -4,6 +4,8 @@
 //! collects output.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

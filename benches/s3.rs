@@ -1,0 +1,150 @@
+//! The S3 store against a local S3 server (s3s-fs on 127.0.0.1): checkpoints of 256 MiB and
+//! 1 GiB processes uploaded as chunks, a second checkpoint after the process changed 1 % of
+//! its heap, and the download for a restore, each against the raw throughput of the same
+//! server for one plain PUT and GET of the same size, measured in the same run.
+//!
+//! Run with `cargo bench --bench s3` (needs `s3s-fs`: `cargo install s3s-fs@0.14.1
+//! --features binary --locked`). Data goes to $LIMITLESS_BENCH_DIR (default: the system
+//! temporary directory).
+
+use limitless::engine::checkpoint::{After, Request};
+use limitless::engine::supervisor::{Options, Supervisor};
+use limitless::store::{S3Store, Store};
+use object_store::{ObjectStoreExt, PutPayload};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn mib_s(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / secs
+}
+
+fn random(n: usize) -> Vec<u8> {
+    let mut x = 0x2545F4914F6CDD1Du64;
+    let mut v = vec![0u8; n];
+    for c in v.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+/// Two checkpoints of `churn MIB`, one second apart (the process rewrites the same 1 % of
+/// its heap in between), left running.
+fn two_images(churn: &Path, dir: &Path, mib: u64) -> (PathBuf, PathBuf) {
+    let opts = Options { socket: None, carry: Default::default() };
+    let sup = Supervisor::launch(churn, &[mib.to_string().into(), "100000".into(), "200".into()], &opts).expect("launch");
+    assert!(sup.wait_ready(Duration::from_secs(30)), "agent did not start");
+    let t = Instant::now();
+    while sup.inner.out.bytes.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(120), "churn did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut imgs = Vec::new();
+    for i in 0..2 {
+        if i > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let img = dir.join(format!("churn-{mib}-{i}.img"));
+        let req = Request { output: img.clone(), after: After::Resume, freeze_timeout: Duration::from_secs(10), wait_idle: Duration::ZERO };
+        sup.inner.checkpoint(&req).expect("checkpoint");
+        imgs.push(img);
+    }
+    sup.inner.kill();
+    let _ = sup.wait();
+    (imgs.remove(0), imgs.remove(0))
+}
+
+fn main() {
+    let base = std::env::var_os("LIMITLESS_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("limitless-s3-bench-{}", std::process::id()));
+    let root = dir.join("s3");
+    std::fs::create_dir_all(root.join("bench")).unwrap();
+    let s3s = PathBuf::from(std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap())))
+        .join("bin/s3s-fs");
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = Command::new(&s3s)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "AKBENCH", "--secret-key", "SKBENCH12345678"])
+        .arg(&root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {} ({e}); install it with `cargo install s3s-fs@0.14.1 --features binary --locked`", s3s.display())
+        });
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let endpoint = format!("http://127.0.0.1:{port}");
+    for (k, v) in [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "AKBENCH"),
+        ("AWS_SECRET_ACCESS_KEY", "SKBENCH12345678"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ALLOW_HTTP", "true"),
+        // The store sends unsigned payloads (its chunks carry their own hashes); so does
+        // the raw client here, so that both pay the same.
+        ("AWS_UNSIGNED_PAYLOAD", "true"),
+        ("LIMITLESS_KEY", "bench-key-0123456789abcdef"),
+    ] {
+        std::env::set_var(k, v);
+    }
+    let churn = dir.join("churn");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/churn.c");
+    assert!(Command::new("gcc").args(["-O2", "-o"]).arg(&churn).arg(&src).status().expect("gcc").success());
+    let raw = object_store::aws::AmazonS3Builder::from_env().with_bucket_name("bench").build().expect("raw client");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    println!("| process | image | raw PUT | first checkpoint upload | ratio | 1 % changed: sent | upload time | raw GET | restore download | ratio |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for mib in [256u64, 1024] {
+        // The server's raw throughput for one object of the same size.
+        let blob = bytes::Bytes::from(random((mib as usize) << 20));
+        let p = object_store::path::Path::from(format!("raw/{mib}"));
+        let t = Instant::now();
+        rt.block_on(raw.put(&p, PutPayload::from(blob.clone()))).expect("raw put");
+        let put = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let got = rt.block_on(async { raw.get(&p).await?.bytes().await }).expect("raw get");
+        let get = t.elapsed().as_secs_f64();
+        assert_eq!(got.len(), blob.len());
+        drop((blob, got));
+        rt.block_on(raw.delete(&p)).unwrap();
+
+        let store = S3Store::open(&format!("s3://bench/m{mib}"), limitless::store::seal::Sealer::from_env().unwrap(), &[]).expect("store");
+        let (a, b) = two_images(&churn, &dir, mib);
+        let (na, nb) = (std::fs::metadata(&a).unwrap().len(), std::fs::metadata(&b).unwrap().len());
+        let t = Instant::now();
+        let sent_a = store.put_file("images/x/1.0.img", &a).expect("upload");
+        let up_a = t.elapsed().as_secs_f64();
+        // As in a chain: the next step downloads the image, restores, and checkpoints again.
+        let t = Instant::now();
+        let back = store.fetch_file("images/x/1.0.img").expect("download").expect("image");
+        let down = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let sent_b = store.put_file("images/x/2.0.img", &b).expect("upload");
+        let up_b = t.elapsed().as_secs_f64();
+        assert_eq!(std::fs::metadata(&back).unwrap().len(), na);
+        let _ = nb;
+        println!(
+            "| {mib} MiB random | {:.0} MiB | {:.0} MiB/s | {:.0} MiB/s ({up_a:.2} s, {:.0} MiB sent) | {:.2} | {:.1} MiB ({:.2} % of the first) | {up_b:.2} s | {:.0} MiB/s | {:.0} MiB/s ({down:.2} s) | {:.2} |",
+            na as f64 / (1 << 20) as f64,
+            mib_s(mib << 20, put),
+            mib_s(na, up_a),
+            sent_a as f64 / (1 << 20) as f64,
+            mib_s(na, up_a) / mib_s(mib << 20, put),
+            sent_b as f64 / (1 << 20) as f64,
+            sent_b as f64 * 100.0 / sent_a as f64,
+            mib_s(mib << 20, get),
+            mib_s(na, down),
+            mib_s(na, down) / mib_s(mib << 20, get),
+        );
+        drop(store);
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
