@@ -86,7 +86,9 @@ fn check_chain(name: &str, limit: &str, args: &[&str], want: &str) {
         assert_eq!(r.code, Some(0), "{name} as {u:?}: {}", r.err);
         assert_eq!(r.out, want, "{name} as {u:?}: output differs from an uninterrupted run");
         let n = steps(&r);
-        assert!((3..=12).contains(&n), "{name} as {u:?}: {n} steps; stderr: {}", r.err);
+        // At least 3 steps; the upper bound only catches a runaway chain (a loaded machine
+        // runs the program slower, so it takes more steps).
+        assert!((3..=24).contains(&n), "{name} as {u:?}: {n} steps; stderr: {}", r.err);
         let last = r.err.lines().last().unwrap_or("");
         assert!(
             last.starts_with("limitless: ")

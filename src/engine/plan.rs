@@ -2,7 +2,7 @@
 //! restorer follows without parsing anything itself (see `limitless_image::plan`).
 
 use limitless_image::file::Image;
-use limitless_image::format::{role, vma_kind, PAGE, USER_END};
+use limitless_image::format::{role, vma_kind, PagesHeader, RecordHeader, PAGE, USER_END};
 use limitless_image::plan::*;
 use limitless_image::wire::Wire;
 
@@ -17,6 +17,8 @@ pub struct PlanFds {
     pub data_fd: i32,
     /// The restorer reports errors here.
     pub err_fd: i32,
+    /// The image file, which the restorer reads page data from (-1: from `data_fd`).
+    pub image_fd: i32,
     /// First of the restorer's own fds, which it closes before the jump.
     pub close_from: i32,
     /// Last of the restorer's own fds.
@@ -86,9 +88,14 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, fds: &PlanFds) -> Vec<u
     }
     let mut runs = Vec::new();
     for p in &img.pages {
-        p.header.runs(|s, l| match runs.last_mut() {
-            Some(PlanRun { start, len }) if *start + *len == s => *len += l,
-            _ => runs.push(PlanRun { start: s, len: l }),
+        // The record's pages follow its record header and pages header in the file.
+        let mut off = img.index[p.index].offset + RecordHeader::SIZE as u64 + PagesHeader::SIZE as u64;
+        p.header.runs(|s, l| {
+            match runs.last_mut() {
+                Some(PlanRun { start, len, file_off }) if *start + *len == s && *file_off + *len == off => *len += l,
+                _ => runs.push(PlanRun { start: s, len: l, file_off: off }),
+            }
+            off += l;
         });
     }
     let gaps_off = PlanHeader::SIZE as u64;
@@ -100,7 +107,7 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, fds: &PlanFds) -> Vec<u
     let h = PlanHeader {
         magic: PLAN_MAGIC,
         version: PLAN_VERSION,
-        flags: 0,
+        flags: if fds.image_fd >= 0 { pf::PREAD } else { 0 },
         plan_len,
         gap_len: 0,
         n_gaps: gaps.len() as u32,
@@ -115,7 +122,7 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, fds: &PlanFds) -> Vec<u
         mm: p.mm,
         auxv: p.auxv,
         auxv_words: p.auxv_words,
-        reserved: 0,
+        image_fd: fds.image_fd,
         restart_entry: p.restart_entry,
         agent_state: p.agent_state,
         leader_fs,

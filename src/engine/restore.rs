@@ -4,10 +4,11 @@
 //! field), the kernel's vDSO layout, the CPU's features, the files the program had mapped
 //! (same size and time) and open (they must open again). The supervisor then opens every
 //! file the program needs at its recorded number, writes the restore plan into a memfd,
-//! starts the restorer, and streams the page data to it, checking each record's hash
-//! before sending it. The program runs only after the last byte arrived and the agent
-//! reports `RESTORED`; any failure before that kills the restorer, so there is never a
-//! partly restored program, and the image file is only ever read.
+//! and starts the restorer, which reads the page data from the image file straight into
+//! place (one copy from the page cache) while the supervisor checks every page record's
+//! hash; the restorer lets the program run only after the supervisor's go-ahead, and the
+//! agent then reports `RESTORED`. Any failure before that kills the restorer, so there is
+//! never a partly restored program, and the image file is only ever read.
 
 use super::embedded::{self, EngineFiles};
 use super::host;
@@ -57,6 +58,7 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
     let t0 = Instant::now();
     let files: EngineFiles = embedded::unpack()?;
     let img = Arc::new(open_checked(image)?);
+    tracing::debug!("restore: image read and checked at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
     let pl = Plumbing::new(opts)?;
     let mut fds = FdMap::default();
     let objs = super::objects::create(&img)?;
@@ -119,10 +121,12 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
     let (err_r, err_w) = super::stdio::pipe()?;
     let data_fd = alloc();
     let err_fd = alloc();
+    let image_fd = alloc();
     let plan_fd = alloc();
     fds.add(data_r, data_fd);
     fds.add(err_w, err_fd);
-    let pfds = PlanFds { data_fd, err_fd, close_from, close_to: plan_fd };
+    fds.add(OwnedFd::from(File::open(image).with_context(|| format!("cannot open {}", image.display()))?), image_fd);
+    let pfds = PlanFds { data_fd, err_fd, image_fd, close_from, close_to: plan_fd };
     let plan = plan::build(&img, |i| vma_fd[i], &pfds);
     let memfd = rustix::fs::memfd_create("limitless-plan", rustix::fs::MemfdFlags::CLOEXEC)?;
     let mut mf = File::from(memfd);
@@ -133,8 +137,10 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
     let mut cmd = Command::new(&files.restorer);
     cmd.arg(plan_fd.to_string()).env_clear();
     let child = fds.spawn(cmd).with_context(|| format!("cannot start the restorer {}", files.restorer.display()))?;
+    tracing::debug!("restore: restorer started at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
 
-    // Stream the page data, each record checked against its hash before it is sent.
+    // Check every page record against its hash while the restorer reads the pages; the
+    // go-ahead byte lets it continue past the page data.
     let data_err: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let streamer = {
         let img = img.clone();
@@ -142,20 +148,18 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
         std::thread::spawn(move || {
             let mut w = File::from(data_w);
             let mut total = 0u64;
+            let mut buf = Vec::new();
             for p in &img.pages {
-                match img.read_pages(p) {
-                    Ok(d) => {
-                        if w.write_all(&d).is_err() {
-                            return total; // the restorer is gone; its own report says why
-                        }
-                        total += d.len() as u64;
-                    }
+                match img.check_pages(p, &mut buf) {
+                    Ok(n) => total += n,
                     Err(e) => {
                         *data_err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                         return total;
                     }
                 }
             }
+            let _ = w.write_all(&[limitless_image::plan::VERIFIED]);
+            tracing::debug!("restore: page records checked at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
             total
         })
     };
@@ -207,6 +211,7 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
         };
         bail!("restore failed: {why}");
     }
+    tracing::debug!("restore: program restored at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
     let data_bytes = streamer.join().unwrap_or(0);
     drop(errtext);
     let threads = sup.inner.state.lock().map(|s| s.restored.map_or(0, |r| r.threads)).unwrap_or(0);

@@ -400,6 +400,28 @@ impl Image {
         Ok(payload.split_off(PagesHeader::SIZE))
     }
 
+    /// Checks page record `p` (record header, hash, pages header) without keeping its
+    /// data, reading through `buf` (reused between calls, so that checking a large image
+    /// does not allocate and fault in a fresh buffer per record). Returns the page bytes.
+    pub fn check_pages(&self, p: &PageRecord, buf: &mut Vec<u8>) -> Result<u64, ImageError> {
+        let e = self.index.get(p.index).ok_or_else(|| corrupt("record number"))?;
+        if e.flags & rflags::ZSTD != 0 {
+            return Err(corrupt("compressed page records are not supported by this build"));
+        }
+        buf.resize(RecordHeader::SIZE + e.stored_len as usize, 0);
+        read_exact_at(&self.file, buf, e.offset, "a record")?;
+        self.check_header(p.index, buf)?;
+        let payload = &buf[RecordHeader::SIZE..];
+        if hash(&[payload]) != e.hash {
+            return Err(corrupt(format!("record {} ({}) at offset {} fails its checksum", p.index, kind::name(e.kind), e.offset)));
+        }
+        let h = PagesHeader::decode(payload).ok_or_else(|| corrupt("pages header"))?;
+        if h != p.header {
+            return Err(corrupt(format!("record {} changed while it was read", p.index)));
+        }
+        Ok((payload.len() - PagesHeader::SIZE) as u64)
+    }
+
     /// Checks the hash of every page and file data record (what `inspect` and `restore`
     /// verify).
     pub fn verify_pages(&self) -> Result<(), ImageError> {

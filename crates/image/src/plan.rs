@@ -12,7 +12,7 @@ use crate::wire;
 /// `b"LMTLPLAN"`.
 pub const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"LMTLPLAN");
 /// Version of the plan layout (the restorer and supervisor always come from one build).
-pub const PLAN_VERSION: u32 = 1;
+pub const PLAN_VERSION: u32 = 2;
 /// Most gap candidates in a plan.
 pub const MAX_GAPS: u32 = 32;
 
@@ -32,7 +32,8 @@ wire! {
         pub gaps_off: u64,
         pub vmas_off: u64,
         pub runs_off: u64,
-        /// Page data arrives here, in run order.
+        /// Page data arrives here, in run order; with [`pf::PREAD`], only one byte `G` once
+        /// the supervisor has checked every page record's hash.
         pub data_fd: i32,
         /// Errors are written here (one line) before the restorer exits.
         pub err_fd: i32,
@@ -40,7 +41,8 @@ wire! {
         pub mm: MmInfo,
         pub auxv: [u64; AUXV_WORDS],
         pub auxv_words: u32,
-        pub reserved: u32,
+        /// With [`pf::PREAD`]: the image file, read at each run's `file_off`.
+        pub image_fd: i32,
         /// Where to jump (the agent's restart entry), with a pointer to
         /// [`RestartArgs`] in `rdi`.
         pub restart_entry: u64,
@@ -60,6 +62,17 @@ wire! {
         pub len: u64,
     }
 }
+
+/// Plan header flags.
+pub mod pf {
+    /// Runs are read from `image_fd` at their file offsets (one copy, page cache to place)
+    /// instead of from the data stream; the restorer waits for the supervisor's `G` on
+    /// `data_fd` before the program may run.
+    pub const PREAD: u32 = 1;
+}
+
+/// The byte the supervisor sends on `data_fd` when every page record checked out.
+pub const VERIFIED: u8 = b'G';
 
 /// Mapping kinds in a plan.
 pub mod pk {
@@ -100,10 +113,12 @@ wire! {
 }
 
 wire! {
-    /// A run of page data: `len` bytes to read from the data fd into `start`.
+    /// A run of page data: `len` bytes to read into `start`, from the data fd or (with
+    /// [`pf::PREAD`]) from the image at `file_off`.
     pub struct PlanRun {
         pub start: u64,
         pub len: u64,
+        pub file_off: u64,
     }
 }
 

@@ -157,6 +157,7 @@ pub const MADV_HUGEPAGE: i32 = 14;
 pub const MADV_NOHUGEPAGE: i32 = 15;
 pub const MADV_DONTDUMP: i32 = 16;
 pub const MADV_GUARD_INSTALL: i32 = 102;
+pub const MADV_POPULATE_WRITE: i32 = 23;
 
 pub const PR_SET_NAME: i32 = 15;
 pub const PR_GET_NAME: i32 = 16;
