@@ -199,7 +199,14 @@ fn start_reader(inner: Arc<Inner>, tx: mpsc::Sender<AgentMsg>) {
             AgentMsg::Closed => st.closed = true,
             // The program runs again (snapshot checkpoint): its input may flow again too;
             // the unread input was copied before the agent let it go.
-            AgentMsg::Released(_) => inner.input.resume(),
+            AgentMsg::Released(r) => {
+                inner.input.resume();
+                tracing::debug!(
+                    "checkpoint: threads released after {:.1} ms (the snapshot clone took {:.1} ms)",
+                    r.frozen_ns as f64 / 1e6,
+                    r.clone_ns as f64 / 1e6
+                );
+            }
             AgentMsg::Note(t) => tracing::info!("checkpoint: {t}"),
             _ => {}
         }
