@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 /// What happens to the program once its image is durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum After {
-    /// It continues (`--leave-running`).
+    /// It continues (`--leave-running`). When it can, the agent lets it run again as soon
+    /// as a copy-on-write snapshot of it exists, while the snapshot writes the image
+    /// ([`Stats::snapshot`]).
     Resume,
     /// It is killed; `launch`/`restore` then exit with `EXIT_CHECKPOINTED`.
     Kill,
