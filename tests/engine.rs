@@ -206,6 +206,7 @@ fn snapshot_checkpoint_while_the_program_changes_memory_and_prints() {
         let got = lines(&out2);
         assert!(got.len() > 1 && got.len() < want.len() - 100, "the copy should resume mid-run: {} lines", got.len());
         assert_eq!(got, want[want.len() - got.len()..], "the copy does not continue the uninterrupted run");
+        let _ = std::fs::remove_dir_all(d); // its images
     });
 }
 
@@ -224,6 +225,7 @@ fn snapshot_child_is_invisible_to_the_programs_sigchld_handler_and_waits() {
         let (st, out, err) = r.finish();
         assert_eq!(st.code(), Some(0), "{err}");
         assert_eq!(lines(&out), vec!["READY", "sigchld 0 waited 0 other-errors 0 looped 1"]);
+        let _ = std::fs::remove_dir_all(d); // its images
     });
 }
 
@@ -247,5 +249,6 @@ fn dontfork_and_wipeonfork_memory_is_checkpointed_frozen_and_keeps_its_flags() {
         let (st2, out2, err2) = copy.finish();
         assert_eq!(st2.code(), Some(0), "copy: {err2}");
         assert_eq!(lines(&out2), lines(&want)[1..], "the copy continues after READY");
+        let _ = std::fs::remove_dir_all(d); // its images
     });
 }

@@ -197,14 +197,20 @@ impl Inner {
     fn run_checkpoint(&self, req: &Request, file: File, pr: std::os::fd::OwnedFd, snapshot: bool) -> Result<(Stats, Instant)> {
         let mut stats = Stats::default();
         let wait = req.freeze_timeout + req.wait_idle + Duration::from_secs(10);
-        match self.next_event(wait)? {
-            AgentMsg::Frozen(f) => {
-                stats.threads = f.threads;
-                stats.freeze_ms = f.freeze_ns as f64 / 1e6;
+        loop {
+            match self.next_event(wait)? {
+                AgentMsg::Frozen(f) => {
+                    stats.threads = f.threads;
+                    stats.freeze_ms = f.freeze_ns as f64 / 1e6;
+                    break;
+                }
+                // A greeting that reached the event queue just after the stale events were
+                // dropped (the reader thread records it before it queues it).
+                AgentMsg::Hello(_) | AgentMsg::Restored(_) | AgentMsg::Note(_) => continue,
+                AgentMsg::Failed(t) => bail!("the checkpoint failed: {t}"),
+                AgentMsg::Closed => bail!("the program exited before it could be checkpointed"),
+                m => bail!("unexpected message from the agent: {m:?}"),
             }
-            AgentMsg::Failed(t) => bail!("the checkpoint failed: {t}"),
-            AgentMsg::Closed => bail!("the program exited before it could be checkpointed"),
-            m => bail!("unexpected message from the agent: {m:?}"),
         }
         let frozen_at = Instant::now();
         crate::failpoint::hit("checkpoint.frozen");

@@ -182,4 +182,20 @@ mod tests {
         p[0] ^= 1;
         assert!(decode(&p[..n]).is_none(), "bad magic");
     }
+
+    #[test]
+    fn released_round_trips() {
+        let mut p = [0u8; 64];
+        let mut b = [0u8; Released::SIZE];
+        Released { frozen_ns: 66_600_000, clone_ns: 15_000_000, child_pid: 4242, reserved: 0 }.encode(&mut b).unwrap();
+        let n = encode(msg::RELEASED, 3, &b, &mut p).unwrap();
+        let (h, body) = decode(&p[..n]).unwrap();
+        assert_eq!(h.kind, msg::RELEASED);
+        let r = Released::decode(body).unwrap();
+        assert_eq!((r.frozen_ns, r.clone_ns, r.child_pid), (66_600_000, 15_000_000, 4242));
+        assert!(Released::decode(&body[..Released::SIZE - 1]).is_none(), "short payload");
+        // STDIO_SAVED has no payload.
+        let n = encode(msg::STDIO_SAVED, 4, &[], &mut p).unwrap();
+        assert_eq!(decode(&p[..n]).unwrap().0.kind, msg::STDIO_SAVED);
+    }
 }
