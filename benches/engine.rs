@@ -1,14 +1,20 @@
-//! First figures of the checkpoint engine: checkpoint time, time the program is frozen,
-//! image size and restore time, for processes of 1 MiB and 1 GiB (random contents) and
-//! 1 GiB of touched-but-zero memory. Run with `cargo bench --bench engine`; each figure is
-//! the median of three runs. The image goes to $LIMITLESS_BENCH_DIR (default: the
-//! system temporary directory).
+//! Figures of the checkpoint engine: checkpoint time, time the program is frozen, image
+//! size and restore time, for processes of 1 MiB and 1 GiB (random contents) and 1 GiB of
+//! touched-but-zero memory, checkpointed and stopped, and for 1 MiB and 1 GiB checkpointed
+//! with `--leave-running` (a copy-on-write snapshot). Beside them, the machine's reference
+//! figures in the same run: `dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync` in
+//! the image directory, and `cat` of that 1 GiB page-cached file to /dev/null; the table
+//! gives checkpoint / dd and restore / cat for the 1 GiB rows.
+//!
+//! Run with `cargo bench --bench engine`; each figure is the median of three runs. The
+//! images go to $LIMITLESS_BENCH_DIR (default: the system temporary directory).
 
-use limitless::engine::checkpoint::Request;
+use limitless::engine::checkpoint::{After, Request};
 use limitless::engine::restore::restore;
 use limitless::engine::supervisor::{Options, Supervisor};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 fn build_mem(dir: &Path) -> PathBuf {
@@ -23,41 +29,81 @@ struct Run {
     image_bytes: u64,
     checkpoint_ms: f64,
     frozen_ms: f64,
+    /// The longest pause the program saw itself (leave-running runs only).
+    seen_ms: Option<f64>,
     restore_ms: f64,
+    snapshot: bool,
 }
 
-fn one(prog: &Path, dir: &Path, mib: u64, kind: &str) -> Run {
+fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After) -> Run {
     let opts = Options { socket: None, carry: Default::default() };
-    let sup = Supervisor::launch(prog, &[mib.to_string().into(), kind.into()], &opts).expect("launch");
+    let mut args = vec![mib.to_string().into(), kind.into()];
+    if after == After::Resume {
+        args.push("tick".into());
+    }
+    let sup = Supervisor::launch(prog, &args, &opts).expect("launch");
     assert!(sup.wait_ready(Duration::from_secs(30)), "agent did not start");
     // The program prints READY when its memory is filled; wait for its output to flow.
     let t = Instant::now();
-    while sup.inner.out.bytes.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+    while sup.inner.out.bytes.load(Ordering::Relaxed) == 0 {
         assert!(t.elapsed() < Duration::from_secs(120), "program did not get ready");
         std::thread::sleep(Duration::from_millis(5));
     }
     let img = dir.join("bench.img");
     let stats = sup
         .inner
-        .checkpoint(&Request {
-            output: img.clone(),
-            after: limitless::engine::checkpoint::After::Kill,
-            freeze_timeout: Duration::from_secs(10),
-            wait_idle: Duration::ZERO,
-        })
+        .checkpoint(&Request { output: img.clone(), after, freeze_timeout: Duration::from_secs(10), wait_idle: Duration::ZERO })
         .expect("checkpoint");
-    sup.wait().expect("wait");
+    let mut seen_ms = None;
+    if after == After::Resume {
+        // Let it tick a little more, then ask for the longest gap it saw.
+        std::thread::sleep(Duration::from_millis(50));
+        let inner = sup.inner.clone();
+        let _ =
+            rustix::process::kill_process(rustix::process::Pid::from_raw(sup.pid() as i32).expect("pid"), rustix::process::Signal::TERM);
+        sup.wait().expect("wait");
+        let line = String::from_utf8_lossy(&inner.out.last_line()).into_owned();
+        seen_ms = line.strip_prefix("max-gap-ms ").and_then(|v| v.trim().parse().ok());
+    } else {
+        sup.wait().expect("wait");
+    }
     // Restore from a cold-ish page cache is not what we measure: the image was just written.
     let (sup2, rs) = restore(&img, &Options { socket: None, carry: Default::default() }).expect("restore");
     sup2.inner.kill();
     let _ = sup2.wait();
     let _ = std::fs::remove_file(&img);
-    Run { image_bytes: stats.image_bytes, checkpoint_ms: stats.total_ms, frozen_ms: stats.frozen_ms, restore_ms: rs.total_ms }
+    Run {
+        image_bytes: stats.image_bytes,
+        checkpoint_ms: stats.total_ms,
+        frozen_ms: stats.frozen_ms,
+        seen_ms,
+        restore_ms: rs.total_ms,
+        snapshot: stats.snapshot,
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// Wall time of a shell command, in ms.
+fn timed(cmd: &str) -> f64 {
+    let t = Instant::now();
+    let st = Command::new("sh").args(["-c", cmd]).stdout(Stdio::null()).stderr(Stdio::null()).status().expect("sh");
+    assert!(st.success(), "`{cmd}` failed");
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// (dd of 1 GiB with fdatasync into `dir`, cat of that page-cached file), medians of three.
+fn reference(dir: &Path) -> (f64, f64) {
+    let f = dir.join("f");
+    let f = f.display();
+    let dd: Vec<f64> = (0..3).map(|_| timed(&format!("dd if=/dev/zero of={f} bs=1M count=1024 conv=fdatasync"))).collect();
+    timed(&format!("cat {f} > /dev/null")); // into the page cache, whatever dd left
+    let cat: Vec<f64> = (0..3).map(|_| timed(&format!("cat {f} > /dev/null"))).collect();
+    let _ = std::fs::remove_file(dir.join("f"));
+    (median(dd), median(cat))
 }
 
 fn main() {
@@ -70,17 +116,41 @@ fn main() {
         .join(format!("limitless-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
     let prog = build_mem(&dir);
-    println!("{:<22} {:>12} {:>14} {:>11} {:>12}", "process", "image", "checkpoint ms", "frozen ms", "restore ms");
-    for (mib, kind, label) in [(1, "random", "1 MiB random"), (1024, "random", "1 GiB random"), (1024, "zero", "1 GiB touched zeros")] {
-        let runs: Vec<Run> = (0..3).map(|_| one(&prog, &dir, mib, kind)).collect();
-        let img = runs[0].image_bytes;
+    let (dd, cat) = reference(&dir);
+    let mut rows = Vec::new();
+    for (mib, kind, after, label) in [
+        (1, "random", After::Kill, "stop, 1 MiB random"),
+        (1024, "random", After::Kill, "stop, 1 GiB random"),
+        (1024, "zero", After::Kill, "stop, 1 GiB zeros"),
+        (1, "random", After::Resume, "leave-running, 1 MiB random"),
+        (1024, "random", After::Resume, "leave-running, 1 GiB random"),
+    ] {
+        let runs: Vec<Run> = (0..3).map(|_| one(&prog, &dir, mib, kind, after)).collect();
+        rows.push((label, mib, runs));
+    }
+    println!();
+    println!("images in {}", dir.display());
+    println!("dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync: {dd:.1} ms; cat of that 1 GiB page-cached file to /dev/null: {cat:.1} ms");
+    println!(
+        "{:<30} {:>10} {:>14} {:>10} {:>12} {:>11} {:>8} {:>12} {:>9}",
+        "process", "image", "checkpoint ms", "frozen ms", "seen gap ms", "restore ms", "ckpt/dd", "restore/cat", "snapshot"
+    );
+    for (label, mib, runs) in rows {
+        let ck = median(runs.iter().map(|r| r.checkpoint_ms).collect());
+        let rs = median(runs.iter().map(|r| r.restore_ms).collect());
+        let seen = runs.iter().map(|r| r.seen_ms).collect::<Option<Vec<f64>>>().map(median);
+        let ratio = |v: f64, r: f64| if mib == 1024 { format!("{:.2}", v / r) } else { "-".into() };
         println!(
-            "{:<22} {:>12} {:>14.1} {:>11.1} {:>12.1}",
+            "{:<30} {:>10} {:>14.1} {:>10.1} {:>12} {:>11.1} {:>8} {:>12} {:>9}",
             label,
-            limitless::util::bytes(img),
-            median(runs.iter().map(|r| r.checkpoint_ms).collect()),
+            limitless::util::bytes(runs[0].image_bytes),
+            ck,
             median(runs.iter().map(|r| r.frozen_ms).collect()),
-            median(runs.iter().map(|r| r.restore_ms).collect()),
+            seen.map_or("-".into(), |s| format!("{s:.1}")),
+            rs,
+            ratio(ck, dd),
+            ratio(rs, cat),
+            format!("{}/{}", runs.iter().filter(|r| r.snapshot).count(), runs.len()),
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -383,6 +383,7 @@ fn a_limit_too_short_for_the_program_fails_naming_the_minimum() {
     let last = r.err.lines().last().unwrap_or("");
     assert!(last.contains("--limit") && (last.contains("at least") || last.contains("longer")), "{}", r.err);
     assert!(last.contains("resume") || last.contains("almost no time"), "{}", r.err);
+    let _ = std::fs::remove_dir_all(&d); // a 700 MiB image
 }
 
 #[test]

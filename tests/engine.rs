@@ -176,3 +176,79 @@ fn what_cannot_be_checkpointed_fails_clearly_and_the_program_runs_on() {
         }
     });
 }
+
+/// The time in `limitless dump`'s report after `label` ("in 12.3 ms", "frozen 4.5 ms").
+fn reported_ms(report: &str, label: &str) -> f64 {
+    let at = report.find(label).unwrap_or_else(|| panic!("no `{label}` in: {report}")) + label.len();
+    report[at..].split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no time after `{label}` in: {report}"))
+}
+
+#[test]
+fn snapshot_checkpoint_while_the_program_changes_memory_and_prints() {
+    let prog = program("snapwork");
+    let want = reference(&prog, &["1500"], "");
+    let want = lines(&want);
+    each_user("snapwork", |u, d| {
+        let r = launch(u, d, &prog, &["1500"]);
+        r.expect_out("step 100 ");
+        let img = d.join("image");
+        let (ok, report) = dump(u, &r.socket, &img, true);
+        assert!(ok, "dump failed: {report}\nstdout so far:\n{}\nstderr:\n{}", r.out.text(), r.err.text());
+        assert!(report.contains("still running (snapshot)"), "the checkpoint was not a snapshot: {report}");
+        assert!(reported_ms(&report, "frozen ") < reported_ms(&report, " in "), "frozen until the image was durable: {report}");
+        // The copy runs while the original is still alive.
+        let copy = restore(u, d, &img);
+        let (st, out, err) = r.finish();
+        assert_eq!(st.code(), Some(0), "original: {err}");
+        assert_eq!(lines(&out), want, "the original's output differs from an uninterrupted run");
+        let (st2, out2, err2) = copy.finish();
+        assert_eq!(st2.code(), Some(0), "copy: {err2}");
+        let got = lines(&out2);
+        assert!(got.len() > 1 && got.len() < want.len() - 100, "the copy should resume mid-run: {} lines", got.len());
+        assert_eq!(got, want[want.len() - got.len()..], "the copy does not continue the uninterrupted run");
+        let _ = std::fs::remove_dir_all(d); // its images
+    });
+}
+
+#[test]
+fn snapshot_child_is_invisible_to_the_programs_sigchld_handler_and_waits() {
+    let prog = program("sigchld");
+    each_user("sigchld", |u, d| {
+        let mut r = launch(u, d, &prog, &[]);
+        r.expect_out("READY");
+        for i in 0..3 {
+            let (ok, report) = dump(u, &r.socket, &d.join(format!("image-{i}")), true);
+            assert!(ok && report.contains("(snapshot)"), "checkpoint {i}: {report}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        r.send("stop\n");
+        let (st, out, err) = r.finish();
+        assert_eq!(st.code(), Some(0), "{err}");
+        assert_eq!(lines(&out), vec!["READY", "sigchld 0 waited 0 other-errors 0 looped 1"]);
+        let _ = std::fs::remove_dir_all(d); // its images
+    });
+}
+
+#[test]
+fn dontfork_and_wipeonfork_memory_is_checkpointed_frozen_and_keeps_its_flags() {
+    let prog = program("forkflags");
+    let want = reference(&prog, &[], "go\n");
+    each_user("forkflags", |u, d| {
+        let mut r = launch(u, d, &prog, &[]);
+        r.expect_out("READY");
+        let img = d.join("image");
+        let (ok, report) = dump(u, &r.socket, &img, true);
+        assert!(ok, "dump failed: {report}");
+        assert!(report.contains("still running") && !report.contains("(snapshot)"), "expected the frozen path: {report}");
+        let mut copy = restore(u, d, &img);
+        r.send("go\n");
+        let (st, out, err) = r.finish();
+        assert_eq!(st.code(), Some(0), "original: {err}");
+        assert_eq!(lines(&out), lines(&want));
+        copy.send("go\n");
+        let (st2, out2, err2) = copy.finish();
+        assert_eq!(st2.code(), Some(0), "copy: {err2}");
+        assert_eq!(lines(&out2), lines(&want)[1..], "the copy continues after READY");
+        let _ = std::fs::remove_dir_all(d); // its images
+    });
+}

@@ -357,6 +357,9 @@ fn dump(
     match api::request(&sock, &req) {
         Ok(r) if r.ok => {
             if let Some(s) = r.stats {
+                if let Some(n) = &s.note {
+                    eprintln!("limitless: {n}");
+                }
                 eprintln!(
                     "limitless: checkpointed {} thread(s) to {} ({}) in {:.1} ms, program frozen {:.1} ms{}",
                     s.threads,
@@ -364,7 +367,11 @@ fn dump(
                     bytes(s.image_bytes),
                     s.total_ms,
                     s.frozen_ms,
-                    if s.left_running { ", still running" } else { ", stopped" }
+                    match (s.left_running, s.snapshot) {
+                        (true, true) => ", still running (snapshot)",
+                        (true, false) => ", still running",
+                        _ => ", stopped",
+                    }
                 );
             }
             0

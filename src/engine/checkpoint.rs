@@ -6,6 +6,14 @@
 //! records, index with per-record hashes, trailer), `fsync`s it, checks it reads back, and
 //! renames it into place. Only then is the program resumed or killed: a failure at any step
 //! leaves the program running and no image behind.
+//!
+//! A leave-running checkpoint is a *snapshot* when it can be: once the input is copied the
+//! supervisor says `STDIO_SAVED`, and the agent lets the program run on while a
+//! copy-on-write child process writes the page data (`RELEASED`; see the agent's
+//! `snapshot` module). The program is then stopped only until the release, not until the
+//! image is durable. Not with carried files (`--carry`: they are read at the end of the
+//! stream and must not change meanwhile), nor with `LIMITLESS_SNAPSHOT=0` in the
+//! environment.
 
 use super::link::AgentMsg;
 use super::supervisor::Inner;
@@ -24,7 +32,9 @@ use std::time::{Duration, Instant};
 /// What happens to the program once its image is durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum After {
-    /// It continues (`--leave-running`).
+    /// It continues (`--leave-running`). When it can, the agent lets it run again as soon
+    /// as a copy-on-write snapshot of it exists, while the snapshot writes the image
+    /// ([`Stats::snapshot`]).
     Resume,
     /// It is killed; `launch`/`restore` then exit with `EXIT_CHECKPOINTED`.
     Kill,
@@ -53,7 +63,8 @@ pub struct Stats {
     pub threads: u32,
     /// Time to stop every thread.
     pub freeze_ms: f64,
-    /// Time the program was stopped in all (freeze to resume or kill).
+    /// Time the program was stopped in all (from the request to the threads running again:
+    /// their release after a snapshot, else the resume or kill).
     pub frozen_ms: f64,
     /// Time the agent spent writing its stream.
     pub write_ms: f64,
@@ -70,6 +81,12 @@ pub struct Stats {
     pub carried_bytes: u64,
     /// The program keeps running.
     pub left_running: bool,
+    /// The program ran on while a copy-on-write snapshot wrote the image.
+    #[serde(default)]
+    pub snapshot: bool,
+    /// Why a leave-running checkpoint was not a snapshot, if the agent said.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -116,8 +133,13 @@ impl Inner {
         let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let (pr, pw) = super::stdio::pipe()?;
         let _ = rustix::pipe::fcntl_setpipe_size(&pw, 1 << 20);
+        let snapshot = req.after == After::Resume && !self.carry.any() && std::env::var_os("LIMITLESS_SNAPSHOT").is_none_or(|v| v != "0");
         let c = Checkpoint {
-            flags: if req.after == After::Resume { ckpt_flags::LEAVE_RUNNING } else { 0 },
+            flags: match req.after {
+                After::Resume if snapshot => ckpt_flags::LEAVE_RUNNING | ckpt_flags::SNAPSHOT,
+                After::Resume => ckpt_flags::LEAVE_RUNNING,
+                _ => 0,
+            },
             freeze_timeout_ms: req.freeze_timeout.as_millis().min(u32::MAX as u128) as u32,
             stdio_ino: self.stdio_ino,
             wait_idle_ms: req.wait_idle.as_millis().min(u32::MAX as u128) as u32,
@@ -128,7 +150,7 @@ impl Inner {
             bail!("cannot reach the agent: {e}");
         }
         drop(pw);
-        let r = self.run_checkpoint(req, file, pr);
+        let r = self.run_checkpoint(req, file, pr, snapshot);
         match r {
             Ok((mut stats, frozen_at)) => {
                 if let Err(e) = finish_file(&tmp, &req.output) {
@@ -142,7 +164,9 @@ impl Inner {
                     After::Kill => self.release(false),
                     After::Hold => {}
                 }
-                stats.frozen_ms = stats.freeze_ms + ms(frozen_at.elapsed());
+                if !stats.snapshot {
+                    stats.frozen_ms = stats.freeze_ms + ms(frozen_at.elapsed());
+                }
                 stats.total_ms = ms(t0.elapsed());
                 stats.left_running = req.after == After::Resume;
                 Ok(stats)
@@ -170,17 +194,23 @@ impl Inner {
 
     /// Streams the image into `file`; returns the statistics and when the program froze.
     /// The program's input stays paused until [`release`](Self::release), so none is lost.
-    fn run_checkpoint(&self, req: &Request, file: File, pr: std::os::fd::OwnedFd) -> Result<(Stats, Instant)> {
+    fn run_checkpoint(&self, req: &Request, file: File, pr: std::os::fd::OwnedFd, snapshot: bool) -> Result<(Stats, Instant)> {
         let mut stats = Stats::default();
         let wait = req.freeze_timeout + req.wait_idle + Duration::from_secs(10);
-        match self.next_event(wait)? {
-            AgentMsg::Frozen(f) => {
-                stats.threads = f.threads;
-                stats.freeze_ms = f.freeze_ns as f64 / 1e6;
+        loop {
+            match self.next_event(wait)? {
+                AgentMsg::Frozen(f) => {
+                    stats.threads = f.threads;
+                    stats.freeze_ms = f.freeze_ns as f64 / 1e6;
+                    break;
+                }
+                // A greeting that reached the event queue just after the stale events were
+                // dropped (the reader thread records it before it queues it).
+                AgentMsg::Hello(_) | AgentMsg::Restored(_) | AgentMsg::Note(_) => continue,
+                AgentMsg::Failed(t) => bail!("the checkpoint failed: {t}"),
+                AgentMsg::Closed => bail!("the program exited before it could be checkpointed"),
+                m => bail!("unexpected message from the agent: {m:?}"),
             }
-            AgentMsg::Failed(t) => bail!("the checkpoint failed: {t}"),
-            AgentMsg::Closed => bail!("the program exited before it could be checkpointed"),
-            m => bail!("unexpected message from the agent: {m:?}"),
         }
         let frozen_at = Instant::now();
         crate::failpoint::hit("checkpoint.frozen");
@@ -189,6 +219,10 @@ impl Inner {
         self.err.drain(Duration::from_secs(10));
         let stdin = self.input.pause_and_peek();
         stats.stdin_bytes = stdin.len() as u64;
+        if snapshot {
+            // The agent may let the program go once its copy-on-write child exists.
+            self.link.send(msg::STDIO_SAVED, &[], None).context("cannot reach the agent")?;
+        }
         let mut w = Writer::new(BufWriter::with_capacity(1 << 20, file), now_unix_ns())?;
         let reader = BufReader::with_capacity(1 << 20, File::from(pr));
         let mut records = 0u64;
@@ -216,21 +250,32 @@ impl Inner {
         stats.carried_bytes = carrier.bytes;
         if let Err(e) = streamed {
             // The agent says why, if it can.
-            let why = match self.next_event(Duration::from_secs(5)) {
-                Ok(AgentMsg::Failed(t)) => t,
-                Ok(AgentMsg::Closed) => "the program exited during the checkpoint".into(),
-                _ => format!("the image stream broke off ({e})"),
+            let why = loop {
+                break match self.next_event(Duration::from_secs(5)) {
+                    Ok(AgentMsg::Released(_) | AgentMsg::Note(_)) => continue,
+                    Ok(AgentMsg::Failed(t)) => t,
+                    Ok(AgentMsg::Closed) => "the program exited during the checkpoint".into(),
+                    _ => format!("the image stream broke off ({e})"),
+                };
             };
             bail!("the checkpoint failed: {why}");
         }
-        match self.next_event(Duration::from_secs(30))? {
-            AgentMsg::Done(d) => {
-                stats.pages = d.pages;
-                stats.write_ms = d.write_ns as f64 / 1e6;
+        loop {
+            match self.next_event(Duration::from_secs(30))? {
+                AgentMsg::Released(r) => {
+                    stats.snapshot = true;
+                    stats.frozen_ms = r.frozen_ns as f64 / 1e6;
+                }
+                AgentMsg::Note(t) => stats.note = Some(t),
+                AgentMsg::Done(d) => {
+                    stats.pages = d.pages;
+                    stats.write_ms = d.write_ns as f64 / 1e6;
+                    break;
+                }
+                AgentMsg::Failed(t) => bail!("the checkpoint failed: {t}"),
+                AgentMsg::Closed => bail!("the program exited during the checkpoint"),
+                m => bail!("unexpected message from the agent: {m:?}"),
             }
-            AgentMsg::Failed(t) => bail!("the checkpoint failed: {t}"),
-            AgentMsg::Closed => bail!("the program exited during the checkpoint"),
-            m => bail!("unexpected message from the agent: {m:?}"),
         }
         let (bw, _) = w.finish()?;
         let f = bw.into_inner().map_err(|e| anyhow!("writing the image failed: {}", e.error()))?;

@@ -1,7 +1,7 @@
 //! The supervisor's side of the control socket to the agent (`SOCK_SEQPACKET`, one packet
 //! per message, the image stream's fd passed with `SCM_RIGHTS`).
 
-use limitless_image::ctl::{self, msg, Done, Frozen, Hello, Restored, MAX_PACKET};
+use limitless_image::ctl::{self, msg, Done, Frozen, Hello, Released, Restored, MAX_PACKET};
 use limitless_image::wire::Wire;
 use rustix::net::{
     recvmsg, sendmsg, socketpair, AddressFamily, RecvAncillaryBuffer, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
@@ -19,6 +19,10 @@ pub enum AgentMsg {
     Hello(Hello),
     /// Every thread is stopped.
     Frozen(Frozen),
+    /// The threads run again while a snapshot child writes the stream.
+    Released(Released),
+    /// A remark for the log (why a snapshot was not possible...).
+    Note(String),
     /// The image stream is complete.
     Done(Done),
     /// The checkpoint (or a restart) failed; the text says why.
@@ -93,6 +97,8 @@ impl Link {
                 msg::FROZEN => AgentMsg::Frozen(Frozen::decode(body).ok_or_else(|| io::Error::other("short FROZEN"))?),
                 msg::DONE => AgentMsg::Done(Done::decode(body).ok_or_else(|| io::Error::other("short DONE"))?),
                 msg::RESTORED => AgentMsg::Restored(Restored::decode(body).ok_or_else(|| io::Error::other("short RESTORED"))?),
+                msg::RELEASED => AgentMsg::Released(Released::decode(body).ok_or_else(|| io::Error::other("short RELEASED"))?),
+                msg::NOTE => AgentMsg::Note(String::from_utf8_lossy(body).into_owned()),
                 msg::FAILED => AgentMsg::Failed(String::from_utf8_lossy(body).into_owned()),
                 _ => continue,
             });

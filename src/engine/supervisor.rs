@@ -49,7 +49,7 @@ pub struct Inner {
     pub state: Mutex<AgentState>,
     /// Signalled when `state` changes.
     pub changed: Condvar,
-    /// FROZEN, DONE and FAILED messages, for the checkpoint in progress.
+    /// FROZEN, RELEASED, NOTE, DONE and FAILED messages, for the checkpoint in progress.
     pub events: Mutex<mpsc::Receiver<AgentMsg>>,
     /// The program's stdin.
     pub input: Input,
@@ -197,6 +197,17 @@ fn start_reader(inner: Arc<Inner>, tx: mpsc::Sender<AgentMsg>) {
             AgentMsg::Restored(r) => st.restored = Some(*r),
             AgentMsg::Failed(t) => st.failed = Some(t.clone()),
             AgentMsg::Closed => st.closed = true,
+            // The program runs again (snapshot checkpoint): its input may flow again too;
+            // the unread input was copied before the agent let it go.
+            AgentMsg::Released(r) => {
+                inner.input.resume();
+                tracing::debug!(
+                    "checkpoint: threads released after {:.1} ms (the snapshot clone took {:.1} ms)",
+                    r.frozen_ns as f64 / 1e6,
+                    r.clone_ns as f64 / 1e6
+                );
+            }
+            AgentMsg::Note(t) => tracing::info!("checkpoint: {t}"),
             _ => {}
         }
         drop(st);

@@ -1,15 +1,31 @@
 /* A process of a given size for benchmarks: MIB mebibytes of random (xorshift) or zero
  * bytes (touched, so the pages are present). Prints READY, then waits for signals.
- * Usage: mem MIB [random|zero] */
+ * Usage: mem MIB [random|zero] [tick]
+ * With "tick" it wakes every millisecond instead and measures the longest gap between two
+ * wake-ups (how long it was stopped, as the program itself sees it); on SIGTERM it prints
+ * "max-gap-ms G" and exits. */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
+
+static volatile sig_atomic_t stop;
+
+static void on_term(int s) { (void)s; stop = 1; }
+
+static double now_ms(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
 
 int main(int argc, char **argv) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   size_t n = (size_t)atol(argc > 1 ? argv[1] : "1") << 20;
   int zero = argc > 2 && !strcmp(argv[2], "zero");
+  int tick = argc > 3 && !strcmp(argv[3], "tick");
   volatile unsigned long *q = malloc(n);
   unsigned long x = 88172645463325252UL;
   for (size_t i = 0; i < n / 8; i++) {
@@ -17,6 +33,18 @@ int main(int argc, char **argv) {
     x ^= x << 13; x ^= x >> 7; x ^= x << 17;
     q[i] = x;
   }
+  if (tick) signal(SIGTERM, on_term);
   printf("READY\n");
-  for (;;) pause();
+  if (!tick)
+    for (;;) pause();
+  double last = now_ms(), gap = 0;
+  struct timespec ms = {0, 1000000};
+  while (!stop) {
+    nanosleep(&ms, NULL);
+    double t = now_ms();
+    if (t - last > gap) gap = t - last;
+    last = t;
+  }
+  printf("max-gap-ms %.1f\n", gap);
+  return 0;
 }

@@ -5,6 +5,11 @@
 //! Any failure before the stream ends releases the threads and reports `FAILED`: the
 //! program keeps running. The manager's own suspend point is where a restored manager
 //! continues ([`crate::restart::continue_manager`]).
+//!
+//! A snapshot checkpoint (leave-running, [`crate::snapshot`]) writes the records and the
+//! shared memory frozen, then `clone`s a copy-on-write child that writes the page data;
+//! the manager waits for `STDIO_SAVED`, lets the threads go (`RELEASED`), reaps the child
+//! and reports `DONE`.
 
 use crate::arch::{self, Ctx};
 use crate::fds::{self, FdTable};
@@ -16,11 +21,12 @@ use crate::objects::Objects;
 use crate::process;
 use crate::scan::{self, Scan, ScanError};
 use crate::scratch::Scratch;
+use crate::snapshot::{self, Side};
 use crate::stream::Out;
 use crate::{ctl, restart};
 use core::ffi::c_void;
 use core::sync::atomic::Ordering;
-use limitless_image::ctl::{ckpt_flags, msg, Checkpoint, Done, Frozen, Hello};
+use limitless_image::ctl::{ckpt_flags, msg, Checkpoint, Done, Frozen, Hello, Released};
 use limitless_image::format::*;
 use limitless_sys as sys;
 
@@ -94,6 +100,10 @@ struct Job {
     mem_fd: i32,
     result: sys::Result<(u64, u64)>,
     write_ns: u64,
+    /// Take a copy-on-write snapshot before the page data.
+    snapshot: bool,
+    /// The snapshot child (in the parent, after the write phase).
+    child: Option<snapshot::Child>,
 }
 
 static JOB: Shared<Job> = Shared::new(Job {
@@ -109,6 +119,8 @@ static JOB: Shared<Job> = Shared::new(Job {
     mem_fd: -1,
     result: Ok((0, 0)),
     write_ns: 0,
+    snapshot: false,
+    child: None,
 });
 
 fn fail(parts: &[&[u8]]) {
@@ -204,7 +216,7 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
         return fail(&[b"the program has a child process (pid ", sys::fmt_u64(child, &mut d), b"); process trees are not supported yet"]);
     }
     let cap = 16 << 20;
-    let maps = match maps::read(&mut s, cap) {
+    let maps = match maps::read(&mut s, cap).and_then(|mut m| maps::read_vmflags(&mut s, &mut m).map(|_| m)) {
         Ok(m) => m,
         Err(_) => {
             freeze::thaw();
@@ -241,6 +253,18 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
             };
         }
     };
+    let mut snap = c.flags & (ckpt_flags::LEAVE_RUNNING | ckpt_flags::SNAPSHOT) == ckpt_flags::LEAVE_RUNNING | ckpt_flags::SNAPSHOT;
+    if let (true, Some((start, why))) = (snap, snapshot::blocker(&scan)) {
+        snap = false;
+        let mut a = [0u8; 16];
+        note(&[
+            b"no snapshot: the memory area at ",
+            sys::fmt_hex(start, &mut a),
+            b" has ",
+            why,
+            b"; the program stays frozen while its image is written",
+        ]);
+    }
     let membuf = s.array::<u8>((WINDOW_PAGES * PAGE) as usize);
     let mem_fd = sys::openat(sys::AT_FDCWD, b"/proc/self/mem\0", sys::O_RDONLY | sys::O_CLOEXEC, 0).unwrap_or(-1);
     GENERATION.fetch_add(1, Ordering::AcqRel);
@@ -258,6 +282,8 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
         j.membuf = membuf.map_or(core::ptr::null_mut(), |m| m.as_mut_ptr());
         j.mem_fd = mem_fd;
         j.result = Ok((0, 0));
+        j.snapshot = snap;
+        j.child = None;
     }
     // SAFETY: the manager's context lives in its slot (static memory, part of the image).
     let r = unsafe { arch::suspend_point(SLOTS[mi].ctx.get(), write_image) };
@@ -273,7 +299,10 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
     }
     let _ = sys::close(out_fd);
     // SAFETY: the write phase is over; the manager owns JOB.
-    let (result, write_ns) = unsafe { ((*JOB.ptr()).result, (*JOB.ptr()).write_ns) };
+    let (result, write_ns, child) = unsafe { ((*JOB.ptr()).result, (*JOB.ptr()).write_ns, (*JOB.ptr()).child) };
+    if let Some(child) = child {
+        return finish_snapshot(child, t0, s);
+    }
     drop(s);
     match result {
         Ok((bytes, pages)) => {
@@ -294,6 +323,47 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
         }
     }
     freeze::thaw();
+}
+
+/// Parent side of a snapshot checkpoint: the child writes the page data. Waits until the
+/// supervisor has saved the program's input (`STDIO_SAVED`, or `RESUME` if it gave up),
+/// lets the threads go, reaps the child and reports. No `RESUME` wait afterwards: the
+/// threads already run, and [`serve`] ignores the supervisor's `RESUME`.
+fn finish_snapshot(child: snapshot::Child, t0: u64, s: Scratch) {
+    while let Ok(Some(p)) = ctl::recv() {
+        if p.fd >= 0 {
+            let _ = sys::close(p.fd);
+        }
+        if p.kind == msg::STDIO_SAVED || p.kind == msg::RESUME {
+            break;
+        }
+    }
+    freeze::thaw();
+    let frozen_ns = sys::monotonic_ns() - t0;
+    let _ = ctl::send_wire(msg::RELEASED, &Released { frozen_ns, clone_ns: child.clone_ns, child_pid: child.pid as u32, reserved: 0 });
+    let r = snapshot::wait(child);
+    drop(s);
+    // SAFETY: the manager owns JOB; the write phase is over.
+    let pages = unsafe { (*(*JOB.ptr()).scan).pages };
+    let mut d = [0u8; 20];
+    match r {
+        Ok((bytes, write_ns)) => {
+            let _ = ctl::send_wire(msg::DONE, &Done { bytes, pages, write_ns });
+        }
+        Err(snapshot::ChildError::Write(e)) => {
+            fail(&[b"writing the image failed (errno ", sys::fmt_u64(e.0 as u64, &mut d), b")"]);
+        }
+        Err(snapshot::ChildError::Killed(sig)) => {
+            fail(&[b"the snapshot process writing the image was killed by signal ", sys::fmt_u64(sig as u64, &mut d)]);
+        }
+        Err(snapshot::ChildError::Lost(code)) => {
+            fail(&[b"the snapshot process writing the image ended without a result (status ", sys::fmt_u64(code as u64, &mut d), b")"]);
+        }
+    }
+}
+
+fn note(parts: &[&[u8]]) {
+    ctl::send_text(msg::NOTE, parts);
 }
 
 /// The pid tracing this process, if one is (`TracerPid` in `/proc/self/status`).
@@ -359,13 +429,28 @@ unsafe extern "C" fn write_image(_ctx: *mut Ctx) -> u64 {
     let (maps, scan, fdt) = unsafe { (&*j.maps, &*j.scan, &*j.fds) };
     let mut buf = [0u8; 65536];
     let mut out = Out::new(j.out_fd, &mut buf);
-    let r = write_all(&mut out, j, maps, scan, fdt, t0);
+    let mut report = None;
+    let r = write_all(&mut out, j, maps, scan, fdt, t0, &mut report);
     j.write_ns = sys::monotonic_ns() - t0;
+    if let Some(rep) = report {
+        // The snapshot child: report and end.
+        rep.finish(r.map(|_| out.bytes), j.write_ns);
+    }
     j.result = r.map(|_| (out.bytes, scan.pages));
     0
 }
 
-fn write_all(out: &mut Out, j: &Job, maps: &Maps, scan: &Scan, fdt: &FdTable, t0: u64) -> sys::Result<()> {
+/// Writes the stream. In a snapshot checkpoint the parent returns after the shared memory
+/// (its child, with `report` set, writes the rest).
+fn write_all(
+    out: &mut Out,
+    j: &mut Job,
+    maps: &Maps,
+    scan: &Scan,
+    fdt: &FdTable,
+    t0: u64,
+    report: &mut Option<snapshot::Report>,
+) -> sys::Result<()> {
     // SAFETY: the manager owns the saved state during a checkpoint.
     let sv = unsafe { saved() };
     let mut p = ProcessInfo::zeroed();
@@ -421,6 +506,27 @@ fn write_all(out: &mut Out, j: &Job, maps: &Maps, scan: &Scan, fdt: &FdTable, t0
     // SAFETY: the manager owns JOB and the scratch mapping during the write phase.
     let (objs, scratch) = unsafe { (&*j.objs, &mut *j.scratch) };
     crate::objects::write(out, objs, &scan.objmaps[..scan.n_objmaps], scratch, j.mem_fd)?;
+    if j.snapshot {
+        match snapshot::fork(j.out_fd) {
+            Ok(Side::Parent(c)) => {
+                j.child = Some(c);
+                return Ok(());
+            }
+            Ok(Side::Child(r)) => {
+                *report = Some(r);
+                // The descriptor the parent opened reads the parent's memory, which runs on.
+                j.mem_fd = sys::openat(sys::AT_FDCWD, b"/proc/self/mem\0", sys::O_RDONLY | sys::O_CLOEXEC, 0).unwrap_or(-1);
+            }
+            Err(e) => {
+                let mut d = [0u8; 20];
+                note(&[
+                    b"no snapshot: clone failed (errno ",
+                    sys::fmt_u64(e.0 as u64, &mut d),
+                    b"); the program stays frozen while its image is written",
+                ]);
+            }
+        }
+    }
     for w in scan.wins[..scan.n_wins].iter() {
         let area = &scan.areas[w.area as usize];
         let mut runs = [(0usize, 0usize); 130];

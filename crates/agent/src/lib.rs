@@ -26,6 +26,7 @@ mod process;
 mod restart;
 mod scan;
 mod scratch;
+mod snapshot;
 mod stream;
 mod wrappers;
 

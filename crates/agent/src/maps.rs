@@ -1,6 +1,8 @@
-//! `/proc/self/maps`, read once into scratch memory and parsed without allocation.
+//! `/proc/self/maps`, read once into scratch memory and parsed without allocation, and the
+//! fork-related `VmFlags` of each area from `/proc/self/smaps`.
 
 use crate::scratch::Scratch;
+use limitless_image::format::vflags;
 use limitless_sys as sys;
 
 /// One line of the memory map.
@@ -13,6 +15,8 @@ pub struct MapEntry {
     pub ino: u64,
     pub prot: u32,
     pub shared: bool,
+    /// `vflags` (`MADV_DONTFORK`, `MADV_WIPEONFORK`) from `/proc/self/smaps`.
+    pub flags: u32,
     /// Name: offset and length into the text buffer (unescaped in place).
     pub name_off: u32,
     pub name_len: u32,
@@ -125,7 +129,87 @@ fn parse_line(text: &mut [u8], pos: usize, eol: usize) -> Option<MapEntry> {
         ino,
         prot,
         shared,
+        flags: 0,
         name_off: name_start as u32,
         name_len: (w - name_start) as u32,
     })
+}
+
+/// Reads the `VmFlags` lines of `/proc/self/smaps` into `maps` (`dc` is `MADV_DONTFORK`,
+/// `wf` is `MADV_WIPEONFORK`), streaming through a fixed buffer. Areas are matched by their
+/// start address; the map must be the one just read (the program is frozen and the agent
+/// maps nothing in between).
+pub fn read_vmflags(s: &mut Scratch, maps: &mut Maps) -> sys::Result<()> {
+    let buf = s.array::<u8>(256 << 10).ok_or(sys::Errno::ENOMEM)?;
+    let fd = sys::openat(sys::AT_FDCWD, b"/proc/self/smaps\0", sys::O_RDONLY | sys::O_CLOEXEC, 0)?;
+    let mut p = SmapsParser { next: 0, cur: None };
+    let mut len = 0;
+    let r = loop {
+        match sys::read(fd, &mut buf[len..]) {
+            Ok(0) => {
+                p.line(maps, &buf[..len]);
+                break Ok(());
+            }
+            Ok(n) => {
+                len += n;
+                let mut pos = 0;
+                while let Some(i) = buf[pos..len].iter().position(|&b| b == b'\n') {
+                    p.line(maps, &buf[pos..pos + i]);
+                    pos += i + 1;
+                }
+                if pos == 0 && len == buf.len() {
+                    // A line longer than the buffer (a long name): its start was seen.
+                    p.line(maps, &buf[..len]);
+                    len = 0;
+                } else {
+                    buf.copy_within(pos..len, 0);
+                    len -= pos;
+                }
+            }
+            Err(sys::Errno::EINTR) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = sys::close(fd);
+    r
+}
+
+struct SmapsParser {
+    /// The next map entry to match.
+    next: usize,
+    /// The map entry the lines belong to now.
+    cur: Option<usize>,
+}
+
+impl SmapsParser {
+    fn line(&mut self, maps: &mut Maps, line: &[u8]) {
+        if let Some(rest) = line.strip_prefix(b"VmFlags:") {
+            if let Some(i) = self.cur {
+                for f in rest.split(|&b| b == b' ') {
+                    match f {
+                        b"dc" => maps.entries[i].flags |= vflags::DONTFORK,
+                        b"wf" => maps.entries[i].flags |= vflags::WIPEONFORK,
+                        _ => {}
+                    }
+                }
+            }
+            return;
+        }
+        // An area's first line starts with its lower-case hex start address and a '-'.
+        if !line.first().is_some_and(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)) {
+            return;
+        }
+        let Some((start, k)) = sys::parse_hex(line) else { return };
+        if line.get(k) != Some(&b'-') {
+            return;
+        }
+        self.cur = None;
+        while self.next < maps.n && maps.entries[self.next].start < start {
+            self.next += 1;
+        }
+        if self.next < maps.n && maps.entries[self.next].start == start {
+            self.cur = Some(self.next);
+            self.next += 1;
+        }
+    }
 }

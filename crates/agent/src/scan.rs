@@ -200,6 +200,7 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &Ma
     info.prot = e.prot;
     info.dev = e.dev;
     info.ino = e.ino;
+    info.flags = e.flags;
     let mut via_mem = e.prot & 1 == 0;
     let want;
     let deleted = name.ends_with(b" (deleted)");

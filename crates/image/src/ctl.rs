@@ -8,6 +8,13 @@
 //! the stream and closes it -> agent `DONE` (or `FAILED`, program resumed) -> supervisor
 //! `RESUME` (leave running or the image could not be stored) or kills the program.
 //! After a restore the agent sends `RESTORED`.
+//!
+//! A snapshot checkpoint (flags `LEAVE_RUNNING | SNAPSHOT`): after `FROZEN` the supervisor
+//! drains the program's output, copies its unread input and sends `STDIO_SAVED`; the agent
+//! makes a copy-on-write child process that writes the stream, waits for `STDIO_SAVED` (or
+//! `RESUME`), lets the threads go and sends `RELEASED`; once the child has written the
+//! stream, `DONE` as before. When the agent cannot take a snapshot it says why in a `NOTE`
+//! and writes the stream frozen, as without the flag.
 
 use crate::wire;
 
@@ -34,6 +41,15 @@ pub mod msg {
     pub const RESUME: u16 = 6;
     /// agent -> supervisor, after a restore: [`Restored`](super::Restored).
     pub const RESTORED: u16 = 7;
+    /// supervisor -> agent, in a snapshot checkpoint: the output written before the freeze
+    /// is out and the unread input is copied; the threads may run again.
+    pub const STDIO_SAVED: u16 = 8;
+    /// agent -> supervisor: the threads run again while a copy-on-write child writes the
+    /// stream: [`Released`](super::Released).
+    pub const RELEASED: u16 = 9;
+    /// agent -> supervisor: a remark for the log (text), such as why a snapshot was not
+    /// possible.
+    pub const NOTE: u16 = 10;
 }
 
 wire! {
@@ -61,6 +77,10 @@ wire! {
 pub mod ckpt_flags {
     /// Keep the program running after the image is written.
     pub const LEAVE_RUNNING: u32 = 1;
+    /// With `LEAVE_RUNNING`: let the threads run while a copy-on-write snapshot of the
+    /// process writes the stream (the supervisor then sends `STDIO_SAVED`). Older agents
+    /// ignore it.
+    pub const SNAPSHOT: u32 = 2;
 }
 
 wire! {
@@ -94,6 +114,20 @@ wire! {
         pub bytes: u64,
         pub pages: u64,
         pub write_ns: u64,
+    }
+}
+
+wire! {
+    /// The threads run again; a snapshot child writes the stream.
+    pub struct Released {
+        /// From the checkpoint request to the threads running again (the time the program
+        /// was stopped, as `Frozen::freeze_ns` plus the time until the release).
+        pub frozen_ns: u64,
+        /// Time the copy-on-write `clone` took.
+        pub clone_ns: u64,
+        /// Pid of the snapshot child.
+        pub child_pid: u32,
+        pub reserved: u32,
     }
 }
 
@@ -147,5 +181,21 @@ mod tests {
         assert!(decode(&p[..n - 1]).is_none(), "length must match the packet");
         p[0] ^= 1;
         assert!(decode(&p[..n]).is_none(), "bad magic");
+    }
+
+    #[test]
+    fn released_round_trips() {
+        let mut p = [0u8; 64];
+        let mut b = [0u8; Released::SIZE];
+        Released { frozen_ns: 66_600_000, clone_ns: 15_000_000, child_pid: 4242, reserved: 0 }.encode(&mut b).unwrap();
+        let n = encode(msg::RELEASED, 3, &b, &mut p).unwrap();
+        let (h, body) = decode(&p[..n]).unwrap();
+        assert_eq!(h.kind, msg::RELEASED);
+        let r = Released::decode(body).unwrap();
+        assert_eq!((r.frozen_ns, r.clone_ns, r.child_pid), (66_600_000, 15_000_000, 4242));
+        assert!(Released::decode(&body[..Released::SIZE - 1]).is_none(), "short payload");
+        // STDIO_SAVED has no payload.
+        let n = encode(msg::STDIO_SAVED, 4, &[], &mut p).unwrap();
+        assert_eq!(decode(&p[..n]).unwrap().0.kind, msg::STDIO_SAVED);
     }
 }

@@ -186,6 +186,9 @@ pub const CLONE_SYSVSEM: usize = 0x40000;
 pub const CLONE_SETTLS: usize = 0x80000;
 pub const CLONE_PARENT_SETTID: usize = 0x100000;
 pub const CLONE_CHILD_CLEARTID: usize = 0x200000;
+/// `wait4`/`waitid` option: wait for children of any kind, also those whose exit signal is
+/// not `SIGCHLD` (such as a snapshot child made with exit signal 0).
+pub const __WALL: i32 = 0x4000_0000;
 
 pub const SIG_BLOCK: i32 = 0;
 pub const SIG_UNBLOCK: i32 = 1;
@@ -678,6 +681,32 @@ pub fn exit_group(code: i32) -> ! {
     }
     #[allow(clippy::empty_loop)]
     loop {}
+}
+
+/// `clone(2)` with no new stack and without `CLONE_VM`: a copy of the calling thread in a
+/// new process, as `fork` makes, but without any of glibc's `fork` work (no `atfork`
+/// handlers, no locks, no allocation). The low byte of `flags` is the signal the parent
+/// gets when the child ends (0: none). Returns the child's pid in the parent and 0 in the
+/// child. See `man 2 clone`.
+///
+/// # Safety
+/// `flags` must not contain `CLONE_VM`, `CLONE_THREAD`, `CLONE_SETTLS` or any flag that
+/// takes a pointer argument: the child runs on a private copy of the caller's stack and
+/// returns from this call like the parent does. The child is a copy of one thread of a
+/// possibly multi-threaded process: it must not take locks that other threads may have
+/// held (no libc) and should end with [`exit_group`].
+#[doc(alias = "fork")]
+pub unsafe fn clone(flags: usize) -> Result<i32> {
+    // SAFETY: forwarded to the caller; without CLONE_VM and without a new stack the child
+    // continues on a copy of this stack, so returning through Rust code is sound in both.
+    unsafe { sc!(nr::CLONE, flags, 0, 0, 0, 0).map(|v| v as i32) }
+}
+
+/// `wait4(2)` without resource usage; returns the pid that changed state (0 with
+/// `WNOHANG` when none did).
+pub fn wait4(pid: i32, status: &mut i32, options: i32) -> Result<i32> {
+    // SAFETY: the kernel writes one int to `status`; a null rusage is allowed.
+    unsafe { sc!(nr::WAIT4, pid, status as *mut i32, options, 0).map(|v| v as i32) }
 }
 
 /// `getpid(2)`.

@@ -31,6 +31,7 @@ pub const GETPEERNAME: usize = 52;
 pub const GETSOCKOPT: usize = 55;
 pub const CLONE: usize = 56;
 pub const EXIT: usize = 60;
+pub const WAIT4: usize = 61;
 pub const KILL: usize = 62;
 pub const UNAME: usize = 63;
 pub const FCNTL: usize = 72;
