@@ -221,13 +221,15 @@ fn a_server_stopped_mid_upload_fails_the_upload_clearly_and_keeps_what_was_store
     let big = staged(&*s, &random_bytes(256 << 20, 5));
     let (root, port) = (srv.root.clone(), srv.port);
     let s2 = s.clone();
-    let up = std::thread::spawn(move || s2.put_file("images/c/2.0.img", &big));
+    let big2 = big.clone();
+    let up = std::thread::spawn(move || s2.put_file("images/c/2.0.img", &big2));
     std::thread::sleep(Duration::from_millis(300));
     srv.stop();
     let t = Instant::now();
     let e = format!("{:#}", up.join().unwrap().expect_err("an upload to a stopped server succeeded"));
     assert!(e.contains(&format!("127.0.0.1:{port}")), "the error does not name the endpoint: {e}");
     assert!(t.elapsed() < Duration::from_secs(60), "the upload took {:?} to give up", t.elapsed());
+    let _ = std::fs::remove_file(&big);
     // The server comes back: the earlier image is intact, the failed one does not exist.
     let _srv = Server::start_at(root, port);
     assert!(std::fs::read(s.fetch_file("images/c/1.0.img").unwrap().unwrap()).unwrap() == old);

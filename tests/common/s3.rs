@@ -74,5 +74,9 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
+        // The objects can be large (hundreds of MiB): do not leave them behind.
+        if !self.root.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 }
