@@ -27,7 +27,9 @@ fn open(srv: &Server, prefix: &str, key: Option<&str>) -> anyhow::Result<std::sy
         Some(k) => std::env::set_var("LIMITLESS_KEY", k),
         None => std::env::remove_var("LIMITLESS_KEY"),
     }
-    std::env::remove_var("LIMITLESS_INSECURE_STORE");
+    for k in ["LIMITLESS_INSECURE_STORE", "AWS_SKIP_SIGNATURE", "LIMITLESS_S3_CONDITIONAL"] {
+        std::env::remove_var(k);
+    }
     store::open(&format!("s3://bkt/{prefix}"))
 }
 
@@ -304,4 +306,91 @@ fn gc_removes_old_chains_and_unnamed_chunks_and_keeps_what_live_chains_need() {
     s.delete("images/new/1.0.img").unwrap();
     gc::collect(&*s, &opts).unwrap();
     assert!(fresh.iter().all(|c| s.exists(c).unwrap()), "gc removed chunks younger than the grace period");
+}
+
+/// A proxy in front of `upstream` that drops `If-None-Match` from every request: a server
+/// that does not enforce create-if-absent, as Garage 2.5.0 was seen to behave. (The
+/// header is signed, so the s3s-fs behind it runs without authentication.)
+fn header_dropping_proxy(upstream: u16) -> u16 {
+    use std::io::{Read, Write};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match c.read(&mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let text = String::from_utf8_lossy(&head[..head.len() - 4]).into_owned();
+                let mut out = String::new();
+                for line in text.split("\r\n") {
+                    let lower = line.to_ascii_lowercase();
+                    if lower.starts_with("if-none-match:") || lower.starts_with("connection:") {
+                        continue;
+                    }
+                    out.push_str(line);
+                    out.push_str("\r\n");
+                }
+                out.push_str("Connection: close\r\n\r\n");
+                let Ok(mut u) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { return };
+                if u.write_all(out.as_bytes()).is_err() {
+                    return;
+                }
+                let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut u2);
+                });
+                let _ = std::io::copy(&mut u, &mut c);
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_server_that_ignores_if_none_match_is_refused_or_used_in_the_weaker_mode_when_asked() {
+    let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let mut srv = Server::start("noinm");
+    // The same root again, without authentication, behind the proxy.
+    srv.stop();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut open_srv = Server::start_with(srv.root.clone(), port, &[]);
+    let proxy = Server { child: Command::new("true").spawn().unwrap(), root: PathBuf::new(), port: header_dropping_proxy(port) };
+    // Unsigned requests: an s3s-fs without keys refuses signed ones.
+    for (k, v) in proxy.env() {
+        std::env::set_var(k, v);
+    }
+    std::env::set_var("AWS_SKIP_SIGNATURE", "true");
+    let sealer = || limitless::store::seal::Sealer::new(KEY.as_bytes()).ok();
+    let e = format!(
+        "{:#}",
+        store::S3Store::open("s3://bkt/c", sealer(), &[]).err().expect("a store whose server ignores If-None-Match opened")
+    );
+    assert!(e.contains("does not enforce If-None-Match") && e.contains("LIMITLESS_S3_CONDITIONAL=emulate"), "{e}");
+    // Asked for the weaker mode: create-if-absent reads first.
+    std::env::set_var("LIMITLESS_S3_CONDITIONAL", "emulate");
+    let s = store::S3Store::open("s3://bkt/c", sealer(), &[]);
+    std::env::remove_var("LIMITLESS_S3_CONDITIONAL");
+    let s = s.unwrap();
+    assert_eq!(s.conditional(), limitless::store::s3::Conditional::Emulated);
+    assert!(s.put_if_absent("chains/c/result", b"first").unwrap());
+    assert!(!s.put_if_absent("chains/c/result", b"second").unwrap());
+    assert_eq!(s.get("chains/c/result").unwrap().unwrap(), b"first");
+    // Directly on the same server, the header is enforced.
+    for (k, v) in open_srv.env() {
+        std::env::set_var(k, v);
+    }
+    let direct = store::S3Store::open("s3://bkt/c", sealer(), &[]).unwrap();
+    std::env::remove_var("AWS_SKIP_SIGNATURE");
+    assert_eq!(direct.conditional(), limitless::store::s3::Conditional::Enforced);
+    assert!(!direct.put_if_absent("chains/c/result", b"third").unwrap());
+    assert_eq!(direct.get("chains/c/result").unwrap().unwrap(), b"first");
+    open_srv.stop();
 }

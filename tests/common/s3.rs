@@ -35,8 +35,14 @@ impl Server {
     }
 
     pub fn start_at(root: PathBuf, port: u16) -> Server {
+        Server::start_with(root, port, &["--access-key", "AKTEST", "--secret-key", "SKTEST12345678"])
+    }
+
+    /// s3s-fs with `extra` arguments (no keys: no authentication).
+    pub fn start_with(root: PathBuf, port: u16, extra: &[&str]) -> Server {
         let child = Command::new(s3s_fs())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "AKTEST", "--secret-key", "SKTEST12345678"])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(extra)
             .arg(&root)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
