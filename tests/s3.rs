@@ -306,6 +306,19 @@ fn gc_removes_old_chains_and_unnamed_chunks_and_keeps_what_live_chains_need() {
     s.delete("images/new/1.0.img").unwrap();
     gc::collect(&*s, &opts).unwrap();
     assert!(fresh.iter().all(|c| s.exists(c).unwrap()), "gc removed chunks younger than the grace period");
+    // A checkpoint that finds old chunks in the store writes them again rather than reuse
+    // them (a running gc may be about to remove them), which makes them recent.
+    // (A fresh store: this one knows the live image's chunks from reading it above.)
+    let s = open(&srv, "g", Some(KEY)).unwrap();
+    let again = s.put_file("images/live/2.0.img", &staged(&*s, &live_img)).unwrap();
+    assert!(again as usize >= live_img.len() * 9 / 10, "old chunks were reused without being refreshed ({again} bytes sent)");
+    for c in &live_chunks {
+        let age = std::fs::metadata(srv.file("g", c)).unwrap().modified().unwrap().elapsed().unwrap_or_default();
+        assert!(age < Duration::from_secs(600), "{c} was not refreshed");
+    }
+    // A grace period shorter than the reuse window is refused.
+    let e = gc::collect(&*s, &gc::Options { grace: Duration::from_secs(60), ..opts }).unwrap_err().to_string();
+    assert!(e.contains("too short"), "{e}");
 }
 
 /// A proxy in front of `upstream` that drops `If-None-Match` from every request: a server

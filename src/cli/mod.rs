@@ -188,7 +188,8 @@ enum Cmd {
         /// Remove chains with nothing written for this long (e.g. 7d, 12h, 30m).
         #[arg(long, default_value = "7d", value_parser = parse_duration)]
         older_than: Duration,
-        /// Keep unnamed chunks younger than this.
+        /// Keep unnamed chunks younger than this (at least 1h: checkpoints reuse chunks up
+        /// to 30 minutes old).
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         grace: Duration,
         /// Only show what would be removed.

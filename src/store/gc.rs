@@ -48,8 +48,26 @@ fn chain_of(key: &str) -> Option<&str> {
     rest.split('/').next().filter(|c| !c.is_empty())
 }
 
+/// The shortest grace period: a checkpoint reuses a chunk it finds in the store only if
+/// the chunk is younger than [`super::s3::REFRESH_AFTER`], so chunks younger than this
+/// plus half an hour for the upload itself may be about to be named.
+pub const MIN_GRACE: Duration = Duration::from_secs(60 * 60);
+
 /// Collects garbage in `store`.
 pub fn collect(store: &dyn Store, o: &Options) -> Result<Report> {
+    collect_with(store, o, MIN_GRACE)
+}
+
+/// [`collect`] with another floor on the grace period (tests).
+pub fn collect_with(store: &dyn Store, o: &Options, min_grace: Duration) -> Result<Report> {
+    if o.grace < min_grace {
+        anyhow::bail!(
+            "--grace {} s is too short: checkpoints reuse chunks up to {} min old, so chunks younger than {} min may be about to be named; use --grace 1h or more",
+            o.grace.as_secs(),
+            super::s3::REFRESH_AFTER.as_secs() / 60,
+            min_grace.as_secs() / 60
+        );
+    }
     let now = SystemTime::now();
     let mut r = Report::default();
     // Chains: their newest object decides.

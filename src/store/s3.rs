@@ -42,6 +42,15 @@ const ZSTD: u8 = 1;
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// A chunk found in the store (not named by the image this step restored from) older than
+/// this is uploaded again rather than reused; gc's grace period must be longer than this
+/// plus the longest upload (`limitless gc` refuses a shorter grace).
+pub const REFRESH_AFTER: Duration = Duration::from_secs(30 * 60);
+
+fn chrono_age(t: impl Into<SystemTime>) -> Duration {
+    SystemTime::now().duration_since(t.into()).unwrap_or_default()
+}
+
 /// How create-if-absent is done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Conditional {
@@ -321,7 +330,11 @@ impl S3Store {
         let what = format!("S3 store {} at {}: uploading {key}", self.url, self.endpoint);
         Ok(self.rt.spawn(async move {
             match os.head(&p).await {
-                Ok(_) => return Ok(0),
+                // A recent chunk is kept by gc (younger than its grace period); an older one
+                // may be an orphan that a running gc is about to remove, so it is written
+                // again, which makes it recent.
+                Ok(m) if chrono_age(m.last_modified) < REFRESH_AFTER => return Ok(0),
+                Ok(_) => {}
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => bail!("{what} failed: {e}"),
             }
