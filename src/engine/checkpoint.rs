@@ -108,6 +108,9 @@ impl Inner {
     pub fn checkpoint(&self, req: &Request) -> Result<Stats> {
         let _one = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let t0 = Instant::now();
+        // A request right after the launch can arrive before the agent's greeting has been
+        // read; give it a moment (an exit ends the wait at once).
+        self.wait_state(Duration::from_secs(2), |s| s.hello.is_some() || s.restored.is_some() || s.closed);
         {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if st.closed {
