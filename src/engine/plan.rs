@@ -13,11 +13,11 @@ const GAP_MIN: u64 = 64 << 20;
 
 /// Descriptor numbers the restorer will find open.
 pub struct PlanFds {
-    /// Page data arrives here.
+    /// The supervisor's go-ahead arrives here.
     pub data_fd: i32,
     /// The restorer reports errors here.
     pub err_fd: i32,
-    /// The image file, which the restorer reads page data from (-1: from `data_fd`).
+    /// The image file, which the restorer reads page data from.
     pub image_fd: i32,
     /// First of the restorer's own fds, which it closes before the jump.
     pub close_from: i32,
@@ -107,7 +107,7 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, fds: &PlanFds) -> Vec<u
     let h = PlanHeader {
         magic: PLAN_MAGIC,
         version: PLAN_VERSION,
-        flags: if fds.image_fd >= 0 { pf::PREAD } else { 0 },
+        flags: 0,
         plan_len,
         gap_len: 0,
         n_gaps: gaps.len() as u32,

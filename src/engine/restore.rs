@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 pub struct RestoreStats {
     /// From the start of `restore` until the program runs.
     pub total_ms: f64,
-    /// Bytes of page data sent to the restorer.
+    /// Bytes of page data restored (checked by the supervisor, read by the restorer).
     pub data_bytes: u64,
     /// Threads restored (the agent's included).
     pub threads: u32,
@@ -117,7 +117,6 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
         vma_fd[i] = n;
     }
     let (data_r, data_w) = super::stdio::pipe()?;
-    let _ = rustix::pipe::fcntl_setpipe_size(&data_w, 1 << 20);
     let (err_r, err_w) = super::stdio::pipe()?;
     let data_fd = alloc();
     let err_fd = alloc();
@@ -142,7 +141,7 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
     // Check every page record against its hash while the restorer reads the pages; the
     // go-ahead byte lets it continue past the page data.
     let data_err: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let streamer = {
+    let checker = {
         let img = img.clone();
         let data_err = data_err.clone();
         std::thread::spawn(move || {
@@ -212,7 +211,7 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
         bail!("restore failed: {why}");
     }
     tracing::debug!("restore: program restored at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
-    let data_bytes = streamer.join().unwrap_or(0);
+    let data_bytes = checker.join().unwrap_or(0);
     drop(errtext);
     let threads = sup.inner.state.lock().map(|s| s.restored.map_or(0, |r| r.threads)).unwrap_or(0);
     Ok((sup, RestoreStats { total_ms: t0.elapsed().as_secs_f64() * 1000.0, data_bytes, threads }))

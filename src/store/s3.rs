@@ -47,7 +47,7 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 /// plus the longest upload (`limitless gc` refuses a shorter grace).
 pub const REFRESH_AFTER: Duration = Duration::from_secs(30 * 60);
 
-fn chrono_age(t: impl Into<SystemTime>) -> Duration {
+fn age_of(t: impl Into<SystemTime>) -> Duration {
     SystemTime::now().duration_since(t.into()).unwrap_or_default()
 }
 
@@ -226,8 +226,13 @@ impl S3Store {
         OsPath::parse(format!("{}{key}", self.prefix)).map_err(|e| anyhow!("bad store key `{key}`: {e}"))
     }
 
+    /// `S3 store URL at ENDPOINT: WHAT KEY`, the start of every request error.
+    fn doing(&self, what: &str, key: &str) -> String {
+        format!("S3 store {} at {}: {what} {key}", self.url, self.endpoint)
+    }
+
     fn err(&self, what: &str, key: &str, e: impl std::fmt::Display) -> anyhow::Error {
-        anyhow!("S3 store {} at {}: {what} {key} failed: {e}", self.url, self.endpoint)
+        anyhow!("{} failed: {e}", self.doing(what, key))
     }
 
     /// Runs `f` on the store's runtime and waits for it (from any thread, inside another
@@ -327,13 +332,13 @@ impl S3Store {
         let key = chunk_key(&h);
         let p = self.path(&key)?;
         let os = self.os.clone();
-        let what = format!("S3 store {} at {}: uploading {key}", self.url, self.endpoint);
+        let what = self.doing("uploading", &key);
         Ok(self.rt.spawn(async move {
             match os.head(&p).await {
                 // A recent chunk is kept by gc (younger than its grace period); an older one
                 // may be an orphan that a running gc is about to remove, so it is written
                 // again, which makes it recent.
-                Ok(m) if chrono_age(m.last_modified) < REFRESH_AFTER => return Ok(0),
+                Ok(m) if age_of(m.last_modified) < REFRESH_AFTER => return Ok(0),
                 Ok(_) => {}
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => bail!("{what} failed: {e}"),
@@ -409,7 +414,7 @@ impl Store for S3Store {
         let dst = self.staging_path("restore")?;
         let mut out = File::create(&dst).with_context(|| format!("cannot write {}", dst.display()))?;
         self.staged.lock().expect("staged list").push(dst.clone());
-        let mut pending: VecDeque<(ChunkRef, JoinHandle<Result<bytes::Bytes>>)> = VecDeque::new();
+        let mut pending: VecDeque<(ChunkRef, String, JoinHandle<Result<bytes::Bytes>>)> = VecDeque::new();
         let mut next = list.chunks.into_iter();
         loop {
             while pending.len() < self.in_flight {
@@ -417,9 +422,10 @@ impl Store for S3Store {
                 let ck = chunk_key(&r.h);
                 let p = self.path(&ck)?;
                 let os = self.os.clone();
-                let what = format!("S3 store {} at {}: downloading {ck}", self.url, self.endpoint);
+                let what = self.doing("downloading", &ck);
                 pending.push_back((
                     r,
+                    ck,
                     self.rt.spawn(async move {
                         match os.get(&p).await {
                             Ok(g) => g.bytes().await.map_err(|e| anyhow!("{what} failed: {e}")),
@@ -429,9 +435,9 @@ impl Store for S3Store {
                     }),
                 ));
             }
-            let Some((r, h)) = pending.pop_front() else { break };
+            let Some((r, ck, h)) = pending.pop_front() else { break };
             let stored = wait(h)?;
-            let data = decode(&chunk_key(&r.h), &r, &stored)?;
+            let data = decode(&ck, &r, &stored)?;
             out.write_all(&data).with_context(|| format!("cannot write {}", dst.display()))?;
             self.known.lock().expect("known chunks").insert(r.h);
         }

@@ -365,15 +365,22 @@ impl Image {
 
     /// Reads one record's stored payload and checks its header and hash.
     pub fn read_record(&self, i: usize) -> Result<Vec<u8>, ImageError> {
+        let mut buf = Vec::new();
+        self.read_record_into(i, &mut buf)?;
+        Ok(buf.split_off(RecordHeader::SIZE))
+    }
+
+    /// Reads record `i` (its header, then its stored payload) into `buf` and checks the
+    /// header and the payload's hash.
+    fn read_record_into(&self, i: usize, buf: &mut Vec<u8>) -> Result<(), ImageError> {
         let e = self.index.get(i).ok_or_else(|| corrupt("record number"))?;
-        let mut buf = vec![0u8; RecordHeader::SIZE + e.stored_len as usize];
-        read_exact_at(&self.file, &mut buf, e.offset, "a record")?;
-        self.check_header(i, &buf)?;
-        let payload = buf.split_off(RecordHeader::SIZE);
-        if hash(&[&payload]) != e.hash {
+        buf.resize(RecordHeader::SIZE + e.stored_len as usize, 0);
+        read_exact_at(&self.file, buf, e.offset, "a record")?;
+        self.check_header(i, buf)?;
+        if hash(&[&buf[RecordHeader::SIZE..]]) != e.hash {
             return Err(corrupt(format!("record {i} ({}) at offset {} fails its checksum", kind::name(e.kind), e.offset)));
         }
-        Ok(payload)
+        Ok(())
     }
 
     fn check_header(&self, i: usize, b: &[u8]) -> Result<(), ImageError> {
@@ -388,33 +395,20 @@ impl Image {
     /// Reads the page data of page record `p` (the pages only, after its header), checking
     /// the record's hash first.
     pub fn read_pages(&self, p: &PageRecord) -> Result<Vec<u8>, ImageError> {
-        let mut payload = self.read_record(p.index)?;
-        let e = &self.index[p.index];
-        if e.flags & rflags::ZSTD != 0 {
-            return Err(corrupt("compressed page records are not supported by this build"));
-        }
-        let h = PagesHeader::decode(&payload).ok_or_else(|| corrupt("pages header"))?;
-        if h != p.header {
-            return Err(corrupt(format!("record {} changed while it was read", p.index)));
-        }
-        Ok(payload.split_off(PagesHeader::SIZE))
+        let mut buf = Vec::new();
+        self.check_pages(p, &mut buf)?;
+        Ok(buf.split_off(RecordHeader::SIZE + PagesHeader::SIZE))
     }
 
     /// Checks page record `p` (record header, hash, pages header) without keeping its
     /// data, reading through `buf` (reused between calls, so that checking a large image
     /// does not allocate and fault in a fresh buffer per record). Returns the page bytes.
     pub fn check_pages(&self, p: &PageRecord, buf: &mut Vec<u8>) -> Result<u64, ImageError> {
-        let e = self.index.get(p.index).ok_or_else(|| corrupt("record number"))?;
-        if e.flags & rflags::ZSTD != 0 {
+        self.read_record_into(p.index, buf)?;
+        if self.index[p.index].flags & rflags::ZSTD != 0 {
             return Err(corrupt("compressed page records are not supported by this build"));
         }
-        buf.resize(RecordHeader::SIZE + e.stored_len as usize, 0);
-        read_exact_at(&self.file, buf, e.offset, "a record")?;
-        self.check_header(p.index, buf)?;
         let payload = &buf[RecordHeader::SIZE..];
-        if hash(&[payload]) != e.hash {
-            return Err(corrupt(format!("record {} ({}) at offset {} fails its checksum", p.index, kind::name(e.kind), e.offset)));
-        }
         let h = PagesHeader::decode(payload).ok_or_else(|| corrupt("pages header"))?;
         if h != p.header {
             return Err(corrupt(format!("record {} changed while it was read", p.index)));

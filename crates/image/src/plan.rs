@@ -32,8 +32,8 @@ wire! {
         pub gaps_off: u64,
         pub vmas_off: u64,
         pub runs_off: u64,
-        /// Page data arrives here, in run order; with [`pf::PREAD`], only one byte `G` once
-        /// the supervisor has checked every page record's hash.
+        /// The supervisor writes one byte, [`VERIFIED`], here once it has checked every page
+        /// record's hash; the program may run only after it arrives.
         pub data_fd: i32,
         /// Errors are written here (one line) before the restorer exits.
         pub err_fd: i32,
@@ -41,7 +41,7 @@ wire! {
         pub mm: MmInfo,
         pub auxv: [u64; AUXV_WORDS],
         pub auxv_words: u32,
-        /// With [`pf::PREAD`]: the image file, read at each run's `file_off`.
+        /// The image file, read at each run's `file_off`.
         pub image_fd: i32,
         /// Where to jump (the agent's restart entry), with a pointer to
         /// [`RestartArgs`] in `rdi`.
@@ -61,14 +61,6 @@ wire! {
         pub start: u64,
         pub len: u64,
     }
-}
-
-/// Plan header flags.
-pub mod pf {
-    /// Runs are read from `image_fd` at their file offsets (one copy, page cache to place)
-    /// instead of from the data stream; the restorer waits for the supervisor's `G` on
-    /// `data_fd` before the program may run.
-    pub const PREAD: u32 = 1;
 }
 
 /// The byte the supervisor sends on `data_fd` when every page record checked out.
@@ -113,8 +105,8 @@ wire! {
 }
 
 wire! {
-    /// A run of page data: `len` bytes to read into `start`, from the data fd or (with
-    /// [`pf::PREAD`]) from the image at `file_off`.
+    /// A run of page data: `len` bytes to read into `start` from the image at `file_off`
+    /// (one copy, page cache to place).
     pub struct PlanRun {
         pub start: u64,
         pub len: u64,

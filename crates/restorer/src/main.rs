@@ -229,23 +229,20 @@ unsafe extern "C" fn stage1(s: *const Stage1) -> ! {
         let v: PlanVma = entry(s, h.vmas_off, i);
         map_vma(&v);
     }
-    // 4. Page data, in order: from the image file, or from the data stream.
-    let pread = h.flags & pf::PREAD != 0;
+    // 4. Page data, in order, from the image file.
     let mut bytes: u64 = 0;
     for i in 0..h.n_runs {
         let r: PlanRun = entry(s, h.runs_off, i);
-        read_run(if pread { h.image_fd } else { h.data_fd }, &r, pread);
+        read_run(h.image_fd, &r);
         bytes += r.len;
     }
-    if pread {
-        // The program may run only once the supervisor has checked every record's hash.
-        let mut go = [0u8; 1];
-        loop {
-            match sys::read(h.data_fd, &mut go) {
-                Ok(1) if go[0] == VERIFIED => break,
-                Err(sys::Errno::EINTR) => {}
-                _ => fail("the supervisor did not confirm the page data (it failed its checks)"),
-            }
+    // The program may run only once the supervisor has checked every record's hash.
+    let mut go = [0u8; 1];
+    loop {
+        match sys::read(h.data_fd, &mut go) {
+            Ok(1) if go[0] == VERIFIED => break,
+            Err(sys::Errno::EINTR) => {}
+            _ => fail("the supervisor did not confirm the page data (it failed its checks)"),
         }
     }
     // 5. Final protections and advice.
@@ -440,7 +437,7 @@ fn map_vma(v: &PlanVma) {
     }
 }
 
-fn read_run(fd: i32, r: &PlanRun, pread: bool) {
+fn read_run(fd: i32, r: &PlanRun) {
     let mut done = 0usize;
     let len = r.len as usize;
     // Allocate the run's pages in one call rather than one fault per page during the read
@@ -451,15 +448,8 @@ fn read_run(fd: i32, r: &PlanRun, pread: bool) {
         let at = r.start as usize + done;
         // SAFETY: the run lies inside an area mapped writable by `map_vma` (the supervisor
         // builds runs only inside areas flagged HAS_DATA), and nothing else uses it yet.
-        let got = unsafe {
-            if pread {
-                sys::pread_raw(fd, at, len - done, r.file_off + done as u64)
-            } else {
-                sys::read_raw(fd, at, len - done)
-            }
-        };
-        match got {
-            Ok(0) => fail("the page data ended early (the image is shorter than its index says, or the supervisor stopped)"),
+        match unsafe { sys::pread_raw(fd, at, len - done, r.file_off + done as u64) } {
+            Ok(0) => fail("the page data ended early (the image is shorter than its index says)"),
             Ok(n) => done += n,
             Err(sys::Errno::EINTR) => {}
             Err(e) => report::fail_at_errno("cannot read page data for", r.start, e),
