@@ -216,17 +216,9 @@ fn wait_idle_freezes_once_connections_close() {
     std::thread::sleep(std::time::Duration::from_millis(50));
     let img = d.join("image");
     let t = std::time::Instant::now();
-    let o = command(u, limitless())
-        .arg("dump")
-        .arg("--socket")
-        .arg(&r.socket)
-        .arg("--output")
-        .arg(&img)
-        .args(["--leave-running", "--wait-idle", "5s"])
-        .output()
-        .unwrap();
+    let (ok, err) = dump_with(u, &r.socket, &img, &["--leave-running", "--wait-idle", "5s"]);
     let took = t.elapsed();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(ok, "{err}");
     assert!(
         took >= std::time::Duration::from_millis(250) && took < std::time::Duration::from_secs(4),
         "the checkpoint took {took:?}: it should wait for the connection and not much longer"
@@ -235,16 +227,8 @@ fn wait_idle_freezes_once_connections_close() {
     // With a connection that stays open, the wait ends at its bound and the checkpoint is taken.
     let hold = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let t = std::time::Instant::now();
-    let o = command(u, limitless())
-        .arg("dump")
-        .arg("--socket")
-        .arg(&r.socket)
-        .arg("--output")
-        .arg(&img)
-        .args(["--leave-running", "--wait-idle", "300ms"])
-        .output()
-        .unwrap();
-    assert!(o.status.success() && t.elapsed() >= std::time::Duration::from_millis(300), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ok, err) = dump_with(u, &r.socket, &img, &["--leave-running", "--wait-idle", "300ms"]);
+    assert!(ok && t.elapsed() >= std::time::Duration::from_millis(300), "{err}");
     drop(hold);
     r.send("go\n");
     let (st, out, _) = r.finish();

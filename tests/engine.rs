@@ -70,21 +70,27 @@ fn leave_running_checkpoint_restored_as_a_second_copy() {
     let want = reference(&prog, &[], "go\n");
     let result = want.lines().last().expect("result line").to_string();
     each_user("leaverun", |u, d| {
-        let mut r = launch(u, d, &prog, &[]);
+        let r = launch(u, d, &prog, &[]);
         r.expect_out("READY");
         let img = d.join("image");
         dump_ok(u, &r, &img, true);
         // The copy runs while the original is still alive.
-        let mut copy = restore(u, d, &img);
-        r.send("go\n");
-        let (st, out, err) = r.finish();
-        assert_eq!(st.code(), Some(0), "original: {err}");
-        assert_eq!(lines(&out), lines(&want));
-        copy.send("go\n");
-        let (st2, out2, err2) = copy.finish();
-        assert_eq!(st2.code(), Some(0), "copy: {err2}");
-        assert_eq!(lines(&out2), vec![result.as_str()], "the copy continues after READY");
+        let copy = restore(u, d, &img);
+        finish_original_and_copy(r, copy, &want, &[result.as_str()]);
     });
+}
+
+/// Lets a checkpointed original and its restored copy go (both wait for `go`); checks the
+/// original printed `want` and the copy `copy_want` (what follows READY).
+fn finish_original_and_copy(mut r: Running, mut copy: Running, want: &str, copy_want: &[&str]) {
+    r.send("go\n");
+    let (st, out, err) = r.finish();
+    assert_eq!(st.code(), Some(0), "original: {err}");
+    assert_eq!(lines(&out), lines(want));
+    copy.send("go\n");
+    let (st2, out2, err2) = copy.finish();
+    assert_eq!(st2.code(), Some(0), "copy: {err2}");
+    assert_eq!(lines(&out2), copy_want, "the copy continues after READY");
 }
 
 #[test]
@@ -234,21 +240,14 @@ fn dontfork_and_wipeonfork_memory_is_checkpointed_frozen_and_keeps_its_flags() {
     let prog = program("forkflags");
     let want = reference(&prog, &[], "go\n");
     each_user("forkflags", |u, d| {
-        let mut r = launch(u, d, &prog, &[]);
+        let r = launch(u, d, &prog, &[]);
         r.expect_out("READY");
         let img = d.join("image");
         let (ok, report) = dump(u, &r.socket, &img, true);
         assert!(ok, "dump failed: {report}");
         assert!(report.contains("still running") && !report.contains("(snapshot)"), "expected the frozen path: {report}");
-        let mut copy = restore(u, d, &img);
-        r.send("go\n");
-        let (st, out, err) = r.finish();
-        assert_eq!(st.code(), Some(0), "original: {err}");
-        assert_eq!(lines(&out), lines(&want));
-        copy.send("go\n");
-        let (st2, out2, err2) = copy.finish();
-        assert_eq!(st2.code(), Some(0), "copy: {err2}");
-        assert_eq!(lines(&out2), lines(&want)[1..], "the copy continues after READY");
+        let copy = restore(u, d, &img);
+        finish_original_and_copy(r, copy, &want, &lines(&want)[1..]);
         let _ = std::fs::remove_dir_all(d); // its images
     });
 }

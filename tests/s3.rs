@@ -242,19 +242,12 @@ fn a_server_stopped_mid_upload_fails_the_upload_clearly_and_keeps_what_was_store
 fn a_server_that_answers_errors_is_reported_with_the_endpoint() {
     let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
     // A server that answers every request with 503.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let mut c = c;
-                let mut buf = [0u8; 65536];
-                let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
-                let _ = c.read(&mut buf);
-                let _ = c.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-            });
-        }
+    let port = tcp_server(|mut c| {
+        use std::io::{Read, Write};
+        let mut buf = [0u8; 65536];
+        let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+        let _ = c.read(&mut buf);
+        let _ = c.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     });
     let srv = Server { child: Command::new("true").spawn().unwrap(), root: PathBuf::new(), port };
     let t = Instant::now();
@@ -326,42 +319,47 @@ fn gc_removes_old_chains_and_unnamed_chunks_and_keeps_what_live_chains_need() {
 /// header is signed, so the s3s-fs behind it runs without authentication.)
 fn header_dropping_proxy(upstream: u16) -> u16 {
     use std::io::{Read, Write};
+    tcp_server(move |mut c| {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match c.read(&mut b) {
+                Ok(1) => head.push(b[0]),
+                _ => return,
+            }
+        }
+        let text = String::from_utf8_lossy(&head[..head.len() - 4]).into_owned();
+        let mut out = String::new();
+        for line in text.split("\r\n") {
+            let lower = line.to_ascii_lowercase();
+            if lower.starts_with("if-none-match:") || lower.starts_with("connection:") {
+                continue;
+            }
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+        out.push_str("Connection: close\r\n\r\n");
+        let Ok(mut u) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { return };
+        if u.write_all(out.as_bytes()).is_err() {
+            return;
+        }
+        let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut c2, &mut u2);
+        });
+        let _ = std::io::copy(&mut u, &mut c);
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    })
+}
+
+/// A TCP server on 127.0.0.1 that hands each connection to `handle` on its own thread;
+/// returns its port.
+fn tcp_server(handle: impl Fn(std::net::TcpStream) + Send + Sync + Copy + 'static) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut c = c;
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match c.read(&mut b) {
-                        Ok(1) => head.push(b[0]),
-                        _ => return,
-                    }
-                }
-                let text = String::from_utf8_lossy(&head[..head.len() - 4]).into_owned();
-                let mut out = String::new();
-                for line in text.split("\r\n") {
-                    let lower = line.to_ascii_lowercase();
-                    if lower.starts_with("if-none-match:") || lower.starts_with("connection:") {
-                        continue;
-                    }
-                    out.push_str(line);
-                    out.push_str("\r\n");
-                }
-                out.push_str("Connection: close\r\n\r\n");
-                let Ok(mut u) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { return };
-                if u.write_all(out.as_bytes()).is_err() {
-                    return;
-                }
-                let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c2, &mut u2);
-                });
-                let _ = std::io::copy(&mut u, &mut c);
-                let _ = c.shutdown(std::net::Shutdown::Both);
-            });
+            std::thread::spawn(move || handle(c));
         }
     });
     port

@@ -235,12 +235,20 @@ pub fn restore(user: User, dir: &Path, image: &Path) -> Running {
 
 /// `limitless dump`; returns (success, stderr).
 pub fn dump(user: User, socket: &Path, image: &Path, leave_running: bool) -> (bool, String) {
-    let mut c = command(user, limitless());
-    c.arg("dump").arg("--socket").arg(socket).arg("--output").arg(image);
-    if leave_running {
-        c.arg("--leave-running");
-    }
-    let o = c.output().expect("run limitless dump");
+    dump_with(user, socket, image, if leave_running { &["--leave-running"] } else { &[] })
+}
+
+/// `limitless dump` with more arguments; returns (success, stderr).
+pub fn dump_with(user: User, socket: &Path, image: &Path, args: &[&str]) -> (bool, String) {
+    let o = command(user, limitless())
+        .arg("dump")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--output")
+        .arg(image)
+        .args(args)
+        .output()
+        .expect("run limitless dump");
     (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
