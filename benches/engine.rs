@@ -1,7 +1,9 @@
 //! Figures of the checkpoint engine: checkpoint time, time the program is frozen, image
-//! size and restore time, for processes of 1 MiB and 1 GiB (random contents) and 1 GiB of
-//! touched-but-zero memory, checkpointed and stopped, and for 1 MiB and 1 GiB checkpointed
-//! with `--leave-running` (a copy-on-write snapshot). Beside them, the machine's reference
+//! size and restore time, for processes of 1 MiB and 1 GiB (random contents), 1 GiB of
+//! touched-but-zero memory and 1 GiB of text-like memory (compressible to about half),
+//! checkpointed and stopped, with compression and without it ("raw",
+//! `LIMITLESS_COMPRESS=0`), and checkpointed with `--leave-running` (a copy-on-write
+//! snapshot). Beside them, the machine's reference
 //! figures in the same run: `dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync` in
 //! the image directory, and `cat` of that 1 GiB page-cached file to /dev/null; the table
 //! gives checkpoint / dd and restore / cat for the 1 GiB rows.
@@ -118,16 +120,27 @@ fn main() {
     let prog = build_mem(&dir);
     let (dd, cat) = reference(&dir);
     let mut rows = Vec::new();
-    for (mib, kind, after, label) in [
-        (1, "random", After::Kill, "stop, 1 MiB random"),
-        (1024, "random", After::Kill, "stop, 1 GiB random"),
-        (1024, "zero", After::Kill, "stop, 1 GiB zeros"),
-        (1, "random", After::Resume, "leave-running, 1 MiB random"),
-        (1024, "random", After::Resume, "leave-running, 1 GiB random"),
+    for (mib, kind, after, compress, label) in [
+        (1, "random", After::Kill, true, "stop, 1 MiB random"),
+        (1024, "random", After::Kill, true, "stop, 1 GiB random"),
+        (1024, "random", After::Kill, false, "stop, 1 GiB random, raw"),
+        (1024, "zero", After::Kill, true, "stop, 1 GiB zeros"),
+        (1024, "text", After::Kill, true, "stop, 1 GiB text"),
+        (1024, "text", After::Kill, false, "stop, 1 GiB text, raw"),
+        (1, "random", After::Resume, true, "leave-running, 1 MiB random"),
+        (1024, "random", After::Resume, true, "leave-running, 1 GiB random"),
+        (1024, "text", After::Resume, true, "leave-running, 1 GiB text"),
     ] {
+        // "raw": LIMITLESS_COMPRESS=0, read by each checkpoint.
+        if compress {
+            std::env::remove_var("LIMITLESS_COMPRESS");
+        } else {
+            std::env::set_var("LIMITLESS_COMPRESS", "0");
+        }
         let runs: Vec<Run> = (0..3).map(|_| one(&prog, &dir, mib, kind, after)).collect();
         rows.push((label, mib, runs));
     }
+    std::env::remove_var("LIMITLESS_COMPRESS");
     println!();
     println!("images in {}", dir.display());
     println!("dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync: {dd:.1} ms; cat of that 1 GiB page-cached file to /dev/null: {cat:.1} ms");

@@ -1,15 +1,17 @@
 //! The S3 store against a local S3 server (s3s-fs on 127.0.0.1): checkpoints of 256 MiB and
-//! 1 GiB processes uploaded as chunks, a second checkpoint after the process changed 1 % of
-//! its heap, and the download for a restore, each against the raw throughput of the same
-//! server for one plain PUT and GET of the same size, measured in the same run.
+//! 1 GiB processes streamed into the store as chunks (request to stored image), a second
+//! checkpoint after the process changed 1 % of its heap, and a restore streamed from the
+//! store (request to running program), each against the raw throughput of the same server
+//! for one plain PUT and GET of the same size, measured in the same run.
 //!
 //! Run with `cargo bench --bench s3` (needs `s3s-fs`: `cargo install s3s-fs@0.14.1
 //! --features binary --locked`). Data goes to $LIMITLESS_BENCH_DIR (default: the system
 //! temporary directory).
 
-use limitless::engine::checkpoint::{After, Request};
+use limitless::engine::checkpoint::{After, Request, Stats};
+use limitless::engine::restore::restore_stream;
 use limitless::engine::supervisor::{Options, Supervisor};
-use limitless::store::{S3Store, Store};
+use limitless::store::{ImageAt, S3Store, Store};
 use object_store::{ObjectStoreExt, PutPayload};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -32,9 +34,9 @@ fn random(n: usize) -> Vec<u8> {
     v
 }
 
-/// Two checkpoints of `churn MIB`, one second apart (the process rewrites the same 1 % of
-/// its heap in between), left running.
-fn two_images(churn: &Path, dir: &Path, mib: u64) -> (PathBuf, PathBuf) {
+/// Starts `churn MIB` (it rewrites the same 1 % of its heap, over and over) and waits
+/// until its heap is written.
+fn start_churn(churn: &Path, mib: u64) -> Supervisor {
     let opts = Options { socket: None, carry: Default::default() };
     let sup = Supervisor::launch(churn, &[mib.to_string().into(), "100000".into(), "200".into()], &opts).expect("launch");
     assert!(sup.wait_ready(Duration::from_secs(30)), "agent did not start");
@@ -43,19 +45,16 @@ fn two_images(churn: &Path, dir: &Path, mib: u64) -> (PathBuf, PathBuf) {
         assert!(t.elapsed() < Duration::from_secs(120), "churn did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut imgs = Vec::new();
-    for i in 0..2 {
-        if i > 0 {
-            std::thread::sleep(Duration::from_secs(1));
-        }
-        let img = dir.join(format!("churn-{mib}-{i}.img"));
-        let req = Request { output: img.clone(), after: After::Resume, freeze_timeout: Duration::from_secs(10), wait_idle: Duration::ZERO };
-        sup.inner.checkpoint(&req).expect("checkpoint");
-        imgs.push(img);
-    }
-    sup.inner.kill();
-    let _ = sup.wait();
-    (imgs.remove(0), imgs.remove(0))
+    sup
+}
+
+/// A leave-running checkpoint streamed into the store at `key`: (stats, seconds).
+fn checkpoint_to_store(sup: &Supervisor, store: &S3Store, key: &str) -> (Stats, f64) {
+    let req = Request { output: PathBuf::new(), after: After::Resume, freeze_timeout: Duration::from_secs(10), wait_idle: Duration::ZERO };
+    let t = Instant::now();
+    let sink = store.image_sink(key).expect("sink").expect("the S3 store streams");
+    let st = sup.inner.checkpoint_to(&req, sink).expect("checkpoint");
+    (st, t.elapsed().as_secs_f64())
 }
 
 fn main() {
@@ -98,7 +97,7 @@ fn main() {
     let raw = object_store::aws::AmazonS3Builder::from_env().with_bucket_name("bench").build().expect("raw client");
     let rt = tokio::runtime::Runtime::new().unwrap();
 
-    println!("| process | image | raw PUT | first checkpoint upload | ratio | 1 % changed: sent | upload time | raw GET | restore download | ratio |");
+    println!("| process | image | raw PUT | first checkpoint, streamed | ratio | 1 % changed: sent | its time | raw GET | restore, streamed | ratio |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for mib in [256u64, 1024] {
         // The server's raw throughput for one object of the same size.
@@ -115,25 +114,32 @@ fn main() {
         rt.block_on(raw.delete(&p)).unwrap();
 
         let store = S3Store::open(&format!("s3://bench/m{mib}"), limitless::store::seal::Sealer::from_env().unwrap(), &[]).expect("store");
-        let (a, b) = two_images(&churn, &dir, mib);
-        let (na, nb) = (std::fs::metadata(&a).unwrap().len(), std::fs::metadata(&b).unwrap().len());
+        let sup = start_churn(&churn, mib);
+        let (a, up_a) = checkpoint_to_store(&sup, &store, "images/x/1.0.img");
+        std::thread::sleep(Duration::from_secs(1));
+        let (b, up_b) = checkpoint_to_store(&sup, &store, "images/x/2.0.img");
+        sup.inner.kill();
+        let _ = sup.wait();
+        let (na, sent_a, sent_b) = (a.image_bytes, a.sent_bytes.unwrap_or(0), b.sent_bytes.unwrap_or(0));
+        // A fresh process (the next step in a chain) restores from the store: from the
+        // request until the program runs, the image streamed into place.
+        let opts = Options { socket: None, carry: Default::default() };
         let t = Instant::now();
-        let sent_a = store.put_file("images/x/1.0.img", &a).expect("upload");
-        let up_a = t.elapsed().as_secs_f64();
-        // As in a chain: the next step downloads the image, restores, and checkpoints again.
-        let t = Instant::now();
-        let back = store.fetch_file("images/x/1.0.img").expect("download").expect("image");
+        let src = match store.open_image("images/x/1.0.img").expect("open image") {
+            ImageAt::Stream(s) => s,
+            _ => panic!("the S3 store does not stream images"),
+        };
+        let (r, rs) = restore_stream(src, "bench image", &opts).expect("restore");
         let down = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let sent_b = store.put_file("images/x/2.0.img", &b).expect("upload");
-        let up_b = t.elapsed().as_secs_f64();
-        assert_eq!(std::fs::metadata(&back).unwrap().len(), na);
-        let _ = nb;
+        assert_eq!(rs.data_bytes, a.pages * 4096);
+        r.inner.kill();
+        let _ = r.wait();
         println!(
-            "| {mib} MiB random | {:.0} MiB | {:.0} MiB/s | {:.0} MiB/s ({up_a:.2} s, {:.0} MiB sent) | {:.2} | {:.1} MiB ({:.2} % of the first) | {up_b:.2} s | {:.0} MiB/s | {:.0} MiB/s ({down:.2} s) | {:.2} |",
+            "| {mib} MiB random | {:.0} MiB | {:.0} MiB/s | {:.0} MiB/s ({up_a:.2} s, frozen {:.0} ms, {:.0} MiB sent) | {:.2} | {:.1} MiB ({:.2} % of the first) | {up_b:.2} s | {:.0} MiB/s | {:.0} MiB/s ({down:.2} s) | {:.2} |",
             na as f64 / (1 << 20) as f64,
             mib_s(mib << 20, put),
             mib_s(na, up_a),
+            a.frozen_ms,
             sent_a as f64 / (1 << 20) as f64,
             mib_s(na, up_a) / mib_s(mib << 20, put),
             sent_b as f64 / (1 << 20) as f64,

@@ -95,6 +95,19 @@ fn run_chain(
     args: &[&str],
     extra: &[(&str, &str)],
 ) -> (Option<i32>, String, String, serde_json::Value) {
+    run_chain_limited(srv, prefix, limit, args, extra, None)
+}
+
+/// [`run_chain`], with no file larger than `max_file` bytes writable (RLIMIT_FSIZE: a
+/// larger write fails and SIGXFSZ kills the writer).
+fn run_chain_limited(
+    srv: &Server,
+    prefix: &str,
+    limit: &str,
+    args: &[&str],
+    extra: &[(&str, &str)],
+    max_file: Option<u64>,
+) -> (Option<i32>, String, String, serde_json::Value) {
     let dir = std::env::temp_dir().join("limitless-tests").join(format!("s3run-{prefix}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let report = dir.join("report.json");
@@ -108,6 +121,19 @@ fn run_chain(
     for (k, v) in extra {
         c.env(k, v);
     }
+    if let Some(n) = max_file {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe and touches only the child.
+        unsafe {
+            c.pre_exec(move || {
+                let l = libc::rlimit { rlim_cur: n, rlim_max: n };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &l) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let o = c.stdin(Stdio::null()).output().expect("limitless run");
     let rep = std::fs::read(&report).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(serde_json::Value::Null);
     (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned(), rep)
@@ -120,7 +146,10 @@ fn a_chain_of_five_steps_runs_through_s3_and_later_checkpoints_upload_only_chang
     let churn = churn.to_str().unwrap();
     let args = [churn, "128", "30", "500"];
     let want = reference(Path::new(churn), &args[1..], "");
-    let (code, out, err, rep) = run_chain(&srv, "chain", "6s", &args, &[("LIMITLESS_KEY", KEY)]);
+    // Images stream to and from the store: no file anywhere near an image's size (128 MiB)
+    // may be written.
+    let max_file = 16 << 20;
+    let (code, out, err, rep) = run_chain_limited(&srv, "chain", "6s", &args, &[("LIMITLESS_KEY", KEY)], Some(max_file));
     assert_eq!(code, Some(0), "stderr: {err}");
     assert_eq!(out, want, "output differs from an uninterrupted run; stderr: {err}");
     let steps = rep["steps"].as_array().expect("report steps");
@@ -404,4 +433,57 @@ fn a_server_that_ignores_if_none_match_is_refused_or_used_in_the_weaker_mode_whe
     assert!(!direct.put_if_absent("chains/c/result", b"third").unwrap());
     assert_eq!(direct.get("chains/c/result").unwrap().unwrap(), b"first");
     open_srv.stop();
+}
+
+/// Waits until `sup`'s program has written some output.
+fn wait_output(sup: &limitless::engine::supervisor::Supervisor, what: &str) {
+    let t = Instant::now();
+    while sup.inner.out.bytes.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "{what} wrote nothing in 60 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn an_image_streams_into_the_store_and_back_and_a_tampered_chunk_stops_the_restore_before_the_program_runs() {
+    use limitless::engine::checkpoint::{After, Request};
+    use limitless::engine::restore::restore_stream;
+    use limitless::engine::supervisor::{Options, Supervisor};
+    use limitless::store::ImageAt;
+    let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let srv = Server::start("stream");
+    let s = open(&srv, "r", Some(KEY)).unwrap();
+    let key = "images/c/1.0.img";
+    let opts = Options { socket: None, carry: Default::default() };
+    let stream_of = |s: &dyn Store| match s.open_image(key).unwrap() {
+        ImageAt::Stream(src) => src,
+        _ => panic!("the S3 store does not stream images"),
+    };
+    // 32 MiB of random heap, checkpointed straight into the store; the program is killed.
+    let churn = program("churn");
+    let sup = Supervisor::launch(&churn, &["32".into(), "100000".into(), "50".into()], &opts).unwrap();
+    assert!(sup.wait_ready(Duration::from_secs(30)), "the agent did not start");
+    wait_output(&sup, "churn");
+    let req = Request { output: PathBuf::new(), after: After::Kill, freeze_timeout: Duration::from_secs(10), wait_idle: Duration::ZERO };
+    let st = sup.inner.checkpoint_to(&req, s.image_sink(key).unwrap().expect("the S3 store takes a stream")).unwrap();
+    let _ = sup.wait();
+    assert!(st.pages >= 32 * 256, "{} pages stored", st.pages);
+    assert!(st.sent_bytes.unwrap() > 32 << 20, "sent {:?} bytes for 32 MiB of random memory", st.sent_bytes);
+    // Restored from the store, it runs on.
+    let (r, rs) = restore_stream(stream_of(&*s), key, &opts).unwrap();
+    assert_eq!(rs.data_bytes, st.pages * 4096);
+    wait_output(&r, "the restored churn");
+    r.inner.kill();
+    let _ = r.wait();
+    // One flipped byte in a chunk of page data: the restore fails, naming the chunk, and
+    // the program never runs.
+    let chunks = s.chunks_of(key).unwrap().unwrap();
+    let mid = &chunks[chunks.len() / 2];
+    let file = srv.root.join("bkt/r").join(mid);
+    let mut b = std::fs::read(&file).unwrap();
+    let i = b.len() / 2;
+    b[i] ^= 1;
+    std::fs::write(&file, &b).unwrap();
+    let e = format!("{:#}", restore_stream(stream_of(&*s), key, &opts).err().expect("a tampered image was restored"));
+    assert!(e.contains(mid.as_str()) && e.contains("tampered"), "{e}");
 }

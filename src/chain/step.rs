@@ -10,12 +10,14 @@
 
 use super::margin;
 use super::*;
-use crate::engine::checkpoint::{After, Request};
-use crate::engine::restore::restore;
+use crate::engine::checkpoint::{After, Request, WriteFailed};
+use crate::engine::restore::{restore, restore_stream};
 use crate::engine::supervisor::{find_program, Options, Supervisor};
 use crate::failpoint;
-use crate::store::Store;
+use crate::store::{ImageAt, Store};
 use anyhow::{anyhow, bail, Context, Result};
+use limitless_image::file::Source;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -77,16 +79,14 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The trailer hash of an image file (it covers every byte of the image).
-pub fn trailer_hash(path: &std::path::Path) -> Result<String> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
+pub fn trailer_hash(src: &dyn Source) -> Result<String> {
+    let len = src.size()?;
     let n = limitless_image::format::Trailer::SIZE;
     if len < n as u64 {
-        bail!("{} is not a complete image", path.display());
+        bail!("not a complete image ({len} bytes)");
     }
     let mut b = vec![0u8; n];
-    f.read_exact_at(&mut b, len - n as u64)?;
+    src.read_exact_at(&mut b, len - n as u64)?;
     Ok(b[n - 32..].iter().map(|x| format!("{x:02x}")).collect())
 }
 
@@ -126,14 +126,27 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
             &store.get(&keys::manifest(&a.chain, a.step))?.ok_or_else(|| anyhow!("step {} has no manifest in the store", a.step))?,
         )
         .context("the manifest is unreadable")?;
-        // Restoring includes fetching the image (a download from a remote store).
+        // Restoring includes fetching the image (a download from a remote store, or a
+        // stream of its chunks straight into the restore).
         let t = Instant::now();
-        let path = store.fetch_file(&m.image.key)?.ok_or_else(|| anyhow!("the image {} is missing from the store", m.image.key))?;
-        let got = trailer_hash(&path)?;
-        if got != m.image.trailer_hash {
-            bail!("the image {} is not the one its manifest names (hash {got}, manifest {})", m.image.key, m.image.trailer_hash);
-        }
-        let (sup, _) = restore(&path, &opts)?;
+        let key = &m.image.key;
+        let check = |got: String| {
+            if got != m.image.trailer_hash {
+                bail!("the image {key} is not the one its manifest names (hash {got}, manifest {})", m.image.trailer_hash);
+            }
+            Ok(())
+        };
+        let (sup, _) = match store.open_image(key)? {
+            ImageAt::Missing => bail!("the image {key} is missing from the store"),
+            ImageAt::File(path) => {
+                check(trailer_hash(&std::fs::File::open(&path)?)?)?;
+                restore(&path, &opts)?
+            }
+            ImageAt::Stream(src) => {
+                check(trailer_hash(&*src)?)?;
+                restore_stream(src, &format!("{} in {}", key, store.describe()), &opts)?
+            }
+        };
         stats.restore_ms = Some(ms(t.elapsed()));
         restored_from = Some(m.image.key);
         (sup, m.history)
@@ -248,13 +261,38 @@ fn checkpoint(
     wait_idle_ms: u64,
 ) -> Result<Option<Outcome>> {
     let store = &*a.store;
-    let staging = store.staging_path("image")?;
+    let next = a.step + 1;
+    let image_key = keys::image(&a.chain, next, a.attempt);
     let t = Instant::now();
     let freeze_timeout =
         until(a.deadline).saturating_sub(Duration::from_millis(200)).clamp(Duration::from_millis(100), Duration::from_secs(10));
     let wait_idle = Duration::from_millis(wait_idle_ms);
-    let cs = match sup.inner.checkpoint(&Request { output: staging.clone(), after: After::Hold, freeze_timeout, wait_idle }) {
+    let store_failed = |e: &anyhow::Error| {
+        tracing::warn!("storing the image of step {} failed: {e:#}", a.step);
+        eprintln!("limitless: storing the checkpoint of step {} failed, the previous checkpoint is kept: {e:#}", a.step);
+    };
+    // A store that takes a stream gets the image while it is written (no local copy);
+    // otherwise it is written to a staging file and then stored.
+    let sink = match store.image_sink(&image_key) {
+        Ok(s) => s,
+        Err(e) => {
+            store_failed(&e);
+            return Ok(None);
+        }
+    };
+    let streamed = sink.is_some();
+    let staging = if streamed { PathBuf::new() } else { store.staging_path("image")? };
+    let req = Request { output: staging.clone(), after: After::Hold, freeze_timeout, wait_idle };
+    let r = match sink {
+        Some(sink) => sup.inner.checkpoint_to(&req, sink),
+        None => sup.inner.checkpoint(&req),
+    };
+    let cs = match r {
         Ok(cs) => cs,
+        Err(e) if streamed && e.downcast_ref::<WriteFailed>().is_some() => {
+            store_failed(&e);
+            return Ok(None);
+        }
         Err(e) => {
             tracing::warn!("checkpoint of step {} failed: {e:#}", a.step);
             return Ok(None);
@@ -262,19 +300,20 @@ fn checkpoint(
     };
     stats.checkpoint_ms = Some(cs.total_ms);
     stats.image_bytes = Some(cs.image_bytes);
-    let next = a.step + 1;
-    let image_key = keys::image(&a.chain, next, a.attempt);
     let ts = Instant::now();
-    let hash = trailer_hash(&staging)?;
+    let hash = cs.trailer_hash.clone();
     failpoint::hit("store.image");
-    match store.put_file(&image_key, &staging) {
-        Ok(sent) => stats.stored_bytes = Some(sent),
-        Err(e) => {
-            tracing::warn!("storing the image of step {} failed: {e:#}", a.step);
-            eprintln!("limitless: storing the checkpoint of step {} failed, the previous checkpoint is kept: {e:#}", a.step);
-            let _ = std::fs::remove_file(&staging);
-            sup.inner.release(true);
-            return Ok(None);
+    if streamed {
+        stats.stored_bytes = cs.sent_bytes;
+    } else {
+        match store.put_file(&image_key, &staging) {
+            Ok(sent) => stats.stored_bytes = Some(sent),
+            Err(e) => {
+                store_failed(&e);
+                let _ = std::fs::remove_file(&staging);
+                sup.inner.release(true);
+                return Ok(None);
+            }
         }
     }
     failpoint::hit("store.manifest");

@@ -14,16 +14,21 @@
 //! image is durable. Not with carried files (`--carry`: they are read at the end of the
 //! stream and must not change meanwhile), nor with `LIMITLESS_SNAPSHOT=0` in the
 //! environment.
+//!
+//! The image can go to an [`ImageSink`] instead of a file ([`Inner::checkpoint_to`]): an
+//! object store that uploads it while it is written, so that no whole image is ever on
+//! local disk or in memory.
 
+use super::compress::Compressor;
 use super::link::AgentMsg;
 use super::supervisor::Inner;
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::ctl::{ckpt_flags, msg, Checkpoint};
-use limitless_image::file::{read_stream, Image, Writer};
+use limitless_image::file::{read_stream, Finished, Image, Writer};
 use limitless_image::format::kind;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -79,6 +84,12 @@ pub struct Stats {
     /// Bytes of carried files (`--carry`).
     #[serde(default)]
     pub carried_bytes: u64,
+    /// The image's trailer hash (hex), which names this exact image.
+    #[serde(default)]
+    pub trailer_hash: String,
+    /// Bytes an [`ImageSink`] sent (after deduplication and compression).
+    #[serde(default)]
+    pub sent_bytes: Option<u64>,
     /// The program keeps running.
     pub left_running: bool,
     /// The program ran on while a copy-on-write snapshot wrote the image.
@@ -87,6 +98,32 @@ pub struct Stats {
     /// Why a leave-running checkpoint was not a snapshot, if the agent said.
     #[serde(default)]
     pub note: Option<String>,
+}
+
+/// Somewhere an image is streamed to as it is written (an object store's uploader).
+pub trait ImageSink: Write + Send {
+    /// Completes the image once every byte is written; returns the bytes sent. A sink
+    /// dropped without `finish` abandons its image.
+    fn finish(self: Box<Self>) -> Result<u64>;
+}
+
+/// A checkpoint failed because its image could not be written (a full disk, a store that
+/// went away), not because of the program or the agent.
+#[derive(Debug)]
+pub struct WriteFailed(pub String);
+
+impl std::fmt::Display for WriteFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "writing the image failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for WriteFailed {}
+
+/// Where a checkpoint writes.
+enum Dest<'s> {
+    File { tmp: PathBuf, file: File },
+    Sink(Box<dyn ImageSink + 's>),
 }
 
 fn ms(d: Duration) -> f64 {
@@ -104,8 +141,19 @@ impl Inner {
         rx.recv_timeout(limit).map_err(|_| anyhow!("the agent did not answer within {} s", limit.as_secs()))
     }
 
-    /// Takes a checkpoint (see the module documentation).
+    /// Takes a checkpoint into the file `req.output` (see the module documentation).
     pub fn checkpoint(&self, req: &Request) -> Result<Stats> {
+        self.checkpoint_with(req, None)
+    }
+
+    /// Takes a checkpoint into `sink` (`req.output` is not used). The sink is finished
+    /// before the program is released, so the image is complete before an
+    /// [`After::Kill`] takes the program away.
+    pub fn checkpoint_to<'s>(&self, req: &Request, sink: Box<dyn ImageSink + 's>) -> Result<Stats> {
+        self.checkpoint_with(req, Some(sink))
+    }
+
+    fn checkpoint_with<'s>(&self, req: &Request, sink: Option<Box<dyn ImageSink + 's>>) -> Result<Stats> {
         let _one = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let t0 = Instant::now();
         // A request right after the launch can arrive before the agent's greeting has been
@@ -128,12 +176,23 @@ impl Inner {
             let rx = self.events.lock().unwrap_or_else(|e| e.into_inner());
             while rx.try_recv().is_ok() {}
         }
-        let dir = req.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        if !dir.is_dir() {
-            bail!("the directory {} does not exist", dir.display());
-        }
-        let tmp = tmp_path(&req.output);
-        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let dest = match sink {
+            Some(s) => Dest::Sink(s),
+            None => {
+                let dir = req.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                if !dir.is_dir() {
+                    bail!("the directory {} does not exist", dir.display());
+                }
+                let tmp = tmp_path(&req.output);
+                let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+                Dest::File { tmp, file }
+            }
+        };
+        let remove_tmp = |d: &Dest| {
+            if let Dest::File { tmp, .. } = d {
+                let _ = fs::remove_file(tmp);
+            }
+        };
         let (pr, pw) = super::stdio::pipe()?;
         let _ = rustix::pipe::fcntl_setpipe_size(&pw, 1 << 20);
         let snapshot = req.after == After::Resume && !self.carry.any() && std::env::var_os("LIMITLESS_SNAPSHOT").is_none_or(|v| v != "0");
@@ -149,19 +208,30 @@ impl Inner {
             reserved: 0,
         };
         if let Err(e) = self.link.send_wire(msg::CHECKPOINT, &c, Some(pw.as_fd())) {
-            let _ = fs::remove_file(&tmp);
+            remove_tmp(&dest);
             bail!("cannot reach the agent: {e}");
         }
         drop(pw);
-        let r = self.run_checkpoint(req, file, pr, snapshot);
-        match r {
-            Ok((mut stats, frozen_at)) => {
-                if let Err(e) = finish_file(&tmp, &req.output) {
-                    self.release(true);
+        let r = match dest {
+            Dest::File { tmp, file } => self
+                .run_checkpoint(req, file, pr, snapshot, Compressor::wanted())
+                .and_then(|(stats, at, f, fin)| {
+                    f.sync_all().context("fsync of the image failed")?;
+                    finish_file(&tmp, &req.output)?;
+                    Ok((stats, at, fin, None))
+                })
+                .inspect_err(|_| {
                     let _ = fs::remove_file(&tmp);
-                    return Err(e);
-                }
-                stats.image_bytes = fs::metadata(&req.output).map(|m| m.len()).unwrap_or(0);
+                }),
+            Dest::Sink(s) => {
+                self.run_checkpoint(req, s, pr, snapshot, false).and_then(|(stats, at, s, fin)| Ok((stats, at, fin, Some(s.finish()?))))
+            }
+        };
+        match r {
+            Ok((mut stats, frozen_at, fin, sent)) => {
+                stats.image_bytes = fin.len;
+                stats.trailer_hash = fin.trailer_hash.iter().map(|b| format!("{b:02x}")).collect();
+                stats.sent_bytes = sent;
                 match req.after {
                     After::Resume => self.release(true),
                     After::Kill => self.release(false),
@@ -176,7 +246,6 @@ impl Inner {
             }
             Err(e) => {
                 self.release(true);
-                let _ = fs::remove_file(&tmp);
                 Err(e)
             }
         }
@@ -195,9 +264,17 @@ impl Inner {
         self.input.resume();
     }
 
-    /// Streams the image into `file`; returns the statistics and when the program froze.
-    /// The program's input stays paused until [`release`](Self::release), so none is lost.
-    fn run_checkpoint(&self, req: &Request, file: File, pr: std::os::fd::OwnedFd, snapshot: bool) -> Result<(Stats, Instant)> {
+    /// Streams the image into `out`; returns the statistics, when the program froze, `out`
+    /// and what was written. The program's input stays paused until
+    /// [`release`](Self::release), so none is lost.
+    fn run_checkpoint<W: Write>(
+        &self,
+        req: &Request,
+        out: W,
+        pr: std::os::fd::OwnedFd,
+        snapshot: bool,
+        compress: bool,
+    ) -> Result<(Stats, Instant, W, Finished)> {
         let mut stats = Stats::default();
         let wait = req.freeze_timeout + req.wait_idle + Duration::from_secs(10);
         loop {
@@ -226,13 +303,21 @@ impl Inner {
             // The agent may let the program go once its copy-on-write child exists.
             self.link.send(msg::STDIO_SAVED, &[], None).context("cannot reach the agent")?;
         }
-        let mut w = Writer::new(BufWriter::with_capacity(1 << 20, file), now_unix_ns())?;
+        let mut w = Writer::new(BufWriter::with_capacity(1 << 20, out), now_unix_ns())?;
         let reader = BufReader::with_capacity(1 << 20, File::from(pr));
         let mut records = 0u64;
         let mut written: Vec<std::path::PathBuf> = Vec::new();
         let mut carrier = super::carry::Carrier::default();
+        // Why writing the image failed (a full disk, a store that went away), as opposed
+        // to the agent's stream breaking off.
+        let mut write_err: Option<String> = None;
+        let mut squeeze = Compressor::new(compress);
         let streamed = read_stream(reader, |h, payload| {
             records += 1;
+            if h.kind == kind::PAGES {
+                return squeeze.pages(&mut w, payload).inspect_err(|e| write_err = Some(e.to_string()));
+            }
+            squeeze.flush(&mut w).inspect_err(|e| write_err = Some(e.to_string()))?;
             if records == 20 {
                 crate::failpoint::hit("checkpoint.writing");
             }
@@ -245,13 +330,16 @@ impl Inner {
                     carrier.add(&mut w, p).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
                 }
                 if !stdin.is_empty() {
-                    w.plain(kind::STDIN, &stdin)?;
+                    w.plain(kind::STDIN, &stdin).inspect_err(|e| write_err = Some(e.to_string()))?;
                 }
             }
-            w.plain(h.kind, &payload)
+            w.plain(h.kind, &payload).inspect_err(|e| write_err = Some(e.to_string()))
         });
         stats.carried_bytes = carrier.bytes;
         if let Err(e) = streamed {
+            if let Some(why) = write_err {
+                return Err(WriteFailed(why).into());
+            }
             // The agent says why, if it can.
             let why = loop {
                 break match self.next_event(Duration::from_secs(5)) {
@@ -280,10 +368,9 @@ impl Inner {
                 m => bail!("unexpected message from the agent: {m:?}"),
             }
         }
-        let (bw, _) = w.finish()?;
-        let f = bw.into_inner().map_err(|e| anyhow!("writing the image failed: {}", e.error()))?;
-        f.sync_all().context("fsync of the image failed")?;
-        Ok((stats, frozen_at))
+        let (bw, fin) = w.finish().map_err(|e| anyhow!("writing the image failed: {e}"))?;
+        let out = bw.into_inner().map_err(|e| anyhow!("writing the image failed: {}", e.error()))?;
+        Ok((stats, frozen_at, out, fin))
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod carry;
 pub mod checkpoint;
+pub mod compress;
 pub mod embedded;
 pub mod fds;
 pub mod host;

@@ -9,6 +9,13 @@
 //! hash; the restorer lets the program run only after the supervisor's go-ahead, and the
 //! agent then reports `RESTORED`. Any failure before that kills the restorer, so there is
 //! never a partly restored program, and the image file is only ever read.
+//!
+//! An image can also be read through a [`Source`] ([`restore_stream`]): an object store's
+//! reader that fetches the image's chunks as they are read. Opening it reads only the
+//! metadata, the page map and the index; the supervisor then reads each page record in
+//! order, checks it and passes its pages to the restorer through the data pipe (the plan
+//! has no image fd), so no copy of the image is kept. An image file with compressed page
+//! records is restored the same way, the supervisor decompressing each record.
 
 use super::embedded::{self, EngineFiles};
 use super::host;
@@ -16,7 +23,7 @@ use super::plan::{self, PlanFds};
 use super::spawn::FdMap;
 use super::supervisor::{Options, Plumbing, Supervisor};
 use anyhow::{anyhow, bail, Context, Result};
-use limitless_image::file::Image;
+use limitless_image::file::{Image, Source};
 use limitless_image::format::{file_kind, vma_kind};
 use limitless_image::plan::RESTORER_FAILED;
 use std::collections::HashMap;
@@ -39,25 +46,46 @@ pub struct RestoreStats {
     pub threads: u32,
 }
 
-/// Validates `image` for this machine and writes back the files it carries (`--carry`);
-/// returns it.
-pub fn open_checked(image: &Path) -> Result<Image> {
-    let img = Image::open(image).map_err(|e| anyhow!("{}: {e}", image.display()))?;
+/// Validates `img` for this machine and writes back the files it carries (`--carry`).
+fn check_here(img: &Image) -> Result<()> {
     // Carried files first: the program may have them mapped, which the checks below verify.
-    super::objects::write_carried(&img)?;
+    super::objects::write_carried(img)?;
     host::check_vdso(&img.process.vdso)?;
     host::check_cpu(&img.process.cpu)?;
-    host::check_files(&img, |p| {
+    host::check_files(img, |p| {
         embedded::is_our_agent(p) && embedded::ensure_file(p, embedded::AGENT, embedded::AGENT_HASH, 0o755).is_ok()
     })?;
-    Ok(img)
+    Ok(())
 }
 
-/// Restores `image` and supervises it.
+/// Restores the image file `image` and supervises it.
 pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats)> {
     let t0 = Instant::now();
+    let img = Image::open(image).map_err(|e| anyhow!("{}: {e}", image.display()))?;
+    // Compressed pages cannot be read from the file in place: the supervisor decompresses
+    // them into the data pipe.
+    let file = if img.has_compressed_pages() {
+        None
+    } else {
+        Some(File::open(image).with_context(|| format!("cannot open {}", image.display()))?)
+    };
+    restore_image(img, file, opts, t0)
+}
+
+/// Restores the image read through `src` (`name` says which, in messages) and supervises
+/// it; the page data streams from `src` to the restorer.
+pub fn restore_stream(src: Box<dyn Source>, name: &str, opts: &Options) -> Result<(Supervisor, RestoreStats)> {
+    let t0 = Instant::now();
+    let img = Image::from_source(src).map_err(|e| anyhow!("{name}: {e}"))?;
+    restore_image(img, None, opts, t0)
+}
+
+/// Restores `img`; the restorer reads its pages from `file`, or from the data pipe when
+/// there is none.
+fn restore_image(img: Image, file: Option<File>, opts: &Options, t0: Instant) -> Result<(Supervisor, RestoreStats)> {
     let files: EngineFiles = embedded::unpack()?;
-    let img = Arc::new(open_checked(image)?);
+    check_here(&img)?;
+    let img = Arc::new(img);
     tracing::debug!("restore: image read and checked at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
     let pl = Plumbing::new(opts)?;
     let mut fds = FdMap::default();
@@ -120,11 +148,21 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
     let (err_r, err_w) = super::stdio::pipe()?;
     let data_fd = alloc();
     let err_fd = alloc();
-    let image_fd = alloc();
+    let streamed = file.is_none();
+    let image_fd = match file {
+        Some(f) => {
+            let n = alloc();
+            fds.add(OwnedFd::from(f), n);
+            n
+        }
+        None => {
+            let _ = rustix::pipe::fcntl_setpipe_size(&data_w, 1 << 20);
+            -1
+        }
+    };
     let plan_fd = alloc();
     fds.add(data_r, data_fd);
     fds.add(err_w, err_fd);
-    fds.add(OwnedFd::from(File::open(image).with_context(|| format!("cannot open {}", image.display()))?), image_fd);
     let pfds = PlanFds { data_fd, err_fd, image_fd, close_from, close_to: plan_fd };
     let plan = plan::build(&img, |i| vma_fd[i], &pfds);
     let memfd = rustix::fs::memfd_create("limitless-plan", rustix::fs::MemfdFlags::CLOEXEC)?;
@@ -138,8 +176,9 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
     let child = fds.spawn(cmd).with_context(|| format!("cannot start the restorer {}", files.restorer.display()))?;
     tracing::debug!("restore: restorer started at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
 
-    // Check every page record against its hash while the restorer reads the pages; the
-    // go-ahead byte lets it continue past the page data.
+    // Check every page record against its hash while the restorer reads the pages (or
+    // pass them to it, checked, when it has no image file); the go-ahead byte lets it
+    // continue past the page data.
     let data_err: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let checker = {
         let img = img.clone();
@@ -150,6 +189,8 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
             let mut buf = Vec::new();
             for p in &img.pages {
                 match img.check_pages(p, &mut buf) {
+                    // A restorer that stopped reading has failed and says why itself.
+                    Ok(n) if streamed && w.write_all(&buf[buf.len() - n as usize..]).is_err() => return total,
                     Ok(n) => total += n,
                     Err(e) => {
                         *data_err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());

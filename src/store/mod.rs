@@ -30,6 +30,16 @@ pub struct ObjectInfo {
     pub bytes: u64,
 }
 
+/// Where an image in a store can be read.
+pub enum ImageAt {
+    /// There is no image at that key.
+    Missing,
+    /// In a local file.
+    File(PathBuf),
+    /// Through a reader that fetches its parts as they are read.
+    Stream(Box<dyn limitless_image::file::Source>),
+}
+
 /// A store of objects.
 pub trait Store: Send + Sync {
     /// Creates `key` with `bytes` if it does not exist; returns whether it did the write.
@@ -61,6 +71,19 @@ pub trait Store: Send + Sync {
     /// (`None` when this store keeps images whole or there is no such image).
     fn chunks_of(&self, _key: &str) -> Result<Option<Vec<String>>> {
         Ok(None)
+    }
+    /// A sink that stores an image at `key` while the engine writes it, with no local
+    /// copy, for a store that can (`None`: write a file at `staging_path`, then `put_file`).
+    fn image_sink(&self, _key: &str) -> Result<Option<Box<dyn crate::engine::checkpoint::ImageSink + '_>>> {
+        Ok(None)
+    }
+    /// The image at `key`, as a local file or, for a store that can, a reader that fetches
+    /// its parts as they are read (so that a restore needs no local copy).
+    fn open_image(&self, key: &str) -> Result<ImageAt> {
+        Ok(match self.fetch_file(key)? {
+            Some(p) => ImageAt::File(p),
+            None => ImageAt::Missing,
+        })
     }
 }
 

@@ -8,18 +8,24 @@
 //! checkpoint uploads only chunks the store does not have yet, and a restore checks every
 //! chunk against its hash.
 //!
+//! Images are streamed both ways: [`ChunkSink`] cuts and uploads an image while the
+//! engine writes it, and [`ChunkSource`] fetches the chunks a restore reads, a window of
+//! them ahead, so neither needs the whole image on local disk or in memory.
+//!
 //! Create-if-absent writes use `If-None-Match: *`; [`S3Store::open`] checks that the
 //! server enforces it before trusting it.
 
 use super::seal::{self, Sealer};
-use super::{check_key, ObjectInfo, Store};
+use super::{check_key, ImageAt, ObjectInfo, Store};
+use crate::engine::checkpoint::ImageSink;
 use anyhow::{anyhow, bail, Context, Result};
 use futures::TryStreamExt;
+use limitless_image::file::{compress_if_smaller, Source};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as OsPath;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -91,7 +97,7 @@ pub struct S3Store {
     in_flight: usize,
     /// Chunks this process has seen in the store (those of the image it restored from):
     /// a checkpoint skips them without asking the server.
-    known: Mutex<HashSet<String>>,
+    known: Arc<Mutex<HashSet<String>>>,
 }
 
 fn chunk_key(h: &str) -> String {
@@ -106,25 +112,16 @@ fn is_not_found(e: &object_store::Error) -> bool {
     matches!(e, object_store::Error::NotFound { .. })
 }
 
-/// Encodes a chunk: zstd when it saves at least 1/32 of the size, raw otherwise. A 16 KiB
-/// sample is tried first, so incompressible (random, already compressed) data costs one
-/// small compression, not a second pass over the chunk.
+/// Encodes a chunk: zstd when it saves at least 1/32 of the size, raw otherwise.
 fn encode(data: &[u8]) -> Vec<u8> {
-    const SAMPLE: usize = 16 * 1024;
-    let worth = |d: &[u8]| zstd::bulk::compress(d, 1).is_ok_and(|z| z.len() < d.len() - d.len() / 32);
-    let mid = data.len() / 2;
-    let sample = &data[mid.saturating_sub(SAMPLE / 2)..(mid + SAMPLE / 2).min(data.len())];
-    if data.len() <= SAMPLE || worth(sample) {
-        let mut out = Vec::with_capacity(data.len() / 2 + 1);
-        out.push(ZSTD);
-        if zstd::stream::copy_encode(data, &mut out, 1).is_ok() && out.len() < data.len() - data.len() / 32 {
-            return out;
-        }
-    }
-    let mut raw = Vec::with_capacity(data.len() + 1);
-    raw.push(RAW);
-    raw.extend_from_slice(data);
-    raw
+    let (tag, body) = match compress_if_smaller(data) {
+        Some(z) => (ZSTD, std::borrow::Cow::Owned(z)),
+        None => (RAW, std::borrow::Cow::Borrowed(data)),
+    };
+    let mut out = Vec::with_capacity(body.len() + 1);
+    out.push(tag);
+    out.extend_from_slice(&body);
+    out
 }
 
 /// Decodes and checks a chunk.
@@ -210,7 +207,7 @@ impl S3Store {
             conditional: Conditional::Enforced,
             staged: Mutex::new(Vec::new()),
             in_flight: (env_num("LIMITLESS_S3_PARALLEL", IN_FLIGHT as u64) as usize).clamp(1, 64),
-            known: Mutex::new(HashSet::new()),
+            known: Arc::new(Mutex::new(HashSet::new())),
         };
         s.conditional = s.probe_conditional()?;
         Ok(s)
@@ -374,30 +371,10 @@ impl Store for S3Store {
     }
 
     fn put_file(&self, key: &str, src: &Path) -> Result<u64> {
-        self.path(key)?;
-        let f = File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
-        let mut list = ChunkList { format: 1, bytes: 0, chunks: Vec::new() };
-        let mut pending: VecDeque<JoinHandle<Result<u64>>> = VecDeque::new();
-        let mut sent = 0u64;
-        for c in fastcdc::v2020::StreamCDC::new(f, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
-            let c = c.map_err(|e| anyhow!("cannot read {}: {e}", src.display()))?;
-            let h = blake3::hash(&c.data).to_hex().to_string();
-            list.bytes += c.length as u64;
-            list.chunks.push(ChunkRef { h: h.clone(), n: c.length as u64 });
-            if self.known.lock().expect("known chunks").contains(&h) {
-                continue;
-            }
-            if pending.len() >= self.in_flight {
-                sent += wait(pending.pop_front().expect("in flight"))?;
-            }
-            pending.push_back(self.upload_chunk(c.data, h)?);
-        }
-        for h in pending {
-            sent += wait(h)?;
-        }
-        let body = serde_json::to_vec(&list)?;
-        sent += body.len() as u64;
-        self.put_raw(key, seal::seal(self.sealer.as_ref(), key, &body), PutMode::Overwrite)?;
+        let mut f = File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
+        let mut sink = Box::new(self.sink(key)?);
+        std::io::copy(&mut f, &mut sink).map_err(|e| anyhow!("storing {} failed: {e}", src.display()))?;
+        let sent = ImageSink::finish(sink)?;
         let _ = std::fs::remove_file(src);
         Ok(sent)
     }
@@ -410,36 +387,15 @@ impl Store for S3Store {
     }
 
     fn fetch_file(&self, key: &str) -> Result<Option<PathBuf>> {
-        let Some(list) = self.chunk_list(key)? else { return Ok(None) };
+        let Some(src) = self.source(key)? else { return Ok(None) };
         let dst = self.staging_path("restore")?;
         let mut out = File::create(&dst).with_context(|| format!("cannot write {}", dst.display()))?;
         self.staged.lock().expect("staged list").push(dst.clone());
-        let mut pending: VecDeque<(ChunkRef, String, JoinHandle<Result<bytes::Bytes>>)> = VecDeque::new();
-        let mut next = list.chunks.into_iter();
-        loop {
-            while pending.len() < self.in_flight {
-                let Some(r) = next.next() else { break };
-                let ck = chunk_key(&r.h);
-                let p = self.path(&ck)?;
-                let os = self.os.clone();
-                let what = self.doing("downloading", &ck);
-                pending.push_back((
-                    r,
-                    ck,
-                    self.rt.spawn(async move {
-                        match os.get(&p).await {
-                            Ok(g) => g.bytes().await.map_err(|e| anyhow!("{what} failed: {e}")),
-                            Err(e) if is_not_found(&e) => bail!("{what} failed: the chunk is missing from the store"),
-                            Err(e) => bail!("{what} failed: {e}"),
-                        }
-                    }),
-                ));
-            }
-            let Some((r, ck, h)) = pending.pop_front() else { break };
-            let stored = wait(h)?;
-            let data = decode(&ck, &r, &stored)?;
+        let mut off = 0;
+        while off < src.len {
+            let data = src.chunk(src.chunk_at(off))?;
             out.write_all(&data).with_context(|| format!("cannot write {}", dst.display()))?;
-            self.known.lock().expect("known chunks").insert(r.h);
+            off += data.len() as u64;
         }
         out.flush()?;
         Ok(Some(dst))
@@ -500,6 +456,247 @@ impl Store for S3Store {
 
     fn chunks_of(&self, key: &str) -> Result<Option<Vec<String>>> {
         Ok(self.chunk_list(key)?.map(|l| l.chunks.into_iter().map(|c| chunk_key(&c.h)).collect()))
+    }
+
+    fn image_sink(&self, key: &str) -> Result<Option<Box<dyn ImageSink + '_>>> {
+        Ok(Some(Box::new(self.sink(key)?)))
+    }
+
+    fn open_image(&self, key: &str) -> Result<ImageAt> {
+        Ok(match self.source(key)? {
+            Some(s) => ImageAt::Stream(Box::new(s)),
+            None => ImageAt::Missing,
+        })
+    }
+}
+
+/// Bytes a [`ChunkSink`] collects before it cuts chunks: enough that every chunk but the
+/// last one cut is final (each cut depends only on the bytes since the previous one, at
+/// most `CHUNK_MAX`).
+const SINK_BUFFER: usize = 4 * CHUNK_MAX;
+
+/// Stores an image as it is written: cuts it into content-defined chunks, uploads those
+/// the store does not have (a window of them at once), and writes the sealed chunk list
+/// at [`ImageSink::finish`]. Dropped unfinished, it writes no list (the chunks it sent are
+/// orphans for gc).
+pub struct ChunkSink<'a> {
+    store: &'a S3Store,
+    key: String,
+    buf: Vec<u8>,
+    list: ChunkList,
+    pending: VecDeque<JoinHandle<Result<u64>>>,
+    sent: u64,
+}
+
+impl S3Store {
+    fn sink(&self, key: &str) -> Result<ChunkSink<'_>> {
+        self.path(key)?;
+        Ok(ChunkSink {
+            store: self,
+            key: key.to_string(),
+            buf: Vec::with_capacity(SINK_BUFFER + (1 << 20)),
+            list: ChunkList { format: 1, bytes: 0, chunks: Vec::new() },
+            pending: VecDeque::new(),
+            sent: 0,
+        })
+    }
+
+    fn source(&self, key: &str) -> Result<Option<ChunkSource>> {
+        let Some(list) = self.chunk_list(key)? else { return Ok(None) };
+        let mut starts = Vec::with_capacity(list.chunks.len());
+        let mut at = 0;
+        for c in &list.chunks {
+            starts.push(at);
+            at += c.n;
+        }
+        Ok(Some(ChunkSource {
+            os: self.os.clone(),
+            rt: self.rt.handle().clone(),
+            prefix: self.prefix.clone(),
+            doing: self.doing("downloading", ""),
+            known: self.known.clone(),
+            ahead: self.in_flight,
+            len: list.bytes,
+            chunks: list.chunks,
+            starts,
+            state: Mutex::new(Window::default()),
+        }))
+    }
+}
+
+impl ChunkSink<'_> {
+    /// Cuts the buffered bytes into chunks and sends them, all of them at the end, else
+    /// all but the last (which more data may extend).
+    fn cut(&mut self, end: bool) -> Result<()> {
+        let mut cuts: Vec<(usize, usize)> =
+            fastcdc::v2020::FastCDC::new(&self.buf, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX).map(|c| (c.offset, c.length)).collect();
+        if !end {
+            cuts.pop();
+        }
+        let mut used = 0;
+        for (off, len) in cuts {
+            self.send(self.buf[off..off + len].to_vec())?;
+            used = off + len;
+        }
+        self.buf.drain(..used);
+        Ok(())
+    }
+
+    fn send(&mut self, data: Vec<u8>) -> Result<()> {
+        let h = blake3::hash(&data).to_hex().to_string();
+        self.list.bytes += data.len() as u64;
+        self.list.chunks.push(ChunkRef { h: h.clone(), n: data.len() as u64 });
+        if self.store.known.lock().expect("known chunks").contains(&h) {
+            return Ok(());
+        }
+        if self.pending.len() >= self.store.in_flight {
+            self.sent += wait(self.pending.pop_front().expect("in flight"))?;
+        }
+        self.pending.push_back(self.store.upload_chunk(data, h)?);
+        Ok(())
+    }
+}
+
+impl Write for ChunkSink<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= SINK_BUFFER {
+            self.cut(false).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ImageSink for ChunkSink<'_> {
+    fn finish(mut self: Box<Self>) -> Result<u64> {
+        self.cut(true)?;
+        for h in std::mem::take(&mut self.pending) {
+            self.sent += wait(h)?;
+        }
+        let body = serde_json::to_vec(&self.list)?;
+        self.sent += body.len() as u64;
+        let s = self.store;
+        s.put_raw(&self.key, seal::seal(s.sealer.as_ref(), &self.key, &body), PutMode::Overwrite)?;
+        Ok(self.sent)
+    }
+}
+
+/// Chunks fetched or being fetched by a [`ChunkSource`].
+#[derive(Default)]
+struct Window {
+    ready: HashMap<usize, Arc<Vec<u8>>>,
+    coming: HashMap<usize, JoinHandle<Result<Vec<u8>>>>,
+    /// The chunk read last.
+    last: Option<usize>,
+}
+
+/// Reads an image stored as chunks: each chunk is fetched when it is first read and
+/// checked against its hash; while reads go forward, the next chunks are fetched ahead
+/// (`LIMITLESS_S3_PARALLEL` at once). Only the chunks around the reader are kept.
+pub struct ChunkSource {
+    os: Arc<AmazonS3>,
+    rt: tokio::runtime::Handle,
+    prefix: String,
+    doing: String,
+    known: Arc<Mutex<HashSet<String>>>,
+    ahead: usize,
+    len: u64,
+    chunks: Vec<ChunkRef>,
+    starts: Vec<u64>,
+    state: Mutex<Window>,
+}
+
+impl ChunkSource {
+    /// The chunk holding byte `off` (`off` below the image's length).
+    fn chunk_at(&self, off: u64) -> usize {
+        self.starts.partition_point(|&s| s <= off) - 1
+    }
+
+    fn fetch(&self, i: usize) -> JoinHandle<Result<Vec<u8>>> {
+        let r = self.chunks[i].clone();
+        let ck = chunk_key(&r.h);
+        let p = OsPath::parse(format!("{}{ck}", self.prefix));
+        let os = self.os.clone();
+        let what = format!("{}{ck}", self.doing);
+        self.rt.spawn(async move {
+            let p = p.map_err(|e| anyhow!("bad chunk key {ck}: {e}"))?;
+            let stored = match os.get(&p).await {
+                Ok(g) => g.bytes().await.map_err(|e| anyhow!("{what} failed: {e}"))?,
+                Err(e) if is_not_found(&e) => bail!("{what} failed: the chunk is missing from the store"),
+                Err(e) => bail!("{what} failed: {e}"),
+            };
+            tokio::task::spawn_blocking(move || decode(&ck, &r, &stored)).await?
+        })
+    }
+
+    /// Chunk `i`, checked; fetches it (and, reading forward, the next ones) if needed.
+    fn chunk(&self, i: usize) -> Result<Arc<Vec<u8>>> {
+        let mut w = self.state.lock().expect("chunk window");
+        let forward = w.last.is_some_and(|l| i == l || i == l + 1);
+        w.last = Some(i);
+        // Keep the chunk before this one (a record may straddle them) and those ahead.
+        w.ready.retain(|&k, _| k + 1 >= i && k <= i + self.ahead);
+        if let Some(d) = w.ready.get(&i) {
+            return Ok(d.clone());
+        }
+        let want = if forward { (i..self.chunks.len()).take(self.ahead).collect::<Vec<_>>() } else { vec![i] };
+        for k in want {
+            if !w.ready.contains_key(&k) && !w.coming.contains_key(&k) {
+                let h = self.fetch(k);
+                w.coming.insert(k, h);
+            }
+        }
+        let h = w.coming.remove(&i).expect("requested above");
+        let d = Arc::new(wait(h)?);
+        self.known.lock().expect("known chunks").insert(self.chunks[i].h.clone());
+        w.ready.insert(i, d.clone());
+        // Fetched chunks ahead move to the ready set as they arrive.
+        let done: Vec<usize> = w.coming.iter().filter(|(_, h)| h.is_finished()).map(|(&k, _)| k).collect();
+        for k in done {
+            if let Some(h) = w.coming.remove(&k) {
+                let d = wait(h)?;
+                self.known.lock().expect("known chunks").insert(self.chunks[k].h.clone());
+                w.ready.insert(k, Arc::new(d));
+            }
+        }
+        Ok(d)
+    }
+}
+
+impl Source for ChunkSource {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.len)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = off + done as u64;
+            if at >= self.len {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let i = self.chunk_at(at);
+            let d = self.chunk(i).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            let o = (at - self.starts[i]) as usize;
+            let n = (buf.len() - done).min(d.len() - o);
+            buf[done..done + n].copy_from_slice(&d[o..o + n]);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ChunkSource {
+    fn drop(&mut self) {
+        if let Ok(w) = self.state.get_mut() {
+            for h in w.coming.values() {
+                h.abort();
+            }
+        }
     }
 }
 

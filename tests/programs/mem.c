@@ -1,6 +1,8 @@
-/* A process of a given size for benchmarks: MIB mebibytes of random (xorshift) or zero
- * bytes (touched, so the pages are present). Prints READY, then waits for signals.
- * Usage: mem MIB [random|zero] [tick]
+/* A process of a given size for benchmarks: MIB mebibytes of random (xorshift), zero
+ * (touched, so the pages are present) or text-like bytes (random letters from a-p: four
+ * bits of entropy per byte, so they compress to about half). Prints READY, then waits for
+ * signals.
+ * Usage: mem MIB [random|zero|text] [tick]
  * With "tick" it wakes every millisecond instead and measures the longest gap between two
  * wake-ups (how long it was stopped, as the program itself sees it); on SIGTERM it prints
  * "max-gap-ms G" and exits. */
@@ -25,13 +27,14 @@ int main(int argc, char **argv) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   size_t n = (size_t)atol(argc > 1 ? argv[1] : "1") << 20;
   int zero = argc > 2 && !strcmp(argv[2], "zero");
+  int text = argc > 2 && !strcmp(argv[2], "text");
   int tick = argc > 3 && !strcmp(argv[3], "tick");
   volatile unsigned long *q = malloc(n);
   unsigned long x = 88172645463325252UL;
   for (size_t i = 0; i < n / 8; i++) {
     if (zero) { q[i] = 1; q[i] = 0; continue; }
     x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-    q[i] = x;
+    q[i] = text ? (x & 0x0f0f0f0f0f0f0f0fUL) + 0x6161616161616161UL : x;
   }
   if (tick) signal(SIGTERM, on_term);
   printf("READY\n");

@@ -15,7 +15,7 @@ pub const END_MAGIC: [u8; 8] = *b"LMTLSEND";
 /// Format major version: a reader refuses any other.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Format minor version: a reader refuses a newer one.
-pub const FORMAT_MINOR: u16 = 2;
+pub const FORMAT_MINOR: u16 = 3;
 
 /// Page size the format is defined for.
 pub const PAGE: u64 = 4096;
@@ -72,6 +72,10 @@ pub mod kind {
     pub const FILE: u32 = 9;
     /// [`FileData`](super::FileData) + bytes: part of a carried file's contents.
     pub const FILE_DATA: u32 = 10;
+    /// Every `PAGES` record's [`PagesHeader`](super::PagesHeader), in order (format 1.3):
+    /// where each record's pages go, readable without reading the records. Written by the
+    /// supervisor after `END`.
+    pub const PAGEMAP: u32 = 11;
 
     /// A short name for a kind.
     pub fn name(k: u32) -> &'static str {
@@ -86,6 +90,7 @@ pub mod kind {
             INDEX => "index",
             FILE => "file",
             FILE_DATA => "file-data",
+            PAGEMAP => "pagemap",
             _ => "unknown",
         }
     }

@@ -41,7 +41,8 @@ wire! {
         pub mm: MmInfo,
         pub auxv: [u64; AUXV_WORDS],
         pub auxv_words: u32,
-        /// The image file, read at each run's `file_off`.
+        /// The image file, read at each run's `file_off`; -1: the runs' bytes come in
+        /// order through `data_fd`, before the go-ahead byte.
         pub image_fd: i32,
         /// Where to jump (the agent's restart entry), with a pointer to
         /// [`RestartArgs`] in `rdi`.

@@ -229,11 +229,11 @@ unsafe extern "C" fn stage1(s: *const Stage1) -> ! {
         let v: PlanVma = entry(s, h.vmas_off, i);
         map_vma(&v);
     }
-    // 4. Page data, in order, from the image file.
+    // 4. Page data, in order, from the image file (or, without one, from the data pipe).
     let mut bytes: u64 = 0;
     for i in 0..h.n_runs {
         let r: PlanRun = entry(s, h.runs_off, i);
-        read_run(h.image_fd, &r);
+        read_run(if h.image_fd >= 0 { h.image_fd } else { h.data_fd }, h.image_fd >= 0, &r);
         bytes += r.len;
     }
     // The program may run only once the supervisor has checked every record's hash.
@@ -437,7 +437,9 @@ fn map_vma(v: &PlanVma) {
     }
 }
 
-fn read_run(fd: i32, r: &PlanRun) {
+/// Reads run `r` into place: with `pread` at its offset in the image file (`at_offset`),
+/// else with `read` from a stream that carries the runs in order.
+fn read_run(fd: i32, at_offset: bool, r: &PlanRun) {
     let mut done = 0usize;
     let len = r.len as usize;
     // Allocate the run's pages in one call rather than one fault per page during the read
@@ -446,10 +448,17 @@ fn read_run(fd: i32, r: &PlanRun) {
     let _ = unsafe { sys::madvise(r.start as usize, len, sys::MADV_POPULATE_WRITE) };
     while done < len {
         let at = r.start as usize + done;
-        // SAFETY: the run lies inside an area mapped writable by `map_vma` (the supervisor
-        // builds runs only inside areas flagged HAS_DATA), and nothing else uses it yet.
-        match unsafe { sys::pread_raw(fd, at, len - done, r.file_off + done as u64) } {
-            Ok(0) => fail("the page data ended early (the image is shorter than its index says)"),
+        // The run lies inside an area mapped writable by `map_vma` (the supervisor builds
+        // runs only inside areas flagged HAS_DATA), and nothing else uses it yet.
+        let got = if at_offset {
+            // SAFETY: `at..at + len - done` is writable memory no one else uses (above).
+            unsafe { sys::pread_raw(fd, at, len - done, r.file_off + done as u64) }
+        } else {
+            // SAFETY: as for the `pread` above.
+            unsafe { sys::read_raw(fd, at, len - done) }
+        };
+        match got {
+            Ok(0) => fail("the page data ended early (the image is shorter than its index says, or the supervisor stopped)"),
             Ok(n) => done += n,
             Err(sys::Errno::EINTR) => {}
             Err(e) => report::fail_at_errno("cannot read page data for", r.start, e),
