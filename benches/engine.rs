@@ -54,7 +54,13 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After) -> Run {
     let img = dir.join("bench.img");
     let stats = sup
         .inner
-        .checkpoint(&Request { output: img.clone(), after, freeze_timeout: Duration::from_secs(10), wait_idle: Duration::ZERO })
+        .checkpoint(&Request {
+            output: img.clone(),
+            after,
+            freeze_timeout: Duration::from_secs(10),
+            wait_idle: Duration::ZERO,
+            parent: None,
+        })
         .expect("checkpoint");
     let mut seen_ms = None;
     if after == After::Resume {
@@ -82,6 +88,57 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After) -> Run {
         restore_ms: rs.total_ms,
         snapshot: stats.snapshot,
     }
+}
+
+/// Incremental checkpoints: `churn 1024` (it rewrites the same 1 % of its 1 GiB heap every
+/// 300 ms), a full leave-running image, then a delta on top of it a second later.
+/// Returns (full bytes, full ms, delta bytes, delta ms, restore of the delta ms).
+fn incremental(dir: &Path) -> (u64, f64, u64, f64, f64) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/churn.c");
+    let churn = dir.join("churn");
+    assert!(Command::new("gcc").args(["-O2", "-o"]).arg(&churn).arg(&src).status().expect("gcc").success());
+    let opts = Options { socket: None, carry: Default::default() };
+    let sup = Supervisor::launch(&churn, &["1024".into(), "100000".into(), "300".into()], &opts).expect("launch");
+    assert!(sup.wait_ready(Duration::from_secs(30)), "agent did not start");
+    let t = Instant::now();
+    while sup.inner.out.bytes.load(Ordering::Relaxed) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(120), "churn did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (full, delta) = (dir.join("full.img"), dir.join("delta.img"));
+    let req = |output: &Path, parent: Option<PathBuf>| Request {
+        output: output.to_path_buf(),
+        after: After::Resume,
+        freeze_timeout: Duration::from_secs(10),
+        wait_idle: Duration::ZERO,
+        parent,
+    };
+    let a = sup.inner.checkpoint(&req(&full, None)).expect("full checkpoint");
+    std::thread::sleep(Duration::from_secs(1));
+    let b = sup.inner.checkpoint(&req(&delta, Some(full.clone()))).expect("delta checkpoint");
+    sup.inner.kill();
+    let _ = sup.wait();
+    let (r, rs) = restore(&delta, &opts).expect("restore of the delta");
+    r.inner.kill();
+    let _ = r.wait();
+    let _ = std::fs::remove_file(&full);
+    let _ = std::fs::remove_file(&delta);
+    (a.image_bytes, a.total_ms, b.image_bytes, b.total_ms, rs.total_ms)
+}
+
+/// Time to copy 1 GiB in memory (both buffers already faulted in), median of three, in ms.
+fn memcpy_ms() -> f64 {
+    let src = vec![0x5au8; 1 << 30];
+    let mut dst = vec![0xa5u8; 1 << 30];
+    let v = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    median(v)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -119,6 +176,7 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("bench dir");
     let prog = build_mem(&dir);
     let (dd, cat) = reference(&dir);
+    let memcpy = memcpy_ms();
     let mut rows = Vec::new();
     for (mib, kind, after, compress, label) in [
         (1, "random", After::Kill, true, "stop, 1 MiB random"),
@@ -141,9 +199,10 @@ fn main() {
         rows.push((label, mib, runs));
     }
     std::env::remove_var("LIMITLESS_COMPRESS");
+    let inc = incremental(&dir);
     println!();
     println!("images in {}", dir.display());
-    println!("dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync: {dd:.1} ms; cat of that 1 GiB page-cached file to /dev/null: {cat:.1} ms");
+    println!("dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync: {dd:.1} ms; cat of that 1 GiB page-cached file to /dev/null: {cat:.1} ms; memcpy of 1 GiB: {memcpy:.1} ms");
     println!(
         "{:<30} {:>10} {:>14} {:>10} {:>12} {:>11} {:>8} {:>12} {:>9}",
         "process", "image", "checkpoint ms", "frozen ms", "seen gap ms", "restore ms", "ckpt/dd", "restore/cat", "snapshot"
@@ -166,5 +225,13 @@ fn main() {
             format!("{}/{}", runs.iter().filter(|r| r.snapshot).count(), runs.len()),
         );
     }
+    let (full, full_ms, delta, delta_ms, delta_restore_ms) = inc;
+    println!();
+    println!(
+        "incremental, churn 1 GiB (1 % rewritten): full image {} in {full_ms:.1} ms; a delta 1 s later {} ({:.2} % of the full) in {delta_ms:.1} ms; restore of the delta {delta_restore_ms:.1} ms",
+        limitless::util::bytes(full),
+        limitless::util::bytes(delta),
+        delta as f64 * 100.0 / full as f64
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

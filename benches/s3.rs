@@ -50,7 +50,13 @@ fn start_churn(churn: &Path, mib: u64) -> Supervisor {
 
 /// A leave-running checkpoint streamed into the store at `key`: (stats, seconds).
 fn checkpoint_to_store(sup: &Supervisor, store: &S3Store, key: &str) -> (Stats, f64) {
-    let req = Request { output: PathBuf::new(), after: After::Resume, freeze_timeout: Duration::from_secs(10), wait_idle: Duration::ZERO };
+    let req = Request {
+        output: PathBuf::new(),
+        after: After::Resume,
+        freeze_timeout: Duration::from_secs(10),
+        wait_idle: Duration::ZERO,
+        parent: None,
+    };
     let t = Instant::now();
     let sink = store.image_sink(key).expect("sink").expect("the S3 store streams");
     let st = sup.inner.checkpoint_to(&req, sink).expect("checkpoint");

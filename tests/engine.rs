@@ -278,3 +278,53 @@ fn compressible_memory_is_stored_compressed_and_restores_identically() {
         assert!(sizes[0] * 10 < sizes[1] * 7, "compressed image {} bytes, raw {}", sizes[0], sizes[1]);
     });
 }
+
+#[test]
+fn a_chain_of_ten_delta_images_stores_only_changes_and_restores_identically() {
+    let prog = program("churn");
+    // 128 MiB whose 1 % window changes every 50 ms; about 10 s in all.
+    let args = ["128", "100", "50"];
+    let want = reference(&prog, &args, "");
+    each_user("delta", |u, d| {
+        let r = launch(u, d, &prog, &args);
+        r.expect_out("iteration 1");
+        // A parent that does not exist: one line, no image, the program runs on.
+        let (ok, err) = dump_with(u, &r.socket, &d.join("orphan"), &["--leave-running", "--parent", "/nonexistent/parent.img"]);
+        assert!(!ok && err.contains("cannot use /nonexistent/parent.img as the parent image"), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(!d.join("orphan").exists());
+        // A full image, nine deltas taken while the program runs on (snapshots), and a
+        // tenth that stops it; each delta is on top of the one before.
+        let mut imgs: Vec<std::path::PathBuf> = Vec::new();
+        for i in 0..11 {
+            let img = d.join(format!("delta-{i}"));
+            let mut a: Vec<&str> = if i < 10 { vec!["--leave-running"] } else { vec![] };
+            let parent = imgs.last().map(|p| p.to_str().unwrap().to_string());
+            if let Some(p) = &parent {
+                a.extend(["--parent", p.as_str()]);
+            }
+            let (ok, err) = dump_with(u, &r.socket, &img, &a);
+            assert!(ok, "dump {i} failed: {err}\nprogram stderr: {}", r.err.text());
+            imgs.push(img);
+        }
+        let (st, out1, err1) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err1}");
+        let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+        let sizes: Vec<u64> = imgs.iter().map(|p| size(p)).collect();
+        eprintln!("image sizes: full {} bytes, deltas {:?}", sizes[0], &sizes[1..]);
+        for (i, &s) in sizes.iter().enumerate().skip(1) {
+            assert!(s * 100 <= sizes[0] * 5, "delta {i} is {s} bytes, more than 5 % of the full image ({})", sizes[0]);
+        }
+        // Without its parents a delta cannot be restored, and says why.
+        let moved = d.join("moved");
+        std::fs::rename(&imgs[0], &moved).unwrap();
+        let (st, _, err) = restore(u, d, &imgs[10]).finish();
+        assert_eq!(st.code(), Some(125), "a delta without its parent was restored: {err}");
+        assert!(err.contains("parent image") && err.contains("delta-0"), "{err}");
+        std::fs::rename(&moved, &imgs[0]).unwrap();
+        // With them, it carries on exactly.
+        let (st2, out2, err2) = restore(u, d, &imgs[10]).finish();
+        assert_eq!(st2.code(), Some(0), "restored program failed; stderr: {err2}");
+        assert_eq!(lines(&(out1 + &out2)), lines(&want), "output differs from an uninterrupted run");
+    });
+}

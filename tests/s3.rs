@@ -464,7 +464,13 @@ fn an_image_streams_into_the_store_and_back_and_a_tampered_chunk_stops_the_resto
     let sup = Supervisor::launch(&churn, &["32".into(), "100000".into(), "50".into()], &opts).unwrap();
     assert!(sup.wait_ready(Duration::from_secs(30)), "the agent did not start");
     wait_output(&sup, "churn");
-    let req = Request { output: PathBuf::new(), after: After::Kill, freeze_timeout: Duration::from_secs(10), wait_idle: Duration::ZERO };
+    let req = Request {
+        output: PathBuf::new(),
+        after: After::Kill,
+        freeze_timeout: Duration::from_secs(10),
+        wait_idle: Duration::ZERO,
+        parent: None,
+    };
     let st = sup.inner.checkpoint_to(&req, s.image_sink(key).unwrap().expect("the S3 store takes a stream")).unwrap();
     let _ = sup.wait();
     assert!(st.pages >= 32 * 256, "{} pages stored", st.pages);

@@ -29,6 +29,8 @@ struct Report {
     files: Vec<FileRow>,
     objects: Vec<ObjectRow>,
     stdin_pending_bytes: usize,
+    /// The images a delta image takes unchanged page records from.
+    parents: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -207,13 +209,15 @@ fn report(path: &Path, img: &Image, verified: bool) -> Report {
             })
             .collect(),
         stdin_pending_bytes: img.stdin.len(),
+        parents: img.parents.iter().map(|p| String::from_utf8_lossy(&p.path).into_owned()).collect(),
     }
 }
 
 /// Prints what `image` holds.
 pub fn run(image: &Path, json: bool, verify: bool) -> Result<()> {
-    let img = Image::open(image).map_err(|e| anyhow!("{}: {e}", image.display()))?;
+    let mut img = Image::open(image).map_err(|e| anyhow!("{}: {e}", image.display()))?;
     if verify {
+        img.attach_parents().map_err(|e| anyhow!("{}: {e}", image.display()))?;
         img.verify_pages().map_err(|e| anyhow!("{}: {e}", image.display()))?;
     }
     let r = report(image, &img, verify);
@@ -263,6 +267,9 @@ pub fn run(image: &Path, json: bool, verify: bool) -> Result<()> {
         for o in &r.objects {
             println!("          {:<14} {} ({}, {} stored)", o.kind, o.name, bytes(o.size), bytes(o.stored_bytes));
         }
+    }
+    for p in &r.parents {
+        println!("parent    {p} (a delta image: unchanged pages are read from there)");
     }
     if r.stdin_pending_bytes > 0 {
         println!("stdin     {} not yet read by the program", bytes(r.stdin_pending_bytes as u64));

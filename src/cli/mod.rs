@@ -149,6 +149,11 @@ enum Cmd {
         /// that a request in flight is not cut off (connected sockets come back closed).
         #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
         wait_idle: Duration,
+        /// Write a delta image: memory unchanged since the image PARENT (same pages, same
+        /// contents) is referred to, not copied. Restoring it needs PARENT, and the images
+        /// PARENT refers to, unchanged at their paths.
+        #[arg(long, value_name = "PARENT")]
+        parent: Option<PathBuf>,
     },
     /// Restore a program from IMAGE as a child of this process, and continue it.
     ///
@@ -267,8 +272,8 @@ pub fn main() -> i32 {
                 Err(e) => fail(format!("{e:#}")),
             }
         }
-        Cmd::Dump { socket, pid, output, leave_running, freeze_timeout, wait_idle } => {
-            dump(socket, pid, output, leave_running, freeze_timeout, wait_idle)
+        Cmd::Dump { socket, pid, output, leave_running, freeze_timeout, wait_idle, parent } => {
+            dump(socket, pid, output, leave_running, freeze_timeout, wait_idle, parent)
         }
         Cmd::Restore { socket, carry, image } => match carry.to_carry() {
             Ok(c) => restore_cmd(socket, c, image),
@@ -339,6 +344,7 @@ fn dump(
     leave_running: bool,
     freeze_timeout: Duration,
     wait_idle: Duration,
+    parent: Option<PathBuf>,
 ) -> i32 {
     let sock = match (socket, pid) {
         (Some(s), _) => s,
@@ -354,6 +360,10 @@ fn dump(
         leave_running,
         freeze_timeout_ms: Some(freeze_timeout.as_millis() as u64),
         wait_idle_ms: Some(wait_idle.as_millis() as u64),
+        parent: match parent.map(|p| std::path::absolute(&p).map_err(|e| (p, e))).transpose() {
+            Ok(p) => p,
+            Err((p, e)) => return fail(format!("bad parent path {}: {e}", p.display())),
+        },
     };
     match api::request(&sock, &req) {
         Ok(r) if r.ok => {
@@ -361,8 +371,10 @@ fn dump(
                 if let Some(n) = &s.note {
                     eprintln!("limitless: {n}");
                 }
+                let delta =
+                    if s.referenced_bytes > 0 { format!(", {} taken from the parent", bytes(s.referenced_bytes)) } else { String::new() };
                 eprintln!(
-                    "limitless: checkpointed {} thread(s) to {} ({}) in {:.1} ms, program frozen {:.1} ms{}",
+                    "limitless: checkpointed {} thread(s) to {} ({}{delta}) in {:.1} ms, program frozen {:.1} ms{}",
                     s.threads,
                     output.display(),
                     bytes(s.image_bytes),

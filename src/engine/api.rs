@@ -32,6 +32,9 @@ pub enum ApiRequest {
         /// Wait up to this long for no connected TCP socket before freezing.
         #[serde(default)]
         wait_idle_ms: Option<u64>,
+        /// Write a delta image on top of this one (absolute).
+        #[serde(default)]
+        parent: Option<PathBuf>,
     },
     /// Report the program's pid and whether its agent is ready.
     Status,
@@ -140,13 +143,14 @@ fn serve(c: UnixStream, inner: &Inner) {
                 ..Default::default()
             }
         }
-        Ok(ApiRequest::Dump { output, leave_running, freeze_timeout_ms, wait_idle_ms }) => {
+        Ok(ApiRequest::Dump { output, leave_running, freeze_timeout_ms, wait_idle_ms, parent }) => {
             let after = if leave_running { After::Resume } else { After::Kill };
             let req = Request {
                 output,
                 after,
                 freeze_timeout: freeze_timeout_ms.map_or(FREEZE_TIMEOUT, Duration::from_millis),
                 wait_idle: Duration::from_millis(wait_idle_ms.unwrap_or(0)),
+                parent,
             };
             match inner.checkpoint(&req) {
                 Ok(s) => ApiReply { ok: true, stats: Some(s), pid: Some(inner.pid), ..Default::default() },

@@ -24,7 +24,7 @@ use super::link::AgentMsg;
 use super::supervisor::Inner;
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::ctl::{ckpt_flags, msg, Checkpoint};
-use limitless_image::file::{read_stream, Finished, Image, Writer};
+use limitless_image::file::{read_stream, Finished, Image, ParentMap, Writer};
 use limitless_image::format::kind;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File};
@@ -59,6 +59,9 @@ pub struct Request {
     pub freeze_timeout: Duration,
     /// Wait up to this long for a moment with no connected TCP socket before freezing.
     pub wait_idle: Duration,
+    /// Write a delta image: page records that this earlier image (or the images it refers
+    /// to) has unchanged are references to it, not copies. Image files only.
+    pub parent: Option<PathBuf>,
 }
 
 /// What a checkpoint cost.
@@ -90,6 +93,9 @@ pub struct Stats {
     /// Bytes an [`ImageSink`] sent (after deduplication and compression).
     #[serde(default)]
     pub sent_bytes: Option<u64>,
+    /// Bytes of page data a delta image takes from its parents instead of storing them.
+    #[serde(default)]
+    pub referenced_bytes: u64,
     /// The program keeps running.
     pub left_running: bool,
     /// The program ran on while a copy-on-write snapshot wrote the image.
@@ -176,6 +182,11 @@ impl Inner {
             let rx = self.events.lock().unwrap_or_else(|e| e.into_inner());
             while rx.try_recv().is_ok() {}
         }
+        let parent = match (&req.parent, &sink) {
+            (None, _) => None,
+            (Some(_), Some(_)) => bail!("a delta image (--parent) can only be written to a file"),
+            (Some(p), None) => Some(parent_map(p)?),
+        };
         let dest = match sink {
             Some(s) => Dest::Sink(s),
             None => {
@@ -214,7 +225,7 @@ impl Inner {
         drop(pw);
         let r = match dest {
             Dest::File { tmp, file } => self
-                .run_checkpoint(req, file, pr, snapshot, Compressor::wanted())
+                .run_checkpoint(req, file, pr, snapshot, Compressor::wanted(), parent)
                 .and_then(|(stats, at, f, fin)| {
                     f.sync_all().context("fsync of the image failed")?;
                     finish_file(&tmp, &req.output)?;
@@ -223,15 +234,16 @@ impl Inner {
                 .inspect_err(|_| {
                     let _ = fs::remove_file(&tmp);
                 }),
-            Dest::Sink(s) => {
-                self.run_checkpoint(req, s, pr, snapshot, false).and_then(|(stats, at, s, fin)| Ok((stats, at, fin, Some(s.finish()?))))
-            }
+            Dest::Sink(s) => self
+                .run_checkpoint(req, s, pr, snapshot, false, None)
+                .and_then(|(stats, at, s, fin)| Ok((stats, at, fin, Some(s.finish()?)))),
         };
         match r {
             Ok((mut stats, frozen_at, fin, sent)) => {
                 stats.image_bytes = fin.len;
                 stats.trailer_hash = fin.trailer_hash.iter().map(|b| format!("{b:02x}")).collect();
                 stats.sent_bytes = sent;
+                stats.referenced_bytes = fin.referenced;
                 match req.after {
                     After::Resume => self.release(true),
                     After::Kill => self.release(false),
@@ -274,6 +286,7 @@ impl Inner {
         pr: std::os::fd::OwnedFd,
         snapshot: bool,
         compress: bool,
+        parent: Option<ParentMap>,
     ) -> Result<(Stats, Instant, W, Finished)> {
         let mut stats = Stats::default();
         let wait = req.freeze_timeout + req.wait_idle + Duration::from_secs(10);
@@ -304,6 +317,9 @@ impl Inner {
             self.link.send(msg::STDIO_SAVED, &[], None).context("cannot reach the agent")?;
         }
         let mut w = Writer::new(BufWriter::with_capacity(1 << 20, out), now_unix_ns())?;
+        if let Some(m) = parent {
+            w.set_parents(m);
+        }
         let reader = BufReader::with_capacity(1 << 20, File::from(pr));
         let mut records = 0u64;
         let mut written: Vec<std::path::PathBuf> = Vec::new();
@@ -372,6 +388,15 @@ impl Inner {
         let out = bw.into_inner().map_err(|e| anyhow!("writing the image failed: {}", e.error()))?;
         Ok((stats, frozen_at, out, fin))
     }
+}
+
+/// The page records the image at `path` (and the images it refers to) holds, for a delta
+/// image on top of it.
+fn parent_map(path: &Path) -> Result<ParentMap> {
+    let abs = fs::canonicalize(path).with_context(|| format!("cannot use {} as the parent image", path.display()))?;
+    let mut img = Image::open(&abs).map_err(|e| anyhow!("cannot use {} as the parent image: {e}", path.display()))?;
+    img.attach_parents().map_err(|e| anyhow!("cannot use {} as the parent image: {e}", path.display()))?;
+    ParentMap::of(&img, &abs).map_err(|e| anyhow!("cannot use {} as the parent image: {e}", path.display()))
 }
 
 /// Checks the written image reads back, renames it into place and makes the rename durable.

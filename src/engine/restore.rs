@@ -61,14 +61,12 @@ fn check_here(img: &Image) -> Result<()> {
 /// Restores the image file `image` and supervises it.
 pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats)> {
     let t0 = Instant::now();
-    let img = Image::open(image).map_err(|e| anyhow!("{}: {e}", image.display()))?;
-    // Compressed pages cannot be read from the file in place: the supervisor decompresses
-    // them into the data pipe.
-    let file = if img.has_compressed_pages() {
-        None
-    } else {
-        Some(File::open(image).with_context(|| format!("cannot open {}", image.display()))?)
-    };
+    let mut img = Image::open(image).map_err(|e| anyhow!("{}: {e}", image.display()))?;
+    img.attach_parents().map_err(|e| anyhow!("{}: {e}", image.display()))?;
+    // Compressed pages and pages in parent images cannot be read from the file in place:
+    // the supervisor passes them through the data pipe.
+    let file =
+        if img.needs_reading() { None } else { Some(File::open(image).with_context(|| format!("cannot open {}", image.display()))?) };
     restore_image(img, file, opts, t0)
 }
 

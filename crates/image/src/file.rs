@@ -14,9 +14,11 @@
 //! its page data is fetched.
 
 use crate::format::*;
+use crate::wire::Wire;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -102,6 +104,62 @@ pub struct Writer<W: Write> {
     index: Vec<IndexEntry>,
     /// The `PAGES` records' headers, written as the `PAGEMAP` record at the end.
     pagemap: Vec<u8>,
+    /// Records earlier images have (a delta image refers to them instead of storing them).
+    parent: Option<ParentMap>,
+    /// For each image of `parent`, its number in this image's `PARENTS` list once used.
+    parent_ids: Vec<Option<u32>>,
+    /// The images this one refers to, in `PARENTS` order.
+    parents_used: Vec<Parent>,
+    /// Raw bytes of page records taken from parents.
+    referenced: u64,
+}
+
+/// An image a delta image refers to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parent {
+    pub info: ParentInfo,
+    /// Its absolute path.
+    pub path: Vec<u8>,
+}
+
+/// The page records a delta image can take from earlier images: for each window (by its
+/// pages header), the image and record holding it and its stored bytes' hash.
+#[derive(Clone, Debug, Default)]
+pub struct ParentMap {
+    images: Vec<Parent>,
+    by_header: std::collections::HashMap<[u8; PagesHeader::SIZE], (u32, u64, [u8; 32])>,
+}
+
+impl ParentMap {
+    /// The page records of `parent` (the image at the absolute path `path`) and those it
+    /// takes from its own parents.
+    pub fn of(parent: &Image, path: &Path) -> Result<ParentMap, ImageError> {
+        let mut m = ParentMap { images: parent.parents.clone(), by_header: Default::default() };
+        let own = m.images.len() as u32;
+        let path = path.as_os_str().as_encoded_bytes().to_vec();
+        m.images.push(Parent {
+            info: ParentInfo {
+                trailer_hash: parent.trailer.trailer_hash,
+                file_len: parent.trailer.file_len,
+                path_len: path.len() as u32,
+                reserved: 0,
+            },
+            path,
+        });
+        for p in &parent.pages {
+            let e = parent.index[p.index];
+            let at = if e.flags & rflags::REF != 0 {
+                let r = parent.page_ref(p.index)?;
+                (r.parent, r.record, r.hash)
+            } else {
+                (own, p.index as u64, e.hash)
+            };
+            let mut key = [0u8; PagesHeader::SIZE];
+            p.header.put(&mut key);
+            m.by_header.insert(key, at);
+        }
+        Ok(m)
+    }
 }
 
 /// What [`Writer::finish`] wrote.
@@ -111,6 +169,8 @@ pub struct Finished {
     pub len: u64,
     /// The trailer's hash, which names this exact image.
     pub trailer_hash: [u8; 32],
+    /// Raw bytes of page records taken from parent images (a delta image).
+    pub referenced: u64,
 }
 
 impl<W: Write> Writer<W> {
@@ -127,28 +187,64 @@ impl<W: Write> Writer<W> {
         };
         let b = enc(&h);
         out.write_all(&b)?;
-        Ok(Writer { out, offset: b.len() as u64, header_hash: hash(&[&b]), index: Vec::new(), pagemap: Vec::new() })
+        Ok(Writer {
+            out,
+            offset: b.len() as u64,
+            header_hash: hash(&[&b]),
+            index: Vec::new(),
+            pagemap: Vec::new(),
+            parent: None,
+            parent_ids: Vec::new(),
+            parents_used: Vec::new(),
+            referenced: 0,
+        })
+    }
+
+    /// Makes this a delta image: a page record whose stored bytes an image of `map` has
+    /// for the same window is written as a reference to it.
+    pub fn set_parents(&mut self, map: ParentMap) {
+        self.parent_ids = vec![None; map.images.len()];
+        self.parent = Some(map);
     }
 
     /// Appends a record whose payload is stored as given (`raw_len` is its decompressed
     /// length when `flags` says it is compressed, else `payload.len()`). A `PAGEMAP` record
-    /// is not copied: [`finish`](Self::finish) writes the image's own.
+    /// or `PARENTS` record is not copied: [`finish`](Self::finish) writes the image's own.
     pub fn record(&mut self, kind: u32, flags: u32, raw_len: u64, payload: &[u8]) -> io::Result<()> {
-        if kind == kind::PAGEMAP {
+        if kind == kind::PAGEMAP || kind == kind::PARENTS {
             return Ok(());
         }
+        let h = hash(&[payload]);
         if kind == kind::PAGES {
-            let h = payload.get(..PagesHeader::SIZE).ok_or_else(|| io::Error::other("a page record without its header"))?;
-            self.pagemap.extend_from_slice(h);
+            let head = payload.get(..PagesHeader::SIZE).ok_or_else(|| io::Error::other("a page record without its header"))?;
+            self.pagemap.extend_from_slice(head);
+            let key: [u8; PagesHeader::SIZE] = head.try_into().map_err(io::Error::other)?;
+            let found = self.parent.as_ref().and_then(|m| m.by_header.get(&key).copied());
+            if let (Some((img, record, ph)), Some(m)) = (found.filter(|f| f.2 == h && flags & rflags::REF == 0), self.parent.as_ref()) {
+                let id = match self.parent_ids[img as usize] {
+                    Some(id) => id,
+                    None => {
+                        let id = self.parents_used.len() as u32;
+                        self.parents_used.push(m.images[img as usize].clone());
+                        self.parent_ids[img as usize] = Some(id);
+                        id
+                    }
+                };
+                let mut stored = head.to_vec();
+                stored.extend_from_slice(&enc(&PageRef { parent: id, reserved: 0, record, hash: ph }));
+                self.referenced += raw_len;
+                let sh = hash(&[&stored]);
+                return self.put(kind, rflags::REF, raw_len, &stored, sh);
+            }
         }
-        self.put(kind, flags, raw_len, payload)
+        self.put(kind, flags, raw_len, payload, h)
     }
 
-    fn put(&mut self, kind: u32, flags: u32, raw_len: u64, payload: &[u8]) -> io::Result<()> {
+    fn put(&mut self, kind: u32, flags: u32, raw_len: u64, payload: &[u8], h: [u8; 32]) -> io::Result<()> {
         let rh = RecordHeader { kind, flags, stored_len: payload.len() as u64, raw_len, reserved: 0 };
         self.out.write_all(&enc(&rh))?;
         self.out.write_all(payload)?;
-        self.index.push(IndexEntry { offset: self.offset, kind, flags, stored_len: payload.len() as u64, raw_len, hash: hash(&[payload]) });
+        self.index.push(IndexEntry { offset: self.offset, kind, flags, stored_len: payload.len() as u64, raw_len, hash: h });
         self.offset += RecordHeader::SIZE as u64 + payload.len() as u64;
         Ok(())
     }
@@ -181,9 +277,21 @@ impl<W: Write> Writer<W> {
     /// Writes the page map, the index and the trailer; returns the output and what was
     /// written.
     pub fn finish(mut self) -> io::Result<(W, Finished)> {
+        if !self.parents_used.is_empty() {
+            let mut list = Vec::new();
+            list.extend_from_slice(&(self.parents_used.len() as u32).to_le_bytes());
+            list.extend_from_slice(&[0; 4]);
+            for p in &self.parents_used {
+                list.extend_from_slice(&enc(&p.info));
+                list.extend_from_slice(&p.path);
+            }
+            let h = hash(&[&list]);
+            self.put(kind::PARENTS, 0, list.len() as u64, &list, h)?;
+        }
         if !self.pagemap.is_empty() {
             let map = std::mem::take(&mut self.pagemap);
-            self.put(kind::PAGEMAP, 0, map.len() as u64, &map)?;
+            let h = hash(&[&map]);
+            self.put(kind::PAGEMAP, 0, map.len() as u64, &map, h)?;
         }
         let mut payload = Vec::with_capacity(self.index.len() * IndexEntry::SIZE);
         for e in &self.index {
@@ -208,7 +316,7 @@ impl<W: Write> Writer<W> {
         let tb = enc(&t);
         t.trailer_hash = hash(&[&tb[..Trailer::SIZE - 32]]);
         self.out.write_all(&enc(&t))?;
-        Ok((self.out, Finished { len: file_len, trailer_hash: t.trailer_hash }))
+        Ok((self.out, Finished { len: file_len, trailer_hash: t.trailer_hash, referenced: self.referenced }))
     }
 }
 
@@ -308,6 +416,10 @@ pub struct Image {
     pub end: EndInfo,
     pub files: Vec<FileRec>,
     pub file_data: Vec<FileDataRecord>,
+    /// The images a delta image takes page records from (`PARENTS`).
+    pub parents: Vec<Parent>,
+    /// Those images, opened by [`attach_parents`](Self::attach_parents).
+    ancestors: Vec<Image>,
 }
 
 fn read_exact_at(f: &dyn Source, buf: &mut [u8], off: u64, what: &str) -> Result<(), ImageError> {
@@ -443,6 +555,8 @@ impl Image {
             end: EndInfo::zeroed(),
             files: Vec::new(),
             file_data: Vec::new(),
+            parents: Vec::new(),
+            ancestors: Vec::new(),
         };
         img.load_records()?;
         img.validate()?;
@@ -497,6 +611,9 @@ impl Image {
             return Err(corrupt(format!("page record {} does not match the page map, or changed while it was read", p.index)));
         }
         let e = &self.index[p.index];
+        if e.flags & rflags::REF != 0 {
+            return self.check_ref(p, buf);
+        }
         if e.flags & rflags::ZSTD != 0 {
             // `raw_len` was checked against the header's page count.
             let want = e.raw_len as usize - PagesHeader::SIZE;
@@ -511,10 +628,69 @@ impl Image {
         Ok((buf.len() - head) as u64)
     }
 
-    /// Whether any page record is compressed (its pages can then only be read through
-    /// [`check_pages`](Self::check_pages), not straight from the file).
-    pub fn has_compressed_pages(&self) -> bool {
-        self.pages.iter().any(|p| self.index[p.index].flags & rflags::ZSTD != 0)
+    /// Whether any page record is compressed or in a parent image (its pages can then only
+    /// be read through [`check_pages`](Self::check_pages), not straight from this file).
+    pub fn needs_reading(&self) -> bool {
+        self.pages.iter().any(|p| self.index[p.index].flags != 0)
+    }
+
+    /// The reference in page record `i` (a `REF` record), checked against the parents list.
+    pub fn page_ref(&self, i: usize) -> Result<PageRef, ImageError> {
+        let b = self.read_record(i)?;
+        let r = b.get(PagesHeader::SIZE..).and_then(PageRef::decode).ok_or_else(|| corrupt(format!("page reference {i}")))?;
+        if r.parent as usize >= self.parents.len() || r.reserved != 0 {
+            return Err(corrupt(format!("page reference {i} names parent {} of {}", r.parent, self.parents.len())));
+        }
+        Ok(r)
+    }
+
+    /// Opens the parent images of a delta image (each must be exactly the image its
+    /// `PARENTS` entry names: same trailer hash and length), so that its page references can
+    /// be read.
+    pub fn attach_parents(&mut self) -> Result<(), ImageError> {
+        if self.pages.iter().any(|p| self.index[p.index].flags & rflags::REF != 0) && self.parents.is_empty() {
+            return Err(corrupt("page references without a list of parent images"));
+        }
+        let mut out = Vec::new();
+        for p in &self.parents {
+            let path = Path::new(std::ffi::OsStr::from_bytes(&p.path));
+            let img = Image::open(path).map_err(|e| {
+                ImageError::Io(io::Error::other(format!(
+                    "this is a delta image and its parent image {} cannot be used: {e}",
+                    path.display()
+                )))
+            })?;
+            if img.trailer.trailer_hash != p.info.trailer_hash || img.trailer.file_len != p.info.file_len {
+                return Err(ImageError::Io(io::Error::other(format!(
+                    "this is a delta image and its parent image {} has changed since (it is another image now)",
+                    path.display()
+                ))));
+            }
+            out.push(img);
+        }
+        self.ancestors = out;
+        Ok(())
+    }
+
+    /// Reads the pages a `REF` record names (from a parent image) into `buf`, after the
+    /// record header and pages header, as [`check_pages`](Self::check_pages) does.
+    fn check_ref(&self, p: &PageRecord, buf: &mut Vec<u8>) -> Result<u64, ImageError> {
+        let head = RecordHeader::SIZE + PagesHeader::SIZE;
+        let r = buf.get(head..).and_then(PageRef::decode).ok_or_else(|| corrupt(format!("page reference {}", p.index)))?;
+        let a = self.ancestors.get(r.parent as usize).ok_or_else(|| {
+            if r.parent as usize >= self.parents.len() {
+                corrupt(format!("page reference {} names parent {} of {}", p.index, r.parent, self.parents.len()))
+            } else {
+                ImageError::Io(io::Error::other("this is a delta image and its parent images are not open"))
+            }
+        })?;
+        let at = a.pages.partition_point(|q| (q.index as u64) < r.record);
+        let q = a.pages.get(at).filter(|q| q.index as u64 == r.record);
+        let q = match q {
+            Some(q) if q.header == p.header && a.index[q.index].hash == r.hash && a.index[q.index].flags & rflags::REF == 0 => *q,
+            _ => return Err(corrupt(format!("page reference {} does not match record {} of its parent image", p.index, r.record))),
+        };
+        a.check_pages(&q, buf)
     }
 
     /// Checks the hash of every page and file data record (what `inspect` and `restore`
@@ -568,7 +744,7 @@ impl Image {
                 .collect::<Result<Vec<_>, _>>()?;
             map = Some(hs.into_iter());
         }
-        let mut stage = 0; // 0 process, 1 threads, 2 vmas, 3 fds, 4 data, 5 end seen, 6 page map
+        let mut stage = 0; // 0 process, 1 threads, 2 vmas, 3 fds, 4 data, 5 end, 6 parents, 7 page map
         for i in 0..n {
             let e = self.index[i];
             let meta_limit = match e.kind {
@@ -585,6 +761,9 @@ impl Image {
             if e.kind != kind::PAGES && e.flags != 0 {
                 return Err(corrupt(format!("record {i} ({}) has flags", kind::name(e.kind))));
             }
+            if e.flags & rflags::REF != 0 && (e.flags != rflags::REF || e.stored_len != (PagesHeader::SIZE + PageRef::SIZE) as u64) {
+                return Err(corrupt(format!("page reference {i} has the wrong flags or length")));
+            }
             let want = match e.kind {
                 kind::PROCESS => 0,
                 kind::THREAD => 1,
@@ -592,11 +771,17 @@ impl Image {
                 kind::FD => 3,
                 kind::PAGES | kind::STDIN | kind::FILE | kind::FILE_DATA => 4,
                 kind::END => 5,
-                kind::PAGEMAP => 6,
+                kind::PARENTS => 6,
+                kind::PAGEMAP => 7,
                 _ => return Err(corrupt(format!("record {i} has unknown kind {}", e.kind))),
             };
-            let after_end = stage == 6 || (stage == 5 && want != 6) || (want == 6 && stage != 5);
-            if want < stage || (want == 0 && i != 0) || after_end || (i == 0 && want != 0) {
+            // After END: at most one PARENTS, then at most one PAGEMAP.
+            let bad = if want >= 6 {
+                stage < 5 || want <= stage
+            } else {
+                want < stage || stage >= 5 || (want == 0 && i != 0) || (i == 0 && want != 0)
+            };
+            if bad {
                 return Err(corrupt(format!("record {i} ({}) is out of order", kind::name(e.kind))));
             }
             stage = want;
@@ -705,6 +890,26 @@ impl Image {
                     return Err(bad_len());
                 }
                 self.end = EndInfo::decode(p).ok_or_else(bad_len)?;
+            }
+            kind::PARENTS => {
+                let n = p.get(..4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                if n == 0 || n > limits::MAX_PARENTS || p.get(4..8) != Some(&[0; 4]) {
+                    return Err(corrupt(format!("record {i} lists {n} parent images")));
+                }
+                let mut o = 8;
+                for _ in 0..n {
+                    let info = p.get(o..).and_then(ParentInfo::decode).ok_or_else(bad_len)?;
+                    o += ParentInfo::SIZE;
+                    let path = p.get(o..o + info.path_len as usize).ok_or_else(bad_len)?;
+                    if info.path_len > limits::MAX_PATH || info.reserved != 0 || path.first() != Some(&b'/') {
+                        return Err(corrupt(format!("record {i} names a parent image badly")));
+                    }
+                    o += path.len();
+                    self.parents.push(Parent { info, path: path.to_vec() });
+                }
+                if o != p.len() {
+                    return Err(bad_len());
+                }
             }
             _ => return Err(corrupt(format!("record {i} has unknown kind {k}"))),
         }
@@ -1090,6 +1295,7 @@ pub fn rewrite_process(src: &Path, dst: &Path, mut f: impl FnMut(&mut ProcessInf
     let img = Image::open(src)?;
     let out = File::create(dst)?;
     let mut w = Writer::new(io::BufWriter::new(out), img.header.created_unix_ns)?;
+    w.parents_used = img.parents.clone();
     for i in 0..img.index.len() {
         let e = img.index[i];
         let mut payload = img.read_record(i)?;
@@ -1157,6 +1363,11 @@ mod tests {
 
     /// A synthetic image whose page map `f` may change before it is written.
     fn synthetic_map(guards: &[GuardRange], f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        synthetic_full(guards, None, f)
+    }
+
+    /// A synthetic image, a delta on top of `parent` if given.
+    fn synthetic_full(guards: &[GuardRange], parent: Option<ParentMap>, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
         let mut p = ProcessInfo::zeroed();
         p.pid = 42;
         p.page_size = PAGE as u32;
@@ -1195,6 +1406,9 @@ mod tests {
         ph.count = 2;
         let end = EndInfo { pages: 2, ..EndInfo::zeroed() };
         let mut w = Writer::new(Vec::new(), 1).unwrap();
+        if let Some(m) = parent {
+            w.set_parents(m);
+        }
         w.plain(kind::PROCESS, &enc_all(&p, &[])).unwrap();
         w.plain(kind::THREAD, &enc_all(&t, &[])).unwrap();
         w.plain(kind::VMA, &enc_all(&v, &gb)).unwrap();
@@ -1231,6 +1445,42 @@ mod tests {
         assert_eq!(without.index.last().unwrap().kind, kind::END);
         assert_eq!(with.pages[0].header, without.pages[0].header);
         assert_eq!(with.read_pages(&with.pages[0]).unwrap(), without.read_pages(&without.pages[0]).unwrap());
+    }
+
+    #[test]
+    fn a_delta_image_refers_to_its_parent_and_every_change_to_either_is_caught() {
+        let g = [GuardRange { start: 0x1c000, end: 0x1e000 }];
+        let dir = std::env::temp_dir().join(format!("limitless-delta-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let parent_path = dir.join("parent");
+        std::fs::write(&parent_path, synthetic()).unwrap();
+        let map = ParentMap::of(&Image::open(&parent_path).unwrap(), &parent_path).unwrap();
+        let delta = synthetic_full(&g, Some(map), |_| {});
+        assert!(delta.len() + PAGE as usize <= synthetic().len(), "the delta ({} bytes) copied the pages", delta.len());
+        let delta_path = dir.join("delta");
+        std::fs::write(&delta_path, &delta).unwrap();
+        let mut img = Image::open(&delta_path).unwrap();
+        assert_eq!(img.index[img.pages[0].index].flags, rflags::REF);
+        assert_eq!(img.parents.len(), 1);
+        assert!(img.read_pages(&img.pages[0]).is_err(), "pages read before the parent was opened");
+        img.attach_parents().unwrap();
+        assert_eq!(img.read_pages(&img.pages[0]).unwrap(), vec![7u8; 2 * PAGE as usize]);
+        // Every flipped byte of the delta is caught: when it is opened, its parent attached
+        // or its pages read.
+        let bad = dir.join("bad");
+        for i in 0..delta.len() {
+            let mut b = delta.clone();
+            b[i] ^= 0x41;
+            std::fs::write(&bad, &b).unwrap();
+            let r = Image::open(&bad).and_then(|mut d| d.attach_parents().and_then(|_| d.verify_pages()));
+            assert!(r.is_err(), "a flipped byte at {i} of the delta went unnoticed");
+        }
+        // A parent that is another image now is refused.
+        std::fs::write(&parent_path, synthetic_with(&[])).unwrap();
+        let mut img = Image::open(&delta_path).unwrap();
+        let r = img.attach_parents();
+        assert!(matches!(&r, Err(e) if e.to_string().contains("has changed")), "{r:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub mod limits {
     pub const MAX_STDIN: u64 = 64 << 20;
     /// Records in one image.
     pub const MAX_RECORDS: u64 = 1 << 28;
+    /// Parent images a delta image may refer to.
+    pub const MAX_PARENTS: u32 = 1024;
 }
 
 /// Record kinds.
@@ -76,6 +78,10 @@ pub mod kind {
     /// where each record's pages go, readable without reading the records. Written by the
     /// supervisor after `END`.
     pub const PAGEMAP: u32 = 11;
+    /// The images a delta image takes unchanged page records from (format 1.3): `u32`
+    /// count, then per image [`ParentInfo`](super::ParentInfo) and its path. Written by the
+    /// supervisor after `END`, before `PAGEMAP`.
+    pub const PARENTS: u32 = 12;
 
     /// A short name for a kind.
     pub fn name(k: u32) -> &'static str {
@@ -91,6 +97,7 @@ pub mod kind {
             FILE => "file",
             FILE_DATA => "file-data",
             PAGEMAP => "pagemap",
+            PARENTS => "parents",
             _ => "unknown",
         }
     }
@@ -100,8 +107,12 @@ pub mod kind {
 pub mod rflags {
     /// The payload is a zstd frame; `raw_len` is its decompressed length.
     pub const ZSTD: u32 = 1;
+    /// A `PAGES` record whose pages are another image's record (format 1.3): the
+    /// [`PagesHeader`](super::PagesHeader) is followed by a [`PageRef`](super::PageRef)
+    /// instead of the pages.
+    pub const REF: u32 = 2;
     /// All known flags.
-    pub const ALL: u32 = ZSTD;
+    pub const ALL: u32 = ZSTD | REF;
 }
 
 wire! {
@@ -654,6 +665,28 @@ wire! {
         pub npages: u32,
         pub count: u32,
         pub bitmap: [u64; 4],
+    }
+}
+
+wire! {
+    /// Where a delta image's unchanged page record is: record `record` of parent `parent`
+    /// (an index into the `PARENTS` list), whose index entry has this `hash`.
+    pub struct PageRef {
+        pub parent: u32,
+        pub reserved: u32,
+        pub record: u64,
+        pub hash: [u8; 32],
+    }
+}
+
+wire! {
+    /// One image a delta image refers to: its trailer hash and length (it must be exactly
+    /// that image), followed by `path_len` bytes of its absolute path.
+    pub struct ParentInfo {
+        pub trailer_hash: [u8; 32],
+        pub file_len: u64,
+        pub path_len: u32,
+        pub reserved: u32,
     }
 }
 
