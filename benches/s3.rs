@@ -56,6 +56,7 @@ fn checkpoint_to_store(sup: &Supervisor, store: &S3Store, key: &str) -> (Stats, 
         freeze_timeout: Duration::from_secs(10),
         wait_idle: Duration::ZERO,
         parent: None,
+        compress: false,
     };
     let t = Instant::now();
     let sink = store.image_sink(key).expect("sink").expect("the S3 store streams");

@@ -259,19 +259,17 @@ fn compressible_memory_is_stored_compressed_and_restores_identically() {
     let want = reference(&prog, &args, "");
     each_user("compress", |u, d| {
         let mut sizes = Vec::new();
-        for compress in ["1", "0"] {
-            let socket = d.join(format!("compress-{compress}.sock"));
-            let mut c = command(u, limitless());
-            c.env("LIMITLESS_COMPRESS", compress).arg("launch").arg("--socket").arg(&socket).arg("--").arg(&prog).args(args).current_dir(d);
-            let r = Running::spawn(c, socket);
+        for compress in [true, false] {
+            let r = launch(u, d, &prog, &args);
             r.expect_out("iteration 1");
             let img = d.join(format!("image-{compress}"));
-            dump_ok(u, &r, &img, false);
+            let (ok, err) = dump_with(u, &r.socket, &img, if compress { &["--compress"] } else { &[] });
+            assert!(ok, "dump failed: {err}");
             let (st, out1, err1) = r.finish();
             assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err1}");
             let (st2, out2, err2) = restore(u, d, &img).finish();
-            assert_eq!(st2.code(), Some(0), "restored program failed (LIMITLESS_COMPRESS={compress}); stderr: {err2}");
-            assert_eq!(lines(&(out1 + &out2)), lines(&want), "output differs (LIMITLESS_COMPRESS={compress})");
+            assert_eq!(st2.code(), Some(0), "restored program failed (compressed: {compress}); stderr: {err2}");
+            assert_eq!(lines(&(out1 + &out2)), lines(&want), "output differs (compressed: {compress})");
             sizes.push(std::fs::metadata(&img).unwrap().len());
         }
         eprintln!("32 MiB of text-like memory: image {} bytes compressed, {} raw", sizes[0], sizes[1]);

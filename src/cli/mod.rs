@@ -136,24 +136,8 @@ enum Cmd {
         /// Find the control socket at the default path of this limitless process id.
         #[arg(long, value_name = "PID", conflicts_with = "socket")]
         pid: Option<u32>,
-        /// Where to write the image.
-        #[arg(long, short, value_name = "IMAGE")]
-        output: PathBuf,
-        /// Keep the program running after the checkpoint.
-        #[arg(long)]
-        leave_running: bool,
-        /// How long to wait for every thread to stop.
-        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-        freeze_timeout: Duration,
-        /// Wait up to DURATION for a moment with no connected TCP socket before freezing, so
-        /// that a request in flight is not cut off (connected sockets come back closed).
-        #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
-        wait_idle: Duration,
-        /// Write a delta image: memory unchanged since the image PARENT (same pages, same
-        /// contents) is referred to, not copied. Restoring it needs PARENT, and the images
-        /// PARENT refers to, unchanged at their paths.
-        #[arg(long, value_name = "PARENT")]
-        parent: Option<PathBuf>,
+        #[command(flatten)]
+        what: DumpArgs,
     },
     /// Restore a program from IMAGE as a child of this process, and continue it.
     ///
@@ -272,9 +256,7 @@ pub fn main() -> i32 {
                 Err(e) => fail(format!("{e:#}")),
             }
         }
-        Cmd::Dump { socket, pid, output, leave_running, freeze_timeout, wait_idle, parent } => {
-            dump(socket, pid, output, leave_running, freeze_timeout, wait_idle, parent)
-        }
+        Cmd::Dump { socket, pid, what } => dump(socket, pid, what),
         Cmd::Restore { socket, carry, image } => match carry.to_carry() {
             Ok(c) => restore_cmd(socket, c, image),
             Err(e) => fail(e),
@@ -337,15 +319,36 @@ fn launch(socket: Option<PathBuf>, carry: crate::engine::carry::Carry, prog: Vec
     }
 }
 
-fn dump(
-    socket: Option<PathBuf>,
-    pid: Option<u32>,
+/// What to checkpoint to (`limitless dump`).
+#[derive(clap::Args, Debug)]
+struct DumpArgs {
+    /// Where to write the image.
+    #[arg(long, short, value_name = "IMAGE")]
     output: PathBuf,
+    /// Keep the program running after the checkpoint.
+    #[arg(long)]
     leave_running: bool,
+    /// How long to wait for every thread to stop.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     freeze_timeout: Duration,
+    /// Wait up to DURATION for a moment with no connected TCP socket before freezing, so
+    /// that a request in flight is not cut off (connected sockets come back closed).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     wait_idle: Duration,
+    /// Write a delta image: memory unchanged since the image PARENT (same pages, same
+    /// contents) is referred to, not copied. Restoring it needs PARENT, and the images
+    /// PARENT refers to, unchanged at their paths.
+    #[arg(long, value_name = "PARENT")]
     parent: Option<PathBuf>,
-) -> i32 {
+    /// Compress memory with zstd where a sample shows it pays (records that do not
+    /// compress are stored raw). Smaller images, but on a fast disk a slower checkpoint
+    /// and restore; also LIMITLESS_COMPRESS=1 in the environment of launch/restore.
+    #[arg(long)]
+    compress: bool,
+}
+
+fn dump(socket: Option<PathBuf>, pid: Option<u32>, what: DumpArgs) -> i32 {
+    let DumpArgs { output, leave_running, freeze_timeout, wait_idle, parent, compress } = what;
     let sock = match (socket, pid) {
         (Some(s), _) => s,
         (None, Some(p)) => api::default_socket(p),
@@ -364,6 +367,7 @@ fn dump(
             Ok(p) => p,
             Err((p, e)) => return fail(format!("bad parent path {}: {e}", p.display())),
         },
+        compress,
     };
     match api::request(&sock, &req) {
         Ok(r) if r.ok => {

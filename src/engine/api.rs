@@ -35,6 +35,9 @@ pub enum ApiRequest {
         /// Write a delta image on top of this one (absolute).
         #[serde(default)]
         parent: Option<PathBuf>,
+        /// Compress page records where that pays.
+        #[serde(default)]
+        compress: bool,
     },
     /// Report the program's pid and whether its agent is ready.
     Status,
@@ -143,7 +146,7 @@ fn serve(c: UnixStream, inner: &Inner) {
                 ..Default::default()
             }
         }
-        Ok(ApiRequest::Dump { output, leave_running, freeze_timeout_ms, wait_idle_ms, parent }) => {
+        Ok(ApiRequest::Dump { output, leave_running, freeze_timeout_ms, wait_idle_ms, parent, compress }) => {
             let after = if leave_running { After::Resume } else { After::Kill };
             let req = Request {
                 output,
@@ -151,6 +154,7 @@ fn serve(c: UnixStream, inner: &Inner) {
                 freeze_timeout: freeze_timeout_ms.map_or(FREEZE_TIMEOUT, Duration::from_millis),
                 wait_idle: Duration::from_millis(wait_idle_ms.unwrap_or(0)),
                 parent,
+                compress,
             };
             match inner.checkpoint(&req) {
                 Ok(s) => ApiReply { ok: true, stats: Some(s), pid: Some(inner.pid), ..Default::default() },

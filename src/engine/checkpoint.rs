@@ -62,6 +62,9 @@ pub struct Request {
     /// Write a delta image: page records that this earlier image (or the images it refers
     /// to) has unchanged are references to it, not copies. Image files only.
     pub parent: Option<PathBuf>,
+    /// Compress page records where that pays (image files only; also with
+    /// `LIMITLESS_COMPRESS=1` in the environment).
+    pub compress: bool,
 }
 
 /// What a checkpoint cost.
@@ -225,7 +228,7 @@ impl Inner {
         drop(pw);
         let r = match dest {
             Dest::File { tmp, file } => self
-                .run_checkpoint(req, file, pr, snapshot, Compressor::wanted(), parent)
+                .run_checkpoint(req, file, pr, snapshot, req.compress || Compressor::wanted(), parent)
                 .and_then(|(stats, at, f, fin)| {
                     f.sync_all().context("fsync of the image failed")?;
                     finish_file(&tmp, &req.output)?;

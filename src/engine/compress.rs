@@ -5,8 +5,14 @@
 //! sample first and stored raw when it does not compress, so memory that does not compress
 //! (random, already compressed) costs one small trial per record. With a leave-running
 //! snapshot this happens while the program runs again; in stop mode it is part of the
-//! checkpoint. `LIMITLESS_COMPRESS=0` turns it off. Images for a store that takes a stream
-//! are not compressed here: the store compresses its chunks itself.
+//! checkpoint.
+//!
+//! It is off unless asked for (`dump --compress`, or `LIMITLESS_COMPRESS=1` in the
+//! supervisor's environment): where the image goes to the page cache and a disk that
+//! writes 1 GB/s, compressing costs more time than it saves (docs/benchmarks.md), and an
+//! image with compressed records restores through the supervisor rather than by `pread`.
+//! It pays when the image is kept long or goes over a slow disk or network. Images for a
+//! store that takes a stream are not compressed here: the store compresses its chunks.
 
 use limitless_image::file::{compress_if_smaller, Writer};
 use limitless_image::format::{kind, PagesHeader};
@@ -29,9 +35,9 @@ impl Compressor {
         Compressor { on, threads, queue: Vec::new() }
     }
 
-    /// Whether images should be compressed (`LIMITLESS_COMPRESS` is not `0`).
+    /// Whether the environment asks for compression (`LIMITLESS_COMPRESS=1`).
     pub fn wanted() -> bool {
-        std::env::var_os("LIMITLESS_COMPRESS").is_none_or(|v| v != "0")
+        std::env::var_os("LIMITLESS_COMPRESS").is_some_and(|v| v == "1")
     }
 
     /// Writes the PAGES record `payload` (pages header, then pages), or queues it.

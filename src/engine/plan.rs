@@ -2,7 +2,7 @@
 //! restorer follows without parsing anything itself (see `limitless_image::plan`).
 
 use limitless_image::file::Image;
-use limitless_image::format::{role, vma_kind, PagesHeader, RecordHeader, PAGE, USER_END};
+use limitless_image::format::{role, vma_kind, PAGE, USER_END};
 use limitless_image::plan::*;
 use limitless_image::wire::Wire;
 
@@ -17,8 +17,6 @@ pub struct PlanFds {
     pub data_fd: i32,
     /// The restorer reports errors here.
     pub err_fd: i32,
-    /// The image file, which the restorer reads page data from.
-    pub image_fd: i32,
     /// First of the restorer's own fds, which it closes before the jump.
     pub close_from: i32,
     /// Last of the restorer's own fds.
@@ -58,7 +56,9 @@ pub fn gaps(img: &Image) -> Vec<PlanGap> {
 
 /// Builds the plan. `vma_fd(i)` is the fd number at which the file of area `i` is open
 /// (or -1 for anonymous areas).
-pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, fds: &PlanFds) -> Vec<u8> {
+/// `pages_fd(i)` says where page record `img.pages[i]` is read from: an fd and the offset of
+/// its pages, or `None` for the data pipe.
+pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize) -> Option<(i32, u64)>, fds: &PlanFds) -> Vec<u8> {
     let gaps = gaps(img);
     let mut vmas = Vec::with_capacity(img.vmas.len());
     for (i, v) in img.vmas.iter().enumerate() {
@@ -86,14 +86,14 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, fds: &PlanFds) -> Vec<u
             vmas.push(PlanVma { start: g.start, len: g.end - g.start, offset: 0, kind: pk::GUARD, prot: 0, flags: 0, fd: -1 });
         }
     }
-    let mut runs = Vec::new();
-    for p in &img.pages {
-        // The record's pages follow its record header and pages header in the file.
-        let mut off = img.index[p.index].offset + RecordHeader::SIZE as u64 + PagesHeader::SIZE as u64;
+    let mut runs: Vec<PlanRun> = Vec::new();
+    for (i, p) in img.pages.iter().enumerate() {
+        let (fd, mut off) = pages_fd(i).unwrap_or((-1, 0));
         p.header.runs(|s, l| {
             match runs.last_mut() {
-                Some(PlanRun { start, len, file_off }) if *start + *len == s && *file_off + *len == off => *len += l,
-                _ => runs.push(PlanRun { start: s, len: l, file_off: off }),
+                // Consecutive in memory and in the same source (a pipe is always consecutive).
+                Some(r) if r.start + r.len == s && r.fd == fd && (fd < 0 || r.file_off + r.len == off) => r.len += l,
+                _ => runs.push(PlanRun { start: s, len: l, file_off: off, fd, reserved: 0 }),
             }
             off += l;
         });
@@ -122,7 +122,7 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, fds: &PlanFds) -> Vec<u
         mm: p.mm,
         auxv: p.auxv,
         auxv_words: p.auxv_words,
-        image_fd: fds.image_fd,
+        reserved: 0,
         restart_entry: p.restart_entry,
         agent_state: p.agent_state,
         leader_fs,

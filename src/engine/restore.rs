@@ -23,13 +23,14 @@ use super::plan::{self, PlanFds};
 use super::spawn::FdMap;
 use super::supervisor::{Options, Plumbing, Supervisor};
 use anyhow::{anyhow, bail, Context, Result};
-use limitless_image::file::{Image, Source};
+use limitless_image::file::{Image, PagesAt, Source};
 use limitless_image::format::{file_kind, vma_kind};
 use limitless_image::plan::RESTORER_FAILED;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -63,11 +64,13 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
     let t0 = Instant::now();
     let mut img = Image::open(image).map_err(|e| anyhow!("{}: {e}", image.display()))?;
     img.attach_parents().map_err(|e| anyhow!("{}: {e}", image.display()))?;
-    // Compressed pages and pages in parent images cannot be read from the file in place:
-    // the supervisor passes them through the data pipe.
-    let file =
-        if img.needs_reading() { None } else { Some(File::open(image).with_context(|| format!("cannot open {}", image.display()))?) };
-    restore_image(img, file, opts, t0)
+    let file = File::open(image).with_context(|| format!("cannot open {}", image.display()))?;
+    let mut parents = Vec::new();
+    for p in &img.parents {
+        let path = Path::new(std::ffi::OsStr::from_bytes(&p.path));
+        parents.push(File::open(path).with_context(|| format!("cannot open the parent image {}", path.display()))?);
+    }
+    restore_image(img, Some(file), parents, opts, t0)
 }
 
 /// Restores the image read through `src` (`name` says which, in messages) and supervises
@@ -75,12 +78,13 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
 pub fn restore_stream(src: Box<dyn Source>, name: &str, opts: &Options) -> Result<(Supervisor, RestoreStats)> {
     let t0 = Instant::now();
     let img = Image::from_source(src).map_err(|e| anyhow!("{name}: {e}"))?;
-    restore_image(img, None, opts, t0)
+    restore_image(img, None, Vec::new(), opts, t0)
 }
 
-/// Restores `img`; the restorer reads its pages from `file`, or from the data pipe when
-/// there is none.
-fn restore_image(img: Image, file: Option<File>, opts: &Options, t0: Instant) -> Result<(Supervisor, RestoreStats)> {
+/// Restores `img`; the restorer reads its pages in place from `file` and the `parents`
+/// files (a delta image), or from the data pipe: compressed records, and all of them
+/// when there is no file.
+fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Options, t0: Instant) -> Result<(Supervisor, RestoreStats)> {
     let files: EngineFiles = embedded::unpack()?;
     check_here(&img)?;
     let img = Arc::new(img);
@@ -146,23 +150,30 @@ fn restore_image(img: Image, file: Option<File>, opts: &Options, t0: Instant) ->
     let (err_r, err_w) = super::stdio::pipe()?;
     let data_fd = alloc();
     let err_fd = alloc();
-    let streamed = file.is_none();
-    let image_fd = match file {
-        Some(f) => {
-            let n = alloc();
-            fds.add(OwnedFd::from(f), n);
-            n
-        }
-        None => {
-            let _ = rustix::pipe::fcntl_setpipe_size(&data_w, 1 << 20);
-            -1
-        }
+    let mut add_file = |f: File| {
+        let n = alloc();
+        fds.add(OwnedFd::from(f), n);
+        n
     };
+    let image_fd = file.map(&mut add_file);
+    let parent_fds: Vec<i32> = parents.into_iter().map(&mut add_file).collect();
+    // Where each page record is read from: in place, or (None) through the data pipe.
+    let mut srcs: Vec<Option<(i32, u64)>> = Vec::with_capacity(img.pages.len());
+    for p in &img.pages {
+        srcs.push(match img.pages_at(p).map_err(|e| anyhow!("{e}"))? {
+            PagesAt::Here(off) => image_fd.map(|fd| (fd, off)),
+            PagesAt::Parent(k, off) => parent_fds.get(k).map(|&fd| (fd, off)),
+            PagesAt::Packed => None,
+        });
+    }
+    if srcs.iter().any(Option::is_none) {
+        let _ = rustix::pipe::fcntl_setpipe_size(&data_w, 1 << 20);
+    }
     let plan_fd = alloc();
     fds.add(data_r, data_fd);
     fds.add(err_w, err_fd);
-    let pfds = PlanFds { data_fd, err_fd, image_fd, close_from, close_to: plan_fd };
-    let plan = plan::build(&img, |i| vma_fd[i], &pfds);
+    let pfds = PlanFds { data_fd, err_fd, close_from, close_to: plan_fd };
+    let plan = plan::build(&img, |i| vma_fd[i], |i| srcs[i], &pfds);
     let memfd = rustix::fs::memfd_create("limitless-plan", rustix::fs::MemfdFlags::CLOEXEC)?;
     let mut mf = File::from(memfd);
     mf.write_all(&plan)?;
@@ -185,10 +196,10 @@ fn restore_image(img: Image, file: Option<File>, opts: &Options, t0: Instant) ->
             let mut w = File::from(data_w);
             let mut total = 0u64;
             let mut buf = Vec::new();
-            for p in &img.pages {
+            for (p, src) in img.pages.iter().zip(&srcs) {
                 match img.check_pages(p, &mut buf) {
                     // A restorer that stopped reading has failed and says why itself.
-                    Ok(n) if streamed && w.write_all(&buf[buf.len() - n as usize..]).is_err() => return total,
+                    Ok(n) if src.is_none() && w.write_all(&buf[buf.len() - n as usize..]).is_err() => return total,
                     Ok(n) => total += n,
                     Err(e) => {
                         *data_err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());

@@ -164,7 +164,7 @@ pub struct Running {
 }
 
 impl Running {
-    pub fn spawn(mut cmd: Command, socket: PathBuf) -> Running {
+    fn spawn(mut cmd: Command, socket: PathBuf) -> Running {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn limitless");
         let out = Collected::start(child.stdout.take().expect("stdout"));

@@ -367,6 +367,17 @@ pub struct FileDataRecord {
     pub header: FileData,
 }
 
+/// Where a page record's pages can be read in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PagesAt {
+    /// In this image's file, at this offset.
+    Here(u64),
+    /// In attached parent image `.0` (as in [`Image::parents`]), at offset `.1`.
+    Parent(usize, u64),
+    /// Only through [`Image::check_pages`] (compressed).
+    Packed,
+}
+
 /// Where one `PAGES` record is.
 #[derive(Clone, Copy, Debug)]
 pub struct PageRecord {
@@ -628,12 +639,6 @@ impl Image {
         Ok((buf.len() - head) as u64)
     }
 
-    /// Whether any page record is compressed or in a parent image (its pages can then only
-    /// be read through [`check_pages`](Self::check_pages), not straight from this file).
-    pub fn needs_reading(&self) -> bool {
-        self.pages.iter().any(|p| self.index[p.index].flags != 0)
-    }
-
     /// The reference in page record `i` (a `REF` record), checked against the parents list.
     pub fn page_ref(&self, i: usize) -> Result<PageRef, ImageError> {
         let b = self.read_record(i)?;
@@ -672,11 +677,21 @@ impl Image {
         Ok(())
     }
 
-    /// Reads the pages a `REF` record names (from a parent image) into `buf`, after the
-    /// record header and pages header, as [`check_pages`](Self::check_pages) does.
-    fn check_ref(&self, p: &PageRecord, buf: &mut Vec<u8>) -> Result<u64, ImageError> {
-        let head = RecordHeader::SIZE + PagesHeader::SIZE;
-        let r = buf.get(head..).and_then(PageRef::decode).ok_or_else(|| corrupt(format!("page reference {}", p.index)))?;
+    /// Where the pages of record `p` can be read in place, if they can.
+    pub fn pages_at(&self, p: &PageRecord) -> Result<PagesAt, ImageError> {
+        let e = &self.index[p.index];
+        let skip = (RecordHeader::SIZE + PagesHeader::SIZE) as u64;
+        if e.flags & rflags::REF != 0 {
+            let (k, q) = self.resolve_ref(p, &self.page_ref(p.index)?)?;
+            let qe = &self.ancestors[k].index[q.index];
+            return Ok(if qe.flags == 0 { PagesAt::Parent(k, qe.offset + skip) } else { PagesAt::Packed });
+        }
+        Ok(if e.flags == 0 { PagesAt::Here(e.offset + skip) } else { PagesAt::Packed })
+    }
+
+    /// The parent image (its position among the attached ones) and record a `REF` record
+    /// names, checked: a data record with the same header and the hash the reference gives.
+    fn resolve_ref(&self, p: &PageRecord, r: &PageRef) -> Result<(usize, PageRecord), ImageError> {
         let a = self.ancestors.get(r.parent as usize).ok_or_else(|| {
             if r.parent as usize >= self.parents.len() {
                 corrupt(format!("page reference {} names parent {} of {}", p.index, r.parent, self.parents.len()))
@@ -685,12 +700,21 @@ impl Image {
             }
         })?;
         let at = a.pages.partition_point(|q| (q.index as u64) < r.record);
-        let q = a.pages.get(at).filter(|q| q.index as u64 == r.record);
-        let q = match q {
-            Some(q) if q.header == p.header && a.index[q.index].hash == r.hash && a.index[q.index].flags & rflags::REF == 0 => *q,
-            _ => return Err(corrupt(format!("page reference {} does not match record {} of its parent image", p.index, r.record))),
-        };
-        a.check_pages(&q, buf)
+        match a.pages.get(at).filter(|q| q.index as u64 == r.record) {
+            Some(q) if q.header == p.header && a.index[q.index].hash == r.hash && a.index[q.index].flags & rflags::REF == 0 => {
+                Ok((r.parent as usize, *q))
+            }
+            _ => Err(corrupt(format!("page reference {} does not match record {} of its parent image", p.index, r.record))),
+        }
+    }
+
+    /// Reads the pages a `REF` record names (from a parent image) into `buf`, after the
+    /// record header and pages header, as [`check_pages`](Self::check_pages) does.
+    fn check_ref(&self, p: &PageRecord, buf: &mut Vec<u8>) -> Result<u64, ImageError> {
+        let head = RecordHeader::SIZE + PagesHeader::SIZE;
+        let r = buf.get(head..).and_then(PageRef::decode).ok_or_else(|| corrupt(format!("page reference {}", p.index)))?;
+        let (k, q) = self.resolve_ref(p, &r)?;
+        self.ancestors[k].check_pages(&q, buf)
     }
 
     /// Checks the hash of every page and file data record (what `inspect` and `restore`

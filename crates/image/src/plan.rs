@@ -12,7 +12,7 @@ use crate::wire;
 /// `b"LMTLPLAN"`.
 pub const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"LMTLPLAN");
 /// Version of the plan layout (the restorer and supervisor always come from one build).
-pub const PLAN_VERSION: u32 = 2;
+pub const PLAN_VERSION: u32 = 3;
 /// Most gap candidates in a plan.
 pub const MAX_GAPS: u32 = 32;
 
@@ -41,9 +41,8 @@ wire! {
         pub mm: MmInfo,
         pub auxv: [u64; AUXV_WORDS],
         pub auxv_words: u32,
-        /// The image file, read at each run's `file_off`; -1: the runs' bytes come in
-        /// order through `data_fd`, before the go-ahead byte.
-        pub image_fd: i32,
+        /// Reserved (0).
+        pub reserved: u32,
         /// Where to jump (the agent's restart entry), with a pointer to
         /// [`RestartArgs`] in `rdi`.
         pub restart_entry: u64,
@@ -106,12 +105,16 @@ wire! {
 }
 
 wire! {
-    /// A run of page data: `len` bytes to read into `start` from the image at `file_off`
-    /// (one copy, page cache to place).
+    /// A run of page data: `len` bytes to read into `start` from the image file `fd` at
+    /// `file_off` (one copy, page cache to place), or with `fd` -1 from `data_fd`, where the
+    /// supervisor writes the bytes of all such runs in order, before the go-ahead byte
+    /// (compressed records, an image with no file).
     pub struct PlanRun {
         pub start: u64,
         pub len: u64,
         pub file_off: u64,
+        pub fd: i32,
+        pub reserved: u32,
     }
 }
 

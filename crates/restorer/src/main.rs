@@ -229,11 +229,11 @@ unsafe extern "C" fn stage1(s: *const Stage1) -> ! {
         let v: PlanVma = entry(s, h.vmas_off, i);
         map_vma(&v);
     }
-    // 4. Page data, in order, from the image file (or, without one, from the data pipe).
+    // 4. Page data, in order, from the image files (or from the data pipe).
     let mut bytes: u64 = 0;
     for i in 0..h.n_runs {
         let r: PlanRun = entry(s, h.runs_off, i);
-        read_run(if h.image_fd >= 0 { h.image_fd } else { h.data_fd }, h.image_fd >= 0, &r);
+        read_run(if r.fd >= 0 { r.fd } else { h.data_fd }, r.fd >= 0, &r);
         bytes += r.len;
     }
     // The program may run only once the supervisor has checked every record's hash.
