@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use limitless_image::cpu;
-use limitless_image::file::{rewrite_process, Image};
+use limitless_image::file::{rewrite, rewrite_process, Image};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -175,6 +175,43 @@ fn image_from_a_kernel_with_another_vdso_layout_is_refused() {
         let other_code = d.join("other-vdso-code.img");
         rewrite_process(&img, &other_code, |p| p.vdso.vdso_hash ^= 1).unwrap();
         restore_must_fail(u, &d, &other_code, "vDSO");
+    }
+}
+
+#[test]
+fn image_whose_program_file_is_another_build_is_refused() {
+    let img = base_image();
+    let parsed = Image::open(&img).unwrap();
+    let prog = program("leaverun");
+    let (path, _) = parsed
+        .build_ids
+        .iter()
+        .find(|(p, _)| p.as_slice() == prog.as_os_str().as_encoded_bytes())
+        .expect("the image records the build-id of the program (gcc links with --build-id)");
+    // The same image, with the program's build-id changed in its FILE_IDS record (sealed
+    // again, so only the build-id check can tell).
+    let other = img.with_file_name("other-build.img");
+    let mut changed = false;
+    rewrite(&img, &other, |k, payload| {
+        if k == limitless_image::format::kind::FILE_IDS {
+            // Entries: path_len, id_len, id, path; flip the first byte of the program's id.
+            let mut o = 8;
+            while o + 8 <= payload.len() {
+                let plen = u32::from_le_bytes(payload[o..o + 4].try_into().unwrap()) as usize;
+                let ilen = u32::from_le_bytes(payload[o + 4..o + 8].try_into().unwrap()) as usize;
+                if payload[o + 8 + ilen..o + 8 + ilen + plen] == path[..] {
+                    payload[o + 8] ^= 0xff;
+                    changed = true;
+                }
+                o += 8 + ilen + plen;
+            }
+        }
+    })
+    .unwrap();
+    assert!(changed, "no FILE_IDS entry for {}", prog.display());
+    for u in users() {
+        let d = workdir("build-id", u);
+        restore_must_fail(u, &d, &other, "is another build (ELF build-id");
     }
 }
 

@@ -31,6 +31,8 @@ struct Report {
     stdin_pending_bytes: usize,
     /// The images a delta image takes unchanged page records from.
     parents: Vec<String>,
+    /// Executable files whose ELF build-id a restore checks: (path, build-id in hex).
+    build_ids: Vec<(String, String)>,
 }
 
 #[derive(Serialize)]
@@ -210,6 +212,7 @@ fn report(path: &Path, img: &Image, verified: bool) -> Report {
             .collect(),
         stdin_pending_bytes: img.stdin.len(),
         parents: img.parents.iter().map(|p| String::from_utf8_lossy(&p.path).into_owned()).collect(),
+        build_ids: img.build_ids.iter().map(|(p, id)| (String::from_utf8_lossy(p).into_owned(), crate::engine::elf::hex(id))).collect(),
     }
 }
 
@@ -267,6 +270,9 @@ pub fn run(image: &Path, json: bool, verify: bool) -> Result<()> {
         for o in &r.objects {
             println!("          {:<14} {} ({}, {} stored)", o.kind, o.name, bytes(o.size), bytes(o.stored_bytes));
         }
+    }
+    for (p, id) in &r.build_ids {
+        println!("build-id  {p} {id}");
     }
     for p in &r.parents {
         println!("parent    {p} (a delta image: unchanged pages are read from there)");

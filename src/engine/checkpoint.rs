@@ -331,6 +331,7 @@ impl Inner {
         // to the agent's stream breaking off.
         let mut write_err: Option<String> = None;
         let mut squeeze = Compressor::new(compress);
+        let mut exec_files = ExecFiles::default();
         let streamed = read_stream(reader, |h, payload| {
             records += 1;
             if h.kind == kind::PAGES {
@@ -343,7 +344,13 @@ impl Inner {
             if h.kind == kind::FD && self.carry.written {
                 written.extend(super::carry::written_file(&payload));
             }
+            if h.kind == kind::VMA {
+                exec_files.note(&payload);
+            }
             if h.kind == kind::END {
+                if let Some(ids) = exec_files.record() {
+                    w.plain(kind::FILE_IDS, &ids).inspect_err(|e| write_err = Some(e.to_string()))?;
+                }
                 // The program is frozen: its files are as it left them.
                 for p in self.carry.dirs.iter().chain(written.iter()) {
                     carrier.add(&mut w, p).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
@@ -390,6 +397,38 @@ impl Inner {
         let (bw, fin) = w.finish().map_err(|e| anyhow!("writing the image failed: {e}"))?;
         let out = bw.into_inner().map_err(|e| anyhow!("writing the image failed: {}", e.error()))?;
         Ok((stats, frozen_at, out, fin))
+    }
+}
+
+/// The executable files a program has mapped, for their build-ids.
+#[derive(Default)]
+struct ExecFiles(Vec<Vec<u8>>);
+
+impl ExecFiles {
+    /// Notes the file of a VMA record's payload if it is mapped executable.
+    fn note(&mut self, payload: &[u8]) {
+        use limitless_image::format::{vma_kind, VmaInfo};
+        let Some(v) = VmaInfo::decode(payload) else { return };
+        let Some(name) = payload.get(VmaInfo::SIZE..VmaInfo::SIZE + v.name_len as usize) else { return };
+        if v.kind == vma_kind::FILE_PRIVATE && v.prot & 4 != 0 && !self.0.iter().any(|n| n == name) {
+            self.0.push(name.to_vec());
+        }
+    }
+
+    /// The FILE_IDS payload: the build-id of each noted file that has one.
+    fn record(&self) -> Option<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut body = Vec::new();
+        let mut n = 0u32;
+        for name in &self.0 {
+            let Some(id) = super::elf::build_id(Path::new(std::ffi::OsStr::from_bytes(name))) else { continue };
+            body.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            body.extend_from_slice(&(id.len() as u32).to_le_bytes());
+            body.extend_from_slice(&id);
+            body.extend_from_slice(name);
+            n += 1;
+        }
+        (n > 0).then(|| [&n.to_le_bytes()[..], &[0; 4], &body].concat())
     }
 }
 

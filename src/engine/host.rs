@@ -4,6 +4,7 @@
 use limitless_image::cpu;
 use limitless_image::file::Image;
 use limitless_image::format::{vdso_kind, vma_kind, VdsoInfo};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -131,6 +132,20 @@ pub fn check_files(img: &Image, mut fix: impl FnMut(&Path) -> bool) -> Result<()
         }
         if md.mtime() != v.info.mtime_sec || md.mtime_nsec() as u32 != v.info.mtime_nsec {
             return Err(HostError::File { path, what: "was modified since the checkpoint".into() });
+        }
+    }
+    for (path, id) in &img.build_ids {
+        let p = Path::new(std::ffi::OsStr::from_bytes(path));
+        let now = super::elf::build_id(p);
+        if now.as_deref() != Some(id.as_slice()) {
+            return Err(HostError::File {
+                path: p.display().to_string(),
+                what: format!(
+                    "is another build (ELF build-id {}; the checkpoint was taken with {})",
+                    now.map_or("none".into(), |n| super::elf::hex(&n)),
+                    super::elf::hex(id)
+                ),
+            });
         }
     }
     Ok(())

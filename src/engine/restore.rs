@@ -2,7 +2,8 @@
 //!
 //! Everything that can be checked is checked before the restorer starts: the image (every
 //! field), the kernel's vDSO layout, the CPU's features, the files the program had mapped
-//! (same size and time) and open (they must open again). The supervisor then opens every
+//! (same size and time, and the same ELF build-id for executables) and open (they must
+//! open again). The supervisor then opens every
 //! file the program needs at its recorded number, writes the restore plan into a memfd,
 //! and starts the restorer, which reads the page data from the image file straight into
 //! place (one copy from the page cache) while the supervisor checks every page record's

@@ -429,6 +429,8 @@ pub struct Image {
     pub file_data: Vec<FileDataRecord>,
     /// The images a delta image takes page records from (`PARENTS`).
     pub parents: Vec<Parent>,
+    /// ELF build-ids of mapped executable files: (path, build-id), from `FILE_IDS`.
+    pub build_ids: Vec<(Vec<u8>, Vec<u8>)>,
     /// Those images, opened by [`attach_parents`](Self::attach_parents).
     ancestors: Vec<Image>,
 }
@@ -567,6 +569,7 @@ impl Image {
             files: Vec::new(),
             file_data: Vec::new(),
             parents: Vec::new(),
+            build_ids: Vec::new(),
             ancestors: Vec::new(),
         };
         img.load_records()?;
@@ -793,7 +796,7 @@ impl Image {
                 kind::THREAD => 1,
                 kind::VMA => 2,
                 kind::FD => 3,
-                kind::PAGES | kind::STDIN | kind::FILE | kind::FILE_DATA => 4,
+                kind::PAGES | kind::STDIN | kind::FILE | kind::FILE_DATA | kind::FILE_IDS => 4,
                 kind::END => 5,
                 kind::PARENTS => 6,
                 kind::PAGEMAP => 7,
@@ -914,6 +917,35 @@ impl Image {
                     return Err(bad_len());
                 }
                 self.end = EndInfo::decode(p).ok_or_else(bad_len)?;
+            }
+            kind::FILE_IDS => {
+                let n = p.get(..4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                if !self.build_ids.is_empty() || n == 0 || n > limits::MAX_VMAS || p.get(4..8) != Some(&[0; 4]) {
+                    return Err(corrupt(format!("record {i} lists {n} build-ids")));
+                }
+                let word = |o: usize| p.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+                let mut o = 8;
+                for _ in 0..n {
+                    let (plen, ilen) = (word(o).ok_or_else(bad_len)?, word(o + 4).ok_or_else(bad_len)?);
+                    o += 8;
+                    if plen as u32 > limits::MAX_PATH || !(1..=64).contains(&ilen) {
+                        return Err(corrupt(format!("record {i} has a bad build-id entry")));
+                    }
+                    let id = p.get(o..o + ilen).ok_or_else(bad_len)?.to_vec();
+                    let path = p.get(o + ilen..o + ilen + plen).ok_or_else(bad_len)?.to_vec();
+                    o += ilen + plen;
+                    if !self
+                        .vmas
+                        .iter()
+                        .any(|v| v.name == path && (v.info.kind == vma_kind::FILE_PRIVATE || v.info.kind == vma_kind::FILE_SHARED))
+                    {
+                        return Err(corrupt(format!("record {i} gives a build-id for a file the program had not mapped")));
+                    }
+                    self.build_ids.push((path, id));
+                }
+                if o != p.len() {
+                    return Err(bad_len());
+                }
             }
             kind::PARENTS => {
                 let n = p.get(..4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
@@ -1316,6 +1348,19 @@ impl Image {
 /// Re-writes an image with a changed process record, keeping everything else, and seals it
 /// again (used by tests to make images "from another machine").
 pub fn rewrite_process(src: &Path, dst: &Path, mut f: impl FnMut(&mut ProcessInfo)) -> Result<(), ImageError> {
+    rewrite(src, dst, |k, payload| {
+        if k == kind::PROCESS {
+            if let Some(mut p) = ProcessInfo::decode(payload) {
+                f(&mut p);
+                let _ = p.encode(payload);
+            }
+        }
+    })
+}
+
+/// Re-writes an image, letting `f` change each record's stored payload (given its kind),
+/// and seals it again (used by tests to make images that are consistent but different).
+pub fn rewrite(src: &Path, dst: &Path, mut f: impl FnMut(u32, &mut Vec<u8>)) -> Result<(), ImageError> {
     let img = Image::open(src)?;
     let out = File::create(dst)?;
     let mut w = Writer::new(io::BufWriter::new(out), img.header.created_unix_ns)?;
@@ -1323,11 +1368,7 @@ pub fn rewrite_process(src: &Path, dst: &Path, mut f: impl FnMut(&mut ProcessInf
     for i in 0..img.index.len() {
         let e = img.index[i];
         let mut payload = img.read_record(i)?;
-        if e.kind == kind::PROCESS {
-            let mut p = img.process;
-            f(&mut p);
-            p.encode(&mut payload).ok_or_else(|| corrupt("process record"))?;
-        }
+        f(e.kind, &mut payload);
         w.record(e.kind, e.flags, e.raw_len, &payload)?;
     }
     let (mut bw, _) = w.finish()?;

@@ -82,6 +82,10 @@ pub mod kind {
     /// count, then per image [`ParentInfo`](super::ParentInfo) and its path. Written by the
     /// supervisor after `END`, before `PAGEMAP`.
     pub const PARENTS: u32 = 12;
+    /// The ELF build-ids of the executable files the program had mapped (format 1.3): `u32`
+    /// count, `u32` reserved, then per file `path_len: u32, id_len: u32`, the id and the
+    /// path. Written by the supervisor just before `END`; at most one.
+    pub const FILE_IDS: u32 = 13;
 
     /// A short name for a kind.
     pub fn name(k: u32) -> &'static str {
@@ -98,6 +102,7 @@ pub mod kind {
             FILE_DATA => "file-data",
             PAGEMAP => "pagemap",
             PARENTS => "parents",
+            FILE_IDS => "file-ids",
             _ => "unknown",
         }
     }
