@@ -14,7 +14,7 @@
 //! It pays when the image is kept long or goes over a slow disk or network. Images for a
 //! store that takes a stream are not compressed here: the store compresses its chunks.
 
-use limitless_image::file::{compress_if_smaller, Writer};
+use limitless_image::file::{compress_if_smaller, sample_compresses, Writer};
 use limitless_image::format::{kind, PagesHeader};
 use std::io::{self, Write};
 
@@ -42,7 +42,10 @@ impl Compressor {
 
     /// Writes the PAGES record `payload` (pages header, then pages), or queues it.
     pub fn pages<W: Write>(&mut self, w: &mut Writer<W>, payload: Vec<u8>) -> io::Result<()> {
-        if !self.on {
+        // A record whose sample does not compress is written at once when nothing is
+        // queued before it, so that memory that does not compress is not held back in
+        // batches (which would stop the agent's stream while the batch is written).
+        if !self.on || (self.queue.is_empty() && !payload.get(PagesHeader::SIZE..).is_some_and(sample_compresses)) {
             return w.plain(kind::PAGES, &payload);
         }
         self.queue.push(payload);

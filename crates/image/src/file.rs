@@ -77,14 +77,24 @@ pub fn hash(parts: &[&[u8]]) -> [u8; 32] {
 /// sample from the middle is tried first, so data that does not compress (random, already
 /// compressed) costs one small trial, not a pass over all of it.
 pub fn compress_if_smaller(data: &[u8]) -> Option<Vec<u8>> {
-    const SAMPLE: usize = 16 * 1024;
-    let saves = |d: &[u8], z: &[u8]| z.len() < d.len() - d.len() / 32;
-    let mid = data.len() / 2;
-    let sample = &data[mid.saturating_sub(SAMPLE / 2)..(mid + SAMPLE / 2).min(data.len())];
-    if data.len() > SAMPLE && !zstd::bulk::compress(sample, 1).is_ok_and(|z| saves(sample, &z)) {
+    if !sample_compresses(data) {
         return None;
     }
     zstd::bulk::compress(data, 1).ok().filter(|z| saves(data, z))
+}
+
+/// Whether compressing saves at least 1/32.
+fn saves(d: &[u8], z: &[u8]) -> bool {
+    z.len() < d.len() - d.len() / 32
+}
+
+/// Whether a 16 KiB sample from the middle of `data` compresses (all of `data` if it is
+/// that small): the cheap test [`compress_if_smaller`] starts with.
+pub fn sample_compresses(data: &[u8]) -> bool {
+    const SAMPLE: usize = 16 * 1024;
+    let mid = data.len() / 2;
+    let sample = &data[mid.saturating_sub(SAMPLE / 2)..(mid + SAMPLE / 2).min(data.len())];
+    data.len() <= SAMPLE || zstd::bulk::compress(sample, 1).is_ok_and(|z| saves(sample, &z))
 }
 
 fn enc<T: crate::wire::Wire>(v: &T) -> Vec<u8> {
