@@ -61,6 +61,7 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: bo
             wait_idle: Duration::ZERO,
             parent: None,
             compress,
+            self_contained: false,
         })
         .expect("checkpoint");
     let mut seen_ms = None;
@@ -114,6 +115,7 @@ fn incremental(dir: &Path) -> (u64, f64, u64, f64, f64) {
         wait_idle: Duration::ZERO,
         parent,
         compress: false,
+        self_contained: false,
     };
     let a = sup.inner.checkpoint(&req(&full, None)).expect("full checkpoint");
     std::thread::sleep(Duration::from_secs(1));

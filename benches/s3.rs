@@ -57,6 +57,7 @@ fn checkpoint_to_store(sup: &Supervisor, store: &S3Store, key: &str) -> (Stats, 
         wait_idle: Duration::ZERO,
         parent: None,
         compress: false,
+        self_contained: false,
     };
     let t = Instant::now();
     let sink = store.image_sink(key).expect("sink").expect("the S3 store streams");

@@ -326,3 +326,37 @@ fn a_chain_of_ten_delta_images_stores_only_changes_and_restores_identically() {
         assert_eq!(lines(&(out1 + &out2)), lines(&want), "output differs from an uninterrupted run");
     });
 }
+
+#[test]
+fn a_self_contained_image_restores_without_the_program_file() {
+    let orig = program("ticker");
+    let args = ["150"];
+    let want = reference(&orig, &args, "");
+    each_user("self-contained", |u, d| {
+        let mut sizes = Vec::new();
+        for self_contained in [false, true] {
+            // A copy of the program, removed once the image is taken.
+            let prog = d.join(format!("ticker-{self_contained}"));
+            std::fs::copy(&orig, &prog).unwrap();
+            let r = launch(u, d, &prog, &args);
+            r.expect_out("READY");
+            let img = d.join(format!("image-{self_contained}"));
+            let (ok, err) = dump_with(u, &r.socket, &img, if self_contained { &["--self-contained"] } else { &[] });
+            assert!(ok, "dump failed: {err}");
+            let (st, out1, err1) = r.finish();
+            assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err1}");
+            std::fs::remove_file(&prog).unwrap();
+            sizes.push(std::fs::metadata(&img).unwrap().len());
+            let (st2, out2, err2) = restore(u, d, &img).finish();
+            if self_contained {
+                assert_eq!(st2.code(), Some(0), "the self-contained image did not restore; stderr: {err2}");
+                assert_eq!(lines(&(out1 + &out2)), lines(&want), "output differs from an uninterrupted run");
+            } else {
+                assert_eq!(st2.code(), Some(125), "an image restored without its program file; stderr: {err2}");
+                assert!(err2.contains(prog.to_str().unwrap()) && err2.contains("missing"), "{err2}");
+            }
+        }
+        eprintln!("image {} bytes, self-contained {} bytes", sizes[0], sizes[1]);
+        assert!(sizes[1] > sizes[0] + (256 << 10), "the self-contained image ({}) is not larger than the other ({})", sizes[1], sizes[0]);
+    });
+}

@@ -282,7 +282,15 @@ fn checkpoint(
     };
     let streamed = sink.is_some();
     let staging = if streamed { PathBuf::new() } else { store.staging_path("image")? };
-    let req = Request { output: staging.clone(), after: After::Hold, freeze_timeout, wait_idle, parent: None, compress: false };
+    let req = Request {
+        output: staging.clone(),
+        after: After::Hold,
+        freeze_timeout,
+        wait_idle,
+        parent: None,
+        compress: false,
+        self_contained: false,
+    };
     let r = match sink {
         Some(sink) => sup.inner.checkpoint_to(&req, sink),
         None => sup.inner.checkpoint(&req),

@@ -345,10 +345,15 @@ struct DumpArgs {
     /// and restore; also LIMITLESS_COMPRESS=1 in the environment of launch/restore.
     #[arg(long)]
     compress: bool,
+    /// Store the program's and its libraries' pages in the image too (a few MiB more), so
+    /// that it restores where those files are missing or different; without it they are
+    /// mapped from the files again, which must be the same (size, time, ELF build-id).
+    #[arg(long)]
+    self_contained: bool,
 }
 
 fn dump(socket: Option<PathBuf>, pid: Option<u32>, what: DumpArgs) -> i32 {
-    let DumpArgs { output, leave_running, freeze_timeout, wait_idle, parent, compress } = what;
+    let DumpArgs { output, leave_running, freeze_timeout, wait_idle, parent, compress, self_contained } = what;
     let sock = match (socket, pid) {
         (Some(s), _) => s,
         (None, Some(p)) => api::default_socket(p),
@@ -368,6 +373,7 @@ fn dump(socket: Option<PathBuf>, pid: Option<u32>, what: DumpArgs) -> i32 {
             Err((p, e)) => return fail(format!("bad parent path {}: {e}", p.display())),
         },
         compress,
+        self_contained,
     };
     match api::request(&sock, &req) {
         Ok(r) if r.ok => {

@@ -38,6 +38,9 @@ pub enum ApiRequest {
         /// Compress page records where that pays.
         #[serde(default)]
         compress: bool,
+        /// Store the program's and its libraries' file pages too.
+        #[serde(default)]
+        self_contained: bool,
     },
     /// Report the program's pid and whether its agent is ready.
     Status,
@@ -146,7 +149,7 @@ fn serve(c: UnixStream, inner: &Inner) {
                 ..Default::default()
             }
         }
-        Ok(ApiRequest::Dump { output, leave_running, freeze_timeout_ms, wait_idle_ms, parent, compress }) => {
+        Ok(ApiRequest::Dump { output, leave_running, freeze_timeout_ms, wait_idle_ms, parent, compress, self_contained }) => {
             let after = if leave_running { After::Resume } else { After::Kill };
             let req = Request {
                 output,
@@ -155,6 +158,7 @@ fn serve(c: UnixStream, inner: &Inner) {
                 wait_idle: Duration::from_millis(wait_idle_ms.unwrap_or(0)),
                 parent,
                 compress,
+                self_contained,
             };
             match inner.checkpoint(&req) {
                 Ok(s) => ApiReply { ok: true, stats: Some(s), pid: Some(inner.pid), ..Default::default() },

@@ -65,6 +65,9 @@ pub struct Request {
     /// Compress page records where that pays (image files only; also with
     /// `LIMITLESS_COMPRESS=1` in the environment).
     pub compress: bool,
+    /// Store private file mappings (the program, its libraries) whole, so that a restore
+    /// needs none of those files.
+    pub self_contained: bool,
 }
 
 /// What a checkpoint cost.
@@ -215,7 +218,7 @@ impl Inner {
                 After::Resume if snapshot => ckpt_flags::LEAVE_RUNNING | ckpt_flags::SNAPSHOT,
                 After::Resume => ckpt_flags::LEAVE_RUNNING,
                 _ => 0,
-            },
+            } | if req.self_contained { ckpt_flags::SELF_CONTAINED } else { 0 },
             freeze_timeout_ms: req.freeze_timeout.as_millis().min(u32::MAX as u128) as u32,
             stdio_ino: self.stdio_ino,
             wait_idle_ms: req.wait_idle.as_millis().min(u32::MAX as u128) as u32,

@@ -224,8 +224,12 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
             return fail(&[b"cannot read /proc/self/maps"]);
         }
     };
-    let max_wins = resident + 2 * maps.n + 1024;
-    let scan = match scan::scan(&maps, &mut s, &mut objs, max_wins) {
+    let self_contained = c.flags & ckpt_flags::SELF_CONTAINED != 0;
+    // Windows: at most one per resident page, plus (self-contained) one per 1 MiB of the
+    // mappings, whose pages need not be resident.
+    let mapped: usize = if self_contained { maps.entries[..maps.n].iter().map(|e| ((e.end - e.start) >> 20) as usize).sum() } else { 0 };
+    let max_wins = resident + mapped + 2 * maps.n + 1024;
+    let scan = match scan::scan(&maps, &mut s, &mut objs, max_wins, self_contained) {
         Ok(sc) => sc,
         Err(e) => {
             freeze::thaw();

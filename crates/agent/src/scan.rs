@@ -82,7 +82,8 @@ impl Scan {
 const WINDOW: u64 = WINDOW_PAGES * PAGE;
 
 /// Scans every area of `maps` except the scratch mapping itself.
-pub fn scan(maps: &Maps, s: &mut Scratch, objs: &mut Objects, max_wins: usize) -> Result<Scan, ScanError> {
+/// `self_contained`: store private file mappings whole, as if their files were gone.
+pub fn scan(maps: &Maps, s: &mut Scratch, objs: &mut Objects, max_wins: usize, self_contained: bool) -> Result<Scan, ScanError> {
     let areas = s.array::<Area>(maps.n * 2 + 2).ok_or(ScanError::NoMem)?;
     let objmaps = s.array::<ObjMap>(maps.n + 1).ok_or(ScanError::NoMem)?;
     let wins = s.array::<Win>(max_wins).ok_or(ScanError::NoMem)?;
@@ -138,7 +139,7 @@ pub fn scan(maps: &Maps, s: &mut Scratch, objs: &mut Objects, max_wins: usize) -
                     piece.pgoff += a - e.start;
                     piece.start = a;
                     piece.end = b;
-                    add_area(&mut sc, &mut ctx, maps, objs, &piece)?;
+                    add_area(&mut sc, &mut ctx, maps, objs, &piece, self_contained)?;
                 }
             }
         }
@@ -192,7 +193,7 @@ enum Want {
     All,
 }
 
-fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &MapEntry) -> Result<(), ScanError> {
+fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &MapEntry, self_contained: bool) -> Result<(), ScanError> {
     let name = maps.name(e);
     let mut info = VmaInfo::zeroed();
     info.start = e.start;
@@ -277,7 +278,7 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &Ma
     } else if name.starts_with(b"/") {
         info.pgoff = e.pgoff;
         match (deleted, stat_path(name)) {
-            (false, Some(st)) if st.dev == e.dev && st.ino == e.ino && st.mode & sys::S_IFMT == sys::S_IFREG => {
+            (false, Some(st)) if !self_contained && st.dev == e.dev && st.ino == e.ino && st.mode & sys::S_IFMT == sys::S_IFREG => {
                 info.kind = vma_kind::FILE_PRIVATE;
                 info.file_size = st.size as u64;
                 info.mtime_sec = st.mtime.sec;

@@ -81,6 +81,10 @@ pub mod ckpt_flags {
     /// process writes the stream (the supervisor then sends `STDIO_SAVED`). Older agents
     /// ignore it.
     pub const SNAPSHOT: u32 = 2;
+    /// Store every page of private file mappings too (read through `/proc/self/mem`), so
+    /// that the image needs none of the files: they are restored as anonymous memory.
+    /// Older agents ignore it.
+    pub const SELF_CONTAINED: u32 = 4;
 }
 
 wire! {
