@@ -31,7 +31,6 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -63,14 +62,17 @@ fn check_here(img: &Image) -> Result<()> {
 /// Restores the image file `image` and supervises it.
 pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats)> {
     let t0 = Instant::now();
-    let mut img = Image::open(image).map_err(|e| anyhow!("{}: {e}", image.display()))?;
-    img.attach_parents().map_err(|e| anyhow!("{}: {e}", image.display()))?;
+    // The restorer reads the very files that were checked (the same open files), not
+    // whatever is at those paths a moment later.
     let file = File::open(image).with_context(|| format!("cannot open {}", image.display()))?;
+    let mut img = Image::from_file(file.try_clone()?).map_err(|e| anyhow!("{}: {e}", image.display()))?;
     let mut parents = Vec::new();
-    for p in &img.parents {
-        let path = Path::new(std::ffi::OsStr::from_bytes(&p.path));
-        parents.push(File::open(path).with_context(|| format!("cannot open the parent image {}", path.display()))?);
-    }
+    img.attach_parents_with(|p| {
+        let f = File::open(p)?;
+        parents.push(f.try_clone()?);
+        Ok(f)
+    })
+    .map_err(|e| anyhow!("{}: {e}", image.display()))?;
     restore_image(img, Some(file), parents, opts, t0)
 }
 

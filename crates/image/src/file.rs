@@ -666,13 +666,19 @@ impl Image {
     /// `PARENTS` entry names: same trailer hash and length), so that its page references can
     /// be read.
     pub fn attach_parents(&mut self) -> Result<(), ImageError> {
+        self.attach_parents_with(|p| File::open(p))
+    }
+
+    /// [`attach_parents`](Self::attach_parents), opening each parent with `open` (so that
+    /// the caller can keep the very file that was checked).
+    pub fn attach_parents_with(&mut self, mut open: impl FnMut(&Path) -> io::Result<File>) -> Result<(), ImageError> {
         if self.pages.iter().any(|p| self.index[p.index].flags & rflags::REF != 0) && self.parents.is_empty() {
             return Err(corrupt("page references without a list of parent images"));
         }
         let mut out = Vec::new();
         for p in &self.parents {
             let path = Path::new(std::ffi::OsStr::from_bytes(&p.path));
-            let img = Image::open(path).map_err(|e| {
+            let img = open(path).map_err(ImageError::from).and_then(Image::from_file).map_err(|e| {
                 ImageError::Io(io::Error::other(format!(
                     "this is a delta image and its parent image {} cannot be used: {e}",
                     path.display()
