@@ -260,13 +260,8 @@ fn compressible_memory_is_stored_compressed_and_restores_identically() {
     each_user("compress", |u, d| {
         let mut sizes = Vec::new();
         for compress in [true, false] {
-            let r = launch(u, d, &prog, &args);
-            r.expect_out("iteration 1");
             let img = d.join(format!("image-{compress}"));
-            let (ok, err) = dump_with(u, &r.socket, &img, if compress { &["--compress"] } else { &[] });
-            assert!(ok, "dump failed: {err}");
-            let (st, out1, err1) = r.finish();
-            assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err1}");
+            let out1 = launch_and_stop(u, d, &prog, &args, "iteration 1", &img, if compress { &["--compress"] } else { &[] });
             let (st2, out2, err2) = restore(u, d, &img).finish();
             assert_eq!(st2.code(), Some(0), "restored program failed (compressed: {compress}); stderr: {err2}");
             assert_eq!(lines(&(out1 + &out2)), lines(&want), "output differs (compressed: {compress})");
@@ -338,13 +333,8 @@ fn a_self_contained_image_restores_without_the_program_file() {
             // A copy of the program, removed once the image is taken.
             let prog = d.join(format!("ticker-{self_contained}"));
             std::fs::copy(&orig, &prog).unwrap();
-            let r = launch(u, d, &prog, &args);
-            r.expect_out("READY");
             let img = d.join(format!("image-{self_contained}"));
-            let (ok, err) = dump_with(u, &r.socket, &img, if self_contained { &["--self-contained"] } else { &[] });
-            assert!(ok, "dump failed: {err}");
-            let (st, out1, err1) = r.finish();
-            assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err1}");
+            let out1 = launch_and_stop(u, d, &prog, &args, "READY", &img, if self_contained { &["--self-contained"] } else { &[] });
             std::fs::remove_file(&prog).unwrap();
             sizes.push(std::fs::metadata(&img).unwrap().len());
             let (st2, out2, err2) = restore(u, d, &img).finish();

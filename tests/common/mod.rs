@@ -291,18 +291,26 @@ pub fn stop_and_restore(name: &str, args: &[&str], input: &str) {
     stop_and_restore_prog(name, &program(name), args, input, "READY");
 }
 
+/// Launches `prog args` as `user`, waits for `marker`, dumps it to `image` (with
+/// `dump_args`) and stops it; returns what it printed before it stopped.
+pub fn launch_and_stop(user: User, dir: &Path, prog: &Path, args: &[&str], marker: &str, image: &Path, dump_args: &[&str]) -> String {
+    let r = launch(user, dir, prog, args);
+    r.expect_out(marker);
+    let (ok, err) = dump_with(user, &r.socket, image, dump_args);
+    assert!(ok, "dump failed: {err}\nprogram stdout so far:\n{}\nstderr:\n{}", r.out.text(), r.err.text());
+    let (st, out, err) = r.finish();
+    assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "launch should exit 75 after the checkpoint; stderr: {err}");
+    out
+}
+
 /// As [`stop_and_restore`] for any program, dumping once `marker` appears in its output.
 pub fn stop_and_restore_prog(name: &str, prog: &Path, args: &[&str], input: &str, marker: &str) {
     let prog = prog.to_path_buf();
     let refdir = workdir(&format!("{name}-ref"), User::Root);
     let want = reference_in(&prog, args, input, &refdir);
     each_user(name, |u, d| {
-        let r = launch(u, d, &prog, args);
-        r.expect_out(marker);
         let img = d.join("image");
-        dump_ok(u, &r, &img, false);
-        let (st, out1, err1) = r.finish();
-        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "launch should exit 75 after the checkpoint; stderr: {err1}");
+        let out1 = launch_and_stop(u, d, &prog, args, marker, &img, &[]);
         let mut r2 = restore(u, d, &img);
         if !input.is_empty() {
             r2.send(input);
