@@ -1,17 +1,24 @@
 //! Figures of the checkpoint engine: checkpoint time, time the program is frozen, image
 //! size and restore time, for processes of 1 MiB and 1 GiB (random contents), 1 GiB of
 //! touched-but-zero memory and 1 GiB of text-like memory (compressible to about half),
-//! checkpointed and stopped, without compression and with it ("zstd", `dump --compress`),
+//! checkpointed and stopped, without compression and with it ("zstd idle", `dump
+//! --compress`: only on idle cores; "zstd all", `--compress=all`: every record that pays),
 //! and checkpointed with `--leave-running` (a copy-on-write snapshot); and a delta image
 //! (`dump --parent`) of a 1 GiB process that rewrote 1 % of its heap. Beside them, the machine's reference
 //! figures in the same run: `dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync` in
 //! the image directory, and `cat` of that 1 GiB page-cached file to /dev/null; the table
 //! gives checkpoint / dd and restore / cat for the 1 GiB rows.
 //!
+//! Last, the cost while running: a CPU-bound loop (`examples/factors.c`) plain and under
+//! the engine, alternately.
+//!
 //! Run with `cargo bench --bench engine`; each figure is the median of three runs. The
-//! images go to $LIMITLESS_BENCH_DIR (default: the system temporary directory).
+//! runs go in rounds (references, then every row once), with a `sync` before each, so that
+//! figures compared with each other are taken close together. The images go to
+//! $LIMITLESS_BENCH_DIR (default: the system temporary directory).
 
 use limitless::engine::checkpoint::{After, Request};
+use limitless::engine::compress::Compress::{self, All, Idle, Off};
 use limitless::engine::restore::restore;
 use limitless::engine::supervisor::{Options, Supervisor};
 use std::path::{Path, PathBuf};
@@ -37,7 +44,7 @@ struct Run {
     snapshot: bool,
 }
 
-fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: bool) -> Run {
+fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Compress) -> Run {
     let opts = Options { socket: None, carry: Default::default() };
     let mut args = vec![mib.to_string().into(), kind.into()];
     if after == After::Resume {
@@ -114,7 +121,7 @@ fn incremental(dir: &Path) -> (u64, f64, u64, f64, f64) {
         freeze_timeout: Duration::from_secs(10),
         wait_idle: Duration::ZERO,
         parent,
-        compress: false,
+        compress: Off,
         self_contained: false,
     };
     let a = sup.inner.checkpoint(&req(&full, None)).expect("full checkpoint");
@@ -158,15 +165,59 @@ fn timed(cmd: &str) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
 
-/// (dd of 1 GiB with fdatasync into `dir`, cat of that page-cached file), medians of three.
+/// (dd of 1 GiB with fdatasync into `dir`, cat of that page-cached file), one of each.
 fn reference(dir: &Path) -> (f64, f64) {
     let f = dir.join("f");
     let f = f.display();
-    let dd: Vec<f64> = (0..3).map(|_| timed(&format!("dd if=/dev/zero of={f} bs=1M count=1024 conv=fdatasync"))).collect();
+    settle();
+    let dd = timed(&format!("dd if=/dev/zero of={f} bs=1M count=1024 conv=fdatasync"));
     timed(&format!("cat {f} > /dev/null")); // into the page cache, whatever dd left
-    let cat: Vec<f64> = (0..3).map(|_| timed(&format!("cat {f} > /dev/null"))).collect();
+    let cat = timed(&format!("cat {f} > /dev/null"));
     let _ = std::fs::remove_file(dir.join("f"));
-    (median(dd), median(cat))
+    (dd, cat)
+}
+
+/// Lets write-back of earlier runs (and freeing deleted images) finish, so that it does
+/// not land in the next measurement.
+fn settle() {
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// CPU time (user + system) of the reaped children so far, in ms.
+fn children_cpu_ms() -> f64 {
+    // SAFETY: an all-zero rusage is a valid value; getrusage fills it in.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable rusage for the call.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 * 1000.0 + v.tv_usec as f64 / 1000.0;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// A CPU-bound loop (`examples/factors.c`, about 1 s) run plain and under the engine
+/// (launched with the agent, never checkpointed), alternately, `n` times each. Returns
+/// (plain wall ms, engine wall ms, plain CPU ms, engine CPU ms), medians.
+fn overhead(dir: &Path, n: usize) -> (f64, f64, f64, f64) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/factors.c");
+    let prog = dir.join("factors");
+    assert!(Command::new("gcc").args(["-O2", "-o"]).arg(&prog).arg(&src).arg("-lm").status().expect("gcc").success());
+    let args = ["75000000000000000", "1"];
+    let (mut pw, mut ew, mut pc, mut ec) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..n {
+        let (t, c) = (Instant::now(), children_cpu_ms());
+        let st = Command::new(&prog).args(args).stdout(Stdio::null()).status().expect("factors");
+        assert!(st.success());
+        pw.push(t.elapsed().as_secs_f64() * 1000.0);
+        pc.push(children_cpu_ms() - c);
+        let (t, c) = (Instant::now(), children_cpu_ms());
+        let opts = Options { socket: None, carry: Default::default() };
+        let sup = Supervisor::launch(&prog, &args.map(Into::into), &opts).expect("launch");
+        sup.wait().expect("wait");
+        ew.push(t.elapsed().as_secs_f64() * 1000.0);
+        ec.push(children_cpu_ms() - c);
+    }
+    (median(pw), median(ew), median(pc), median(ec))
 }
 
 fn main() {
@@ -179,25 +230,39 @@ fn main() {
         .join(format!("limitless-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
     let prog = build_mem(&dir);
-    let (dd, cat) = reference(&dir);
     let memcpy = memcpy_ms();
-    let mut rows = Vec::new();
-    for (mib, kind, after, compress, label) in [
-        (1, "random", After::Kill, false, "stop, 1 MiB random"),
-        (1, "random", After::Kill, true, "stop, 1 MiB random, zstd"),
-        (1024, "random", After::Kill, false, "stop, 1 GiB random"),
-        (1024, "random", After::Kill, true, "stop, 1 GiB random, zstd"),
-        (1024, "zero", After::Kill, false, "stop, 1 GiB zeros"),
-        (1024, "text", After::Kill, false, "stop, 1 GiB text"),
-        (1024, "text", After::Kill, true, "stop, 1 GiB text, zstd"),
-        (1, "random", After::Resume, false, "leave-running, 1 MiB random"),
-        (1024, "random", After::Resume, false, "leave-running, 1 GiB random"),
-        (1024, "text", After::Resume, true, "leave-running, 1 GiB text, zstd"),
-    ] {
-        let runs: Vec<Run> = (0..3).map(|_| one(&prog, &dir, mib, kind, after, compress)).collect();
-        rows.push((label, mib, runs));
+    // Rounds: each measures the references and every row once, so that the rows compared
+    // (and each row and its reference) are measured close together in time.
+    let rows_spec = [
+        (1, "random", After::Kill, Off, "stop, 1 MiB random"),
+        (1, "random", After::Kill, All, "stop, 1 MiB random, zstd all"),
+        (1024, "random", After::Kill, Off, "stop, 1 GiB random"),
+        (1024, "random", After::Kill, Idle, "stop, 1 GiB random, zstd idle"),
+        (1024, "zero", After::Kill, Off, "stop, 1 GiB zeros"),
+        (1024, "text", After::Kill, Off, "stop, 1 GiB text"),
+        (1024, "text", After::Kill, Idle, "stop, 1 GiB text, zstd idle"),
+        (1024, "text", After::Kill, All, "stop, 1 GiB text, zstd all"),
+        (1, "random", After::Resume, Off, "leave-running, 1 MiB random"),
+        (1024, "random", After::Resume, Off, "leave-running, 1 GiB random"),
+        (1024, "text", After::Resume, Off, "leave-running, 1 GiB text"),
+        (1024, "text", After::Resume, Idle, "leave-running, 1 GiB text, zstd idle"),
+    ];
+    let mut runs: Vec<Vec<Run>> = rows_spec.iter().map(|_| Vec::new()).collect();
+    let (mut dds, mut cats) = (Vec::new(), Vec::new());
+    for _round in 0..3 {
+        let (dd, cat) = reference(&dir);
+        dds.push(dd);
+        cats.push(cat);
+        for (i, &(mib, kind, after, compress, _)) in rows_spec.iter().enumerate() {
+            settle();
+            runs[i].push(one(&prog, &dir, mib, kind, after, compress));
+        }
     }
+    let (dd, cat) = (median(dds), median(cats));
+    let rows = rows_spec.iter().zip(runs).map(|(r, runs)| (r.4, r.0, runs));
+    settle();
     let inc = incremental(&dir);
+    let (plain_wall, engine_wall, plain_cpu, engine_cpu) = overhead(&dir, 5);
     println!();
     println!("images in {}", dir.display());
     println!("dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync: {dd:.1} ms; cat of that 1 GiB page-cached file to /dev/null: {cat:.1} ms; memcpy of 1 GiB: {memcpy:.1} ms");
@@ -235,6 +300,11 @@ fn main() {
         limitless::util::bytes(full),
         limitless::util::bytes(delta),
         delta as f64 * 100.0 / full as f64
+    );
+    println!(
+        "no overhead while running, factors (about 1 s), 5 alternating runs, medians: plain {plain_wall:.1} ms wall / {plain_cpu:.1} ms CPU; under the engine {engine_wall:.1} ms wall / {engine_cpu:.1} ms CPU ({:+.2} % wall, {:+.2} % CPU)",
+        (engine_wall / plain_wall - 1.0) * 100.0,
+        (engine_cpu / plain_cpu - 1.0) * 100.0
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -56,7 +56,7 @@ fn checkpoint_to_store(sup: &Supervisor, store: &S3Store, key: &str) -> (Stats, 
         freeze_timeout: Duration::from_secs(10),
         wait_idle: Duration::ZERO,
         parent: None,
-        compress: false,
+        compress: Default::default(),
         self_contained: false,
     };
     let t = Instant::now();

@@ -470,7 +470,7 @@ fn an_image_streams_into_the_store_and_back_and_a_tampered_chunk_stops_the_resto
         freeze_timeout: Duration::from_secs(10),
         wait_idle: Duration::ZERO,
         parent: None,
-        compress: false,
+        compress: Default::default(),
         self_contained: false,
     };
     let st = sup.inner.checkpoint_to(&req, s.image_sink(key).unwrap().expect("the S3 store takes a stream")).unwrap();

@@ -288,7 +288,7 @@ fn checkpoint(
         freeze_timeout,
         wait_idle,
         parent: None,
-        compress: false,
+        compress: Default::default(),
         self_contained: false,
     };
     let r = match sink {

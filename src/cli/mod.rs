@@ -3,6 +3,7 @@
 mod inspect;
 
 use crate::engine::api::{self, ApiRequest};
+use crate::engine::compress::Compress;
 use crate::engine::supervisor::{find_program, Options, Supervisor};
 use crate::engine::{restore, EXIT_ERROR};
 use crate::util::{bytes, parse_duration};
@@ -340,11 +341,13 @@ struct DumpArgs {
     /// PARENT refers to, unchanged at their paths.
     #[arg(long, value_name = "PARENT")]
     parent: Option<PathBuf>,
-    /// Compress memory with zstd where a sample shows it pays (records that do not
-    /// compress are stored raw). Smaller images, but on a fast disk a slower checkpoint
-    /// and restore; also LIMITLESS_COMPRESS=1 in the environment of launch/restore.
-    #[arg(long)]
-    compress: bool,
+    /// Compress memory with zstd where a sample shows it pays. `idle` (the default) uses
+    /// only idle cores: records that come while every worker is busy are stored raw
+    /// rather than waited for. `all` compresses every record that pays, however long
+    /// that takes. Smaller images, but a slower restore. Also LIMITLESS_COMPRESS=1 or
+    /// =all in the environment of launch/restore
+    #[arg(long, value_enum, value_name = "WHEN", num_args = 0..=1, require_equals = true, default_missing_value = "idle")]
+    compress: Option<Compress>,
     /// Store the program's and its libraries' pages in the image too (a few MiB more), so
     /// that it restores where those files are missing or different; without it they are
     /// mapped from the files again, which must be the same (size, time, ELF build-id).
@@ -372,7 +375,7 @@ fn dump(socket: Option<PathBuf>, pid: Option<u32>, what: DumpArgs) -> i32 {
             Ok(p) => p,
             Err((p, e)) => return fail(format!("bad parent path {}: {e}", p.display())),
         },
-        compress,
+        compress: compress.unwrap_or_default(),
         self_contained,
     };
     match api::request(&sock, &req) {
@@ -381,8 +384,11 @@ fn dump(socket: Option<PathBuf>, pid: Option<u32>, what: DumpArgs) -> i32 {
                 if let Some(n) = &s.note {
                     eprintln!("limitless: {n}");
                 }
-                let delta =
+                let mut delta =
                     if s.referenced_bytes > 0 { format!(", {} taken from the parent", bytes(s.referenced_bytes)) } else { String::new() };
+                if compress.is_some_and(|c| c != Compress::Off) {
+                    delta += &format!(", {} of {} page records compressed", s.compressed_records, s.page_records);
+                }
                 eprintln!(
                     "limitless: checkpointed {} thread(s) to {} ({}{delta}) in {:.1} ms, program frozen {:.1} ms{}",
                     s.threads,

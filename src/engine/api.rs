@@ -37,7 +37,7 @@ pub enum ApiRequest {
         parent: Option<PathBuf>,
         /// Compress page records where that pays.
         #[serde(default)]
-        compress: bool,
+        compress: crate::engine::compress::Compress,
         /// Store the program's and its libraries' file pages too.
         #[serde(default)]
         self_contained: bool,

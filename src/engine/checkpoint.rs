@@ -3,7 +3,8 @@
 //! The agent freezes the program and streams its records through a pipe; the supervisor
 //! meanwhile empties the program's output pipes (so everything written before the freeze
 //! is out) and copies the input it has not read yet, then writes the image file (header,
-//! records, index with per-record hashes, trailer), `fsync`s it, checks it reads back, and
+//! records, index with per-record hashes, trailer) with its write-back to disk started as it
+//! goes ([`super::early`]), `fsync`s it, checks it reads back, and
 //! renames it into place. Only then is the program resumed or killed: a failure at any step
 //! leaves the program running and no image behind.
 //!
@@ -19,7 +20,8 @@
 //! object store that uploads it while it is written, so that no whole image is ever on
 //! local disk or in memory.
 
-use super::compress::Compressor;
+use super::compress::{Compress, Compressor};
+use super::early::EarlyFlush;
 use super::link::AgentMsg;
 use super::supervisor::Inner;
 use anyhow::{anyhow, bail, Context, Result};
@@ -63,8 +65,8 @@ pub struct Request {
     /// to) has unchanged are references to it, not copies. Image files only.
     pub parent: Option<PathBuf>,
     /// Compress page records where that pays (image files only; also with
-    /// `LIMITLESS_COMPRESS=1` in the environment).
-    pub compress: bool,
+    /// `LIMITLESS_COMPRESS` in the environment, see [`Compress::or_env`]).
+    pub compress: Compress,
     /// Store private file mappings (the program, its libraries) whole, so that a restore
     /// needs none of those files.
     pub self_contained: bool,
@@ -102,6 +104,13 @@ pub struct Stats {
     /// Bytes of page data a delta image takes from its parents instead of storing them.
     #[serde(default)]
     pub referenced_bytes: u64,
+    /// Page records written.
+    #[serde(default)]
+    pub page_records: u64,
+    /// Page records written compressed (`--compress` compresses a record only when it
+    /// pays and a core is free).
+    #[serde(default)]
+    pub compressed_records: u64,
     /// The program keeps running.
     pub left_running: bool,
     /// The program ran on while a copy-on-write snapshot wrote the image.
@@ -231,9 +240,9 @@ impl Inner {
         drop(pw);
         let r = match dest {
             Dest::File { tmp, file } => self
-                .run_checkpoint(req, file, pr, snapshot, req.compress || Compressor::wanted(), parent)
+                .run_checkpoint(req, EarlyFlush::new(file), pr, snapshot, req.compress.or_env(), parent)
                 .and_then(|(stats, at, f, fin)| {
-                    f.sync_all().context("fsync of the image failed")?;
+                    f.into_inner().sync_all().context("fsync of the image failed")?;
                     finish_file(&tmp, &req.output)?;
                     Ok((stats, at, fin, None))
                 })
@@ -241,7 +250,7 @@ impl Inner {
                     let _ = fs::remove_file(&tmp);
                 }),
             Dest::Sink(s) => self
-                .run_checkpoint(req, s, pr, snapshot, false, None)
+                .run_checkpoint(req, s, pr, snapshot, Compress::Off, None)
                 .and_then(|(stats, at, s, fin)| Ok((stats, at, fin, Some(s.finish()?)))),
         };
         match r {
@@ -291,7 +300,7 @@ impl Inner {
         out: W,
         pr: std::os::fd::OwnedFd,
         snapshot: bool,
-        compress: bool,
+        compress: Compress,
         parent: Option<ParentMap>,
     ) -> Result<(Stats, Instant, W, Finished)> {
         let mut stats = Stats::default();
@@ -365,6 +374,8 @@ impl Inner {
             w.plain(h.kind, &payload).inspect_err(|e| write_err = Some(e.to_string()))
         });
         stats.carried_bytes = carrier.bytes;
+        stats.page_records = squeeze.compressed + squeeze.raw;
+        stats.compressed_records = squeeze.compressed;
         if let Err(e) = streamed {
             if let Some(why) = write_err {
                 return Err(WriteFailed(why).into());

@@ -1,79 +1,315 @@
-//! Compression of an image file's page records, on worker threads.
+//! Compression of an image file's page records, with the cores the checkpoint leaves idle.
 //!
-//! The supervisor queues the agent's page records and compresses a batch at a time, one
-//! share per core, then writes them in their order. Each record is tried on a 16 KiB
-//! sample first and stored raw when it does not compress, so memory that does not compress
-//! (random, already compressed) costs one small trial per record. With a leave-running
-//! snapshot this happens while the program runs again; in stop mode it is part of the
-//! checkpoint.
+//! Compression should not make a checkpoint slower than writing raw, so it is
+//! opportunistic. Each page record (at most 1 MiB of pages) is first tried on a 16 KiB
+//! sample; one that does not compress (random, already compressed) is stored raw at the
+//! cost of that small trial. One that does goes to a worker thread *if a worker is free*;
+//! otherwise it is stored raw at once rather than waited for. The workers run under
+//! `SCHED_IDLE`, so they only get CPU time that the agent's stream and the writing do not
+//! use. Records are written in their order: raw records that come behind one still being
+//! compressed wait in memory (at most [`HELD`] of them) and are written as soon as it is
+//! done. Where the disk takes the image as fast as it is produced, few records get
+//! compressed; where the disk or the CPU has slack, more do.
 //!
-//! It is off unless asked for (`dump --compress`, or `LIMITLESS_COMPRESS=1` in the
-//! supervisor's environment): where the image goes to the page cache and a disk that
-//! writes 1 GB/s, compressing costs more time than it saves (docs/benchmarks.md), and an
-//! image with compressed records restores through the supervisor rather than by `pread`.
-//! It pays when the image is kept long or goes over a slow disk or network. Images for a
-//! store that takes a stream are not compressed here: the store compresses its chunks.
+//! With [`Compress::All`] (`dump --compress=all`) every record whose sample compresses is
+//! compressed, the writer waiting for a free worker, and the workers run at normal
+//! priority: the smallest image, at the cost of time.
+//!
+//! It is off unless asked for (`dump --compress[=all]`, or `LIMITLESS_COMPRESS=1` or `=all`
+//! in the supervisor's environment). On this machine it still makes a checkpoint of text-like
+//! memory about 1.3x slower than raw (docs/benchmarks.md): writing the image is bound by
+//! memory bandwidth, which the workers share even when they take no CPU time from it. An
+//! image with compressed records also restores through the supervisor rather than by
+//! `pread`, which is slower. It pays when the image is kept long or goes over a slow disk
+//! or network. Images for a store that takes a stream are not compressed here: the store
+//! compresses its chunks.
 
 use limitless_image::file::{compress_if_smaller, sample_compresses, Writer};
 use limitless_image::format::{kind, PagesHeader};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
-/// Page records compressed together (each at most 1 MiB of pages).
-const BATCH: usize = 16;
+/// Whether and how page records are compressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Compress {
+    /// Stored raw.
+    #[default]
+    Off,
+    /// Compressed when a core is idle to do it; never waited for.
+    Idle,
+    /// Every record that compresses, waiting for the workers.
+    All,
+}
 
-/// Queues page records and writes them, compressed where that pays.
+impl Compress {
+    /// This, or if it is `Off`, what `LIMITLESS_COMPRESS` in the environment asks for
+    /// (`1` or `idle`, `all`).
+    pub fn or_env(self) -> Compress {
+        if self != Compress::Off {
+            return self;
+        }
+        match std::env::var("LIMITLESS_COMPRESS").as_deref() {
+            Ok("1" | "idle") => Compress::Idle,
+            Ok("all") => Compress::All,
+            _ => Compress::Off,
+        }
+    }
+}
+
+/// Records held in memory behind one that is being compressed before the writer waits.
+const HELD: usize = 32;
+
+/// A page record on its way out.
+enum Slot {
+    /// Stored as it is.
+    Raw(Vec<u8>),
+    /// With a worker; its result carries this sequence number.
+    Working(u64),
+    /// Compressed (`Some`) or found not worth it (`None`).
+    Done(Vec<u8>, Option<Vec<u8>>),
+}
+
+/// A finished job: sequence number, the record, its compressed pages if they are smaller.
+type Compressed = (u64, Vec<u8>, Option<Vec<u8>>);
+
+/// The worker threads and their queues.
+struct Pool {
+    jobs: Option<Sender<(u64, Vec<u8>)>>,
+    results: Receiver<Compressed>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    fn start(n: usize, idle: bool) -> Pool {
+        let (jobs, job_rx) = channel::<(u64, Vec<u8>)>();
+        let (done, results) = channel();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let threads = (0..n)
+            .map(|_| {
+                let job_rx = job_rx.clone();
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    if idle {
+                        lower_priority();
+                    }
+                    loop {
+                        let job = job_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((seq, raw)) = job else { return };
+                        let z = raw.get(PagesHeader::SIZE..).and_then(compress_if_smaller);
+                        if done.send((seq, raw, z)).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Pool { jobs: Some(jobs), results, threads }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Closing the job queue ends each worker after its current job.
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs the calling thread under `SCHED_IDLE`: it gets a core only when nothing else
+/// wants it. Any thread may lower its own priority so; if it fails, the thread simply
+/// competes as usual.
+fn lower_priority() {
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `p` is a valid sched_param that outlives the call; pid 0 is this thread.
+    unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &p);
+    }
+}
+
+/// Writes page records in order, compressed where a free worker could do it.
 pub struct Compressor {
-    on: bool,
-    threads: usize,
-    queue: Vec<Vec<u8>>,
+    mode: Compress,
+    workers: usize,
+    pool: Option<Pool>,
+    queue: VecDeque<Slot>,
+    next_seq: u64,
+    busy: usize,
+    /// Page records written compressed.
+    pub compressed: u64,
+    /// Page records written raw.
+    pub raw: u64,
 }
 
 impl Compressor {
-    /// A compressor; `on: false` writes every record as it comes.
-    pub fn new(on: bool) -> Compressor {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
-        Compressor { on, threads, queue: Vec::new() }
-    }
-
-    /// Whether the environment asks for compression (`LIMITLESS_COMPRESS=1`).
-    pub fn wanted() -> bool {
-        std::env::var_os("LIMITLESS_COMPRESS").is_some_and(|v| v == "1")
+    /// A compressor; `Compress::Off` writes every record as it comes.
+    pub fn new(mode: Compress) -> Compressor {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+        Compressor { mode, workers, pool: None, queue: VecDeque::new(), next_seq: 0, busy: 0, compressed: 0, raw: 0 }
     }
 
     /// Writes the PAGES record `payload` (pages header, then pages), or queues it.
     pub fn pages<W: Write>(&mut self, w: &mut Writer<W>, payload: Vec<u8>) -> io::Result<()> {
-        // A record whose sample does not compress is written at once when nothing is
-        // queued before it, so that memory that does not compress is not held back in
-        // batches (which would stop the agent's stream while the batch is written).
-        if !self.on || (self.queue.is_empty() && !payload.get(PagesHeader::SIZE..).is_some_and(sample_compresses)) {
+        if self.mode == Compress::Off {
+            self.raw += 1;
             return w.plain(kind::PAGES, &payload);
         }
-        self.queue.push(payload);
-        if self.queue.len() >= BATCH {
-            self.flush(w)?;
+        self.collect(w, false)?;
+        let mut worth = payload.get(PagesHeader::SIZE..).is_some_and(sample_compresses);
+        if worth && self.mode == Compress::All {
+            while self.busy >= self.workers {
+                self.collect(w, true)?;
+            }
+        }
+        worth &= self.busy < self.workers;
+        if !worth {
+            if self.queue.is_empty() {
+                self.raw += 1;
+                return w.plain(kind::PAGES, &payload);
+            }
+            self.queue.push_back(Slot::Raw(payload));
+        } else {
+            let (workers, idle) = (self.workers, self.mode == Compress::Idle);
+            let pool = self.pool.get_or_insert_with(|| Pool::start(workers, idle));
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            match pool.jobs.as_ref().map(|j| j.send((seq, payload))) {
+                Some(Ok(())) => {
+                    self.busy += 1;
+                    self.queue.push_back(Slot::Working(seq));
+                }
+                // The workers are gone (cannot happen while the pool lives): store raw.
+                Some(Err(e)) => self.queue.push_back(Slot::Raw(e.0 .1)),
+                None => return Err(io::Error::other("the compression workers are closed")),
+            }
+        }
+        while self.queue.len() > HELD {
+            self.collect(w, true)?;
         }
         Ok(())
     }
 
-    /// Compresses and writes the queued records, in order.
+    /// Writes every queued record, waiting for the workers.
     pub fn flush<W: Write>(&mut self, w: &mut Writer<W>) -> io::Result<()> {
-        if self.queue.is_empty() {
-            return Ok(());
+        while !self.queue.is_empty() {
+            self.collect(w, true)?;
         }
-        let raw = std::mem::take(&mut self.queue);
-        let per = raw.len().div_ceil(self.threads.min(raw.len()));
-        let squeeze = |r: &Vec<u8>| r.get(PagesHeader::SIZE..).and_then(compress_if_smaller);
-        let zs: Vec<Option<Vec<u8>>> = std::thread::scope(|s| {
-            let parts: Vec<_> = raw.chunks(per).map(|part| s.spawn(move || part.iter().map(squeeze).collect::<Vec<_>>())).collect();
-            // A worker that panicked leaves its records raw.
-            parts.into_iter().zip(raw.chunks(per)).flat_map(|(h, part)| h.join().unwrap_or_else(|_| vec![None; part.len()])).collect()
-        });
-        for (r, z) in raw.iter().zip(zs) {
-            match z {
-                Some(z) => w.compressed_pages(r, &z)?,
-                None => w.plain(kind::PAGES, r)?,
+        Ok(())
+    }
+
+    /// Takes in the workers' results (waiting for one if `wait`) and writes the records at
+    /// the head of the queue that are ready.
+    fn collect<W: Write>(&mut self, w: &mut Writer<W>, wait: bool) -> io::Result<()> {
+        if let Some(pool) = &self.pool {
+            let mut next = if wait && self.busy > 0 { pool.results.recv().ok() } else { pool.results.try_recv().ok() };
+            while let Some((seq, raw, z)) = next {
+                self.busy -= 1;
+                if let Some(s) = self.queue.iter_mut().find(|s| matches!(s, Slot::Working(n) if *n == seq)) {
+                    *s = Slot::Done(raw, z);
+                }
+                next = pool.results.try_recv().ok();
+            }
+        }
+        while let Some(s) = self.queue.front() {
+            match s {
+                Slot::Working(_) if self.busy == 0 => return Err(io::Error::other("a compression worker stopped")),
+                Slot::Working(_) => break,
+                _ => {}
+            }
+            match self.queue.pop_front() {
+                Some(Slot::Raw(r) | Slot::Done(r, None)) => {
+                    self.raw += 1;
+                    w.plain(kind::PAGES, &r)?;
+                }
+                Some(Slot::Done(r, Some(z))) => {
+                    self.compressed += 1;
+                    w.compressed_pages(&r, &z)?;
+                }
+                _ => {}
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use limitless_image::format::{rflags, FileHeader, RecordHeader};
+    use limitless_image::wire::Wire;
+
+    fn record(start: u64, fill: &mut dyn FnMut(usize) -> u8) -> Vec<u8> {
+        let mut bitmap = [0u64; 4];
+        bitmap[0] = u64::MAX;
+        let h = PagesHeader { start, npages: 64, count: 64, bitmap };
+        let mut p = vec![0u8; PagesHeader::SIZE + 64 * 4096];
+        h.put(&mut p);
+        for (i, b) in p[PagesHeader::SIZE..].iter_mut().enumerate() {
+            *b = fill(i);
+        }
+        p
+    }
+
+    /// Text-like and random records through the workers come out in their order, each
+    /// decompressing to what went in; some were compressed, and random ones never.
+    #[test]
+    fn records_come_out_in_order_and_whole() {
+        for mode in [Compress::Idle, Compress::All] {
+            in_order_and_whole(mode);
+        }
+    }
+
+    fn in_order_and_whole(mode: Compress) {
+        let mut out = Vec::new();
+        let mut c = Compressor::new(mode);
+        let mut rng = 0x9e3779b97f4a7c15u64;
+        let mut want = Vec::new();
+        {
+            let mut w = Writer::new(&mut out, 0).unwrap();
+            for r in 0..120u64 {
+                let text = r % 3 != 0;
+                let rec = record(0x100000 * (r + 1), &mut |i| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    if text {
+                        b"the quick brown fox jumps "[(i + (rng % 3) as usize) % 26]
+                    } else {
+                        rng as u8
+                    }
+                });
+                want.push((text, rec.clone()));
+                c.pages(&mut w, rec).unwrap();
+            }
+            c.flush(&mut w).unwrap();
+        }
+        assert_eq!(c.compressed + c.raw, 120);
+        assert!(c.compressed > 0, "no record was compressed");
+        if mode == Compress::All {
+            assert_eq!(c.compressed, 80, "every text-like record is compressed");
+        }
+        let mut at = FileHeader::SIZE;
+        for (i, (text, rec)) in want.iter().enumerate() {
+            let h = RecordHeader::get(&out[at..]);
+            at += RecordHeader::SIZE;
+            let stored = &out[at..at + h.stored_len as usize];
+            at += h.stored_len as usize;
+            assert_eq!(h.kind, kind::PAGES, "record {i}");
+            assert_eq!(h.raw_len, rec.len() as u64, "record {i}");
+            if h.flags & rflags::ZSTD != 0 {
+                assert!(text, "random record {i} was compressed");
+                assert_eq!(stored[..PagesHeader::SIZE], rec[..PagesHeader::SIZE]);
+                let pages = zstd::bulk::decompress(&stored[PagesHeader::SIZE..], rec.len()).unwrap();
+                assert!(pages == rec[PagesHeader::SIZE..], "record {i} decompresses to other pages");
+            } else {
+                assert!(stored == &rec[..], "raw record {i} differs");
+            }
+        }
     }
 }
