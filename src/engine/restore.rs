@@ -16,7 +16,9 @@
 //! metadata, the page map and the index; the supervisor then reads each page record in
 //! order, checks it and passes its pages to the restorer through the data pipe (the plan
 //! has no image fd), so no copy of the image is kept. An image file with compressed page
-//! records is restored the same way, the supervisor decompressing each record.
+//! records is restored the same way, the supervisor decompressing each record. The
+//! supervisor checks (and decompresses) the records of an image file on several threads,
+//! passing them on in order ([`check_and_pass`]); a stream's on one.
 
 use super::embedded::{self, EngineFiles};
 use super::host;
@@ -158,6 +160,7 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
         fds.add(OwnedFd::from(f), n);
         n
     };
+    let streamed = file.is_none();
     let image_fd = file.map(&mut add_file);
     let parent_fds: Vec<i32> = parents.into_iter().map(&mut add_file).collect();
     // Where each page record is read from: in place, or (None) through the data pipe.
@@ -196,21 +199,10 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
         let img = img.clone();
         let data_err = data_err.clone();
         std::thread::spawn(move || {
-            let mut w = File::from(data_w);
-            let mut total = 0u64;
-            let mut buf = Vec::new();
-            for (p, src) in img.pages.iter().zip(&srcs) {
-                match img.check_pages(p, &mut buf) {
-                    // A restorer that stopped reading has failed and says why itself.
-                    Ok(n) if src.is_none() && w.write_all(&buf[buf.len() - n as usize..]).is_err() => return total,
-                    Ok(n) => total += n,
-                    Err(e) => {
-                        *data_err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-                        return total;
-                    }
-                }
-            }
-            let _ = w.write_all(&[limitless_image::plan::VERIFIED]);
+            // A stream (an object store's chunks) is read in order, one record at a time:
+            // its read-ahead follows a single reader.
+            let workers = if streamed { 1 } else { std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4) };
+            let total = check_and_pass(&img, &srcs, File::from(data_w), &data_err, workers);
             tracing::debug!("restore: page records checked at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
             total
         })
@@ -268,4 +260,56 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
     drop(errtext);
     let threads = sup.inner.state.lock().map(|s| s.restored.map_or(0, |r| r.threads)).unwrap_or(0);
     Ok((sup, RestoreStats { total_ms: t0.elapsed().as_secs_f64() * 1000.0, data_bytes, threads }))
+}
+
+/// Checks every page record of `img` on `n` threads and writes, in order, the pages of
+/// those the restorer does not read in place (`srcs[i]` is `None`) into `w`, then the
+/// go-ahead byte. Records are handed out round-robin; each worker checks its share in
+/// order and hands back a buffer per record, so the writer takes them in image order.
+/// Checking (hashing, decompressing) thus uses every core while the restorer reads.
+/// Returns the page bytes checked; on a bad record, says why in `err`.
+fn check_and_pass(img: &Image, srcs: &[Option<(i32, u64)>], mut w: File, err: &Mutex<Option<String>>, n: usize) -> u64 {
+    let fail = |e: String| *err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+    std::thread::scope(|s| {
+        let mut results = Vec::new();
+        let mut free = Vec::new();
+        for k in 0..n {
+            let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<(Result<u64, String>, Vec<u8>)>(2);
+            let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            for _ in 0..2 {
+                let _ = free_tx.send(Vec::new());
+            }
+            s.spawn(move || {
+                for p in img.pages.iter().skip(k).step_by(n) {
+                    let Ok(mut buf) = free_rx.recv() else { return };
+                    let r = img.check_pages(p, &mut buf).map_err(|e| e.to_string());
+                    // The writer stopped (a bad record, a restorer that stopped reading).
+                    if done_tx.send((r, buf)).is_err() {
+                        return;
+                    }
+                }
+            });
+            results.push(done_rx);
+            free.push(free_tx);
+        }
+        let mut total = 0u64;
+        for (i, src) in srcs.iter().enumerate().take(img.pages.len()) {
+            let Ok((r, buf)) = results[i % n].recv() else {
+                fail("a page check stopped".into());
+                return total;
+            };
+            match r {
+                // A restorer that stopped reading has failed and says why itself.
+                Ok(len) if src.is_none() && w.write_all(&buf[buf.len() - len as usize..]).is_err() => return total,
+                Ok(len) => total += len,
+                Err(e) => {
+                    fail(e);
+                    return total;
+                }
+            }
+            let _ = free[i % n].send(buf);
+        }
+        let _ = w.write_all(&[limitless_image::plan::VERIFIED]);
+        total
+    })
 }
