@@ -4,7 +4,8 @@
 //! checkpointed and stopped, without compression and with it ("zstd idle", `dump
 //! --compress`: only on idle cores; "zstd all", `--compress=all`: every record that pays),
 //! and checkpointed with `--leave-running` (a copy-on-write snapshot); and a delta image
-//! (`dump --parent`) of a 1 GiB process that rewrote 1 % of its heap. Beside them, the machine's reference
+//! (`dump --parent`) of a 1 GiB process that rewrote 1 % of its heap, with dirty-page
+//! tracking and without. Beside them, the machine's reference
 //! figures in the same run: `dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync` in
 //! the image directory, and `cat` of that 1 GiB page-cached file to /dev/null; the table
 //! gives checkpoint / dd and restore / cat for the 1 GiB rows.
@@ -100,9 +101,13 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Co
 }
 
 /// Incremental checkpoints: `churn 1024` (it rewrites the same 1 % of its 1 GiB heap every
-/// 300 ms), a full leave-running image, then a delta on top of it a second later.
-/// Returns (full bytes, full ms, delta bytes, delta ms, restore of the delta ms).
-fn incremental(dir: &Path) -> (u64, f64, u64, f64, f64) {
+/// 300 ms), a full leave-running image, then a delta on top of it a second later, with the
+/// agent's dirty tracking or (`track: false`, `LIMITLESS_TRACK=0`) by content hashes alone.
+/// Returns (full bytes, full ms, delta bytes, delta ms, restore of the delta ms, delta frozen
+/// ms, pages found unchanged by tracking).
+fn incremental(dir: &Path, track: bool) -> (u64, f64, u64, f64, f64, f64, u64) {
+    // Read by the supervisor (this process) at each checkpoint.
+    std::env::set_var("LIMITLESS_TRACK", if track { "1" } else { "0" });
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/churn.c");
     let churn = dir.join("churn");
     assert!(Command::new("gcc").args(["-O2", "-o"]).arg(&churn).arg(&src).status().expect("gcc").success());
@@ -134,7 +139,7 @@ fn incremental(dir: &Path) -> (u64, f64, u64, f64, f64) {
     let _ = r.wait();
     let _ = std::fs::remove_file(&full);
     let _ = std::fs::remove_file(&delta);
-    (a.image_bytes, a.total_ms, b.image_bytes, b.total_ms, rs.total_ms)
+    (a.image_bytes, a.total_ms, b.image_bytes, b.total_ms, rs.total_ms, b.frozen_ms, b.unchanged_pages)
 }
 
 /// Time to copy 1 GiB in memory (both buffers already faulted in), median of three, in ms.
@@ -261,7 +266,7 @@ fn main() {
     let (dd, cat) = (median(dds), median(cats));
     let rows = rows_spec.iter().zip(runs).map(|(r, runs)| (r.4, r.0, runs));
     settle();
-    let inc = incremental(&dir);
+    let inc: Vec<_> = [true, false].into_iter().map(|t| (t, incremental(&dir, t))).collect();
     let (plain_wall, engine_wall, plain_cpu, engine_cpu) = overhead(&dir, 5);
     println!();
     println!("images in {}", dir.display());
@@ -293,14 +298,17 @@ fn main() {
             format!("{}/{}", runs.iter().filter(|r| r.snapshot).count(), runs.len()),
         );
     }
-    let (full, full_ms, delta, delta_ms, delta_restore_ms) = inc;
     println!();
-    println!(
-        "incremental, churn 1 GiB (1 % rewritten): full image {} in {full_ms:.1} ms; a delta 1 s later {} ({:.2} % of the full) in {delta_ms:.1} ms; restore of the delta {delta_restore_ms:.1} ms",
-        limitless::util::bytes(full),
-        limitless::util::bytes(delta),
-        delta as f64 * 100.0 / full as f64
-    );
+    for (track, (full, full_ms, delta, delta_ms, delta_restore_ms, delta_frozen_ms, unchanged)) in inc {
+        println!(
+            "incremental{}, churn 1 GiB (1 % rewritten): full image {} in {full_ms:.1} ms; a delta 1 s later {} ({:.2} % of the full) in {delta_ms:.1} ms, frozen {delta_frozen_ms:.1} ms, {} found unchanged by dirty tracking; restore of the delta {delta_restore_ms:.1} ms",
+            if track { "" } else { " (LIMITLESS_TRACK=0: hashes only)" },
+            limitless::util::bytes(full),
+            limitless::util::bytes(delta),
+            delta as f64 * 100.0 / full as f64,
+            limitless::util::bytes(unchanged * 4096),
+        );
+    }
     println!(
         "no overhead while running, factors (about 1 s), 5 alternating runs, medians: plain {plain_wall:.1} ms wall / {plain_cpu:.1} ms CPU; under the engine {engine_wall:.1} ms wall / {engine_cpu:.1} ms CPU ({:+.2} % wall, {:+.2} % CPU)",
         (engine_wall / plain_wall - 1.0) * 100.0,

@@ -328,6 +328,47 @@ fn a_chain_of_ten_delta_images_stores_only_changes_and_restores_identically() {
     });
 }
 
+/// Dirty-page tracking (userfaultfd write-protect, Linux 6.7+): deltas of a program that
+/// changes its memory in every way the tracking must notice (writes, `read(2)` into it,
+/// `MADV_DONTNEED`, a mapping replaced in place, areas swapped with `mremap`, heap growth)
+/// restore exactly, and each delta found most of the memory unchanged without reading it.
+#[test]
+fn deltas_with_dirty_tracking_see_every_kind_of_change() {
+    let prog = program("wpedge");
+    let args = ["14", "250"];
+    let want = reference(&prog, &args, "");
+    each_user("track", |u, d| {
+        let r = launch(u, d, &prog, &args);
+        let mut imgs: Vec<std::path::PathBuf> = Vec::new();
+        let mut said = Vec::new();
+        for i in 0..4 {
+            r.expect_out(&format!("iteration {} checksum", 1 + 2 * i));
+            let img = d.join(format!("track-{i}"));
+            let mut a: Vec<&str> = if i < 3 { vec!["--leave-running"] } else { vec![] };
+            let parent = imgs.last().map(|p| p.to_str().unwrap().to_string());
+            if let Some(p) = &parent {
+                a.extend(["--parent", p.as_str()]);
+            }
+            let (ok, err) = dump_with(u, &r.socket, &img, &a);
+            assert!(ok, "dump {i} failed: {err}\nprogram stderr: {}", r.err.text());
+            said.push(err);
+            imgs.push(img);
+        }
+        let (st, out1, err1) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err1}");
+        for (i, err) in said.iter().enumerate().skip(1) {
+            // About 10 MiB of the 16 MiB area is never changed.
+            assert!(
+                err.contains("MiB found unchanged without reading it"),
+                "delta {i} did not use dirty tracking (it needs UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN, Linux 6.7+): {err}"
+            );
+        }
+        let (st2, out2, err2) = restore(u, d, &imgs[3]).finish();
+        assert_eq!(st2.code(), Some(0), "restored program failed; stderr: {err2}");
+        assert_eq!(lines(&(out1 + &out2)), lines(&want), "output differs from an uninterrupted run");
+    });
+}
+
 #[test]
 fn a_self_contained_image_restores_without_the_program_file() {
     let orig = program("ticker");

@@ -386,6 +386,9 @@ fn dump(socket: Option<PathBuf>, pid: Option<u32>, what: DumpArgs) -> i32 {
                 }
                 let mut delta =
                     if s.referenced_bytes > 0 { format!(", {} taken from the parent", bytes(s.referenced_bytes)) } else { String::new() };
+                if s.unchanged_pages > 0 {
+                    delta += &format!(" ({} found unchanged without reading it)", bytes(s.unchanged_pages * 4096));
+                }
                 if compress.is_some_and(|c| c != Compress::Off) {
                     delta += &format!(", {} of {} page records compressed", s.compressed_records, s.page_records);
                 }

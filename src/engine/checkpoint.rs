@@ -27,7 +27,7 @@ use super::supervisor::Inner;
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::ctl::{ckpt_flags, msg, Checkpoint};
 use limitless_image::file::{read_stream, Finished, Image, ParentMap, Writer};
-use limitless_image::format::kind;
+use limitless_image::format::{kind, rflags};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Write};
@@ -107,6 +107,13 @@ pub struct Stats {
     /// Page records written.
     #[serde(default)]
     pub page_records: u64,
+    /// Pages the agent's dirty tracking found unchanged since the parent image: not read,
+    /// referenced.
+    #[serde(default)]
+    pub unchanged_pages: u64,
+    /// The agent's dirty-tracking epoch of this checkpoint (0: not tracking).
+    #[serde(default)]
+    pub epoch: u64,
     /// Page records written compressed (`--compress` compresses a record only when it
     /// pays and a core is free).
     #[serde(default)]
@@ -202,6 +209,15 @@ impl Inner {
             (Some(_), Some(_)) => bail!("a delta image (--parent) can only be written to a file"),
             (Some(p), None) => Some(parent_map(p)?),
         };
+        // The agent may skip memory unchanged since the parent if the parent is the image
+        // its dirty tracking started from (same path, same contents).
+        let parent_epoch = match (&parent, &*self.tracked.lock().unwrap_or_else(|e| e.into_inner())) {
+            (Some((_, path, hash)), Some((tpath, thash, epoch))) if path == tpath && hash == thash => *epoch as u32,
+            _ => 0,
+        };
+        let parent = parent.map(|(m, _, _)| m);
+        // Arm dirty tracking for a later delta: leave-running checkpoints to files.
+        let track = req.after == After::Resume && sink.is_none() && std::env::var_os("LIMITLESS_TRACK").is_none_or(|v| v != "0");
         let dest = match sink {
             Some(s) => Dest::Sink(s),
             None => {
@@ -227,11 +243,12 @@ impl Inner {
                 After::Resume if snapshot => ckpt_flags::LEAVE_RUNNING | ckpt_flags::SNAPSHOT,
                 After::Resume => ckpt_flags::LEAVE_RUNNING,
                 _ => 0,
-            } | if req.self_contained { ckpt_flags::SELF_CONTAINED } else { 0 },
+            } | if req.self_contained { ckpt_flags::SELF_CONTAINED } else { 0 }
+                | if track { ckpt_flags::TRACK } else { 0 },
             freeze_timeout_ms: req.freeze_timeout.as_millis().min(u32::MAX as u128) as u32,
             stdio_ino: self.stdio_ino,
             wait_idle_ms: req.wait_idle.as_millis().min(u32::MAX as u128) as u32,
-            reserved: 0,
+            parent_epoch,
         };
         if let Err(e) = self.link.send_wire(msg::CHECKPOINT, &c, Some(pw.as_fd())) {
             remove_tmp(&dest);
@@ -244,6 +261,9 @@ impl Inner {
                 .and_then(|(stats, at, f, fin)| {
                     f.into_inner().sync_all().context("fsync of the image failed")?;
                     finish_file(&tmp, &req.output)?;
+                    // A later delta on top of this image may use the agent's tracking.
+                    *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) =
+                        fs::canonicalize(&req.output).ok().filter(|_| stats.epoch != 0).map(|p| (p, fin.trailer_hash, stats.epoch));
                     Ok((stats, at, fin, None))
                 })
                 .inspect_err(|_| {
@@ -346,6 +366,11 @@ impl Inner {
         let mut exec_files = ExecFiles::default();
         let streamed = read_stream(reader, |h, payload| {
             records += 1;
+            if h.kind == kind::PAGES && h.flags == rflags::REF {
+                // A window the agent's dirty tracking found unchanged since the parent.
+                squeeze.flush(&mut w).inspect_err(|e| write_err = Some(e.to_string()))?;
+                return w.unchanged(&payload).inspect_err(|e| write_err = Some(e.to_string()));
+            }
             if h.kind == kind::PAGES {
                 return squeeze.pages(&mut w, payload).inspect_err(|e| write_err = Some(e.to_string()));
             }
@@ -401,6 +426,8 @@ impl Inner {
                 AgentMsg::Done(d) => {
                     stats.pages = d.pages;
                     stats.write_ms = d.write_ns as f64 / 1e6;
+                    stats.epoch = d.epoch;
+                    stats.unchanged_pages = d.unchanged_pages;
                     break;
                 }
                 AgentMsg::Failed(t) => bail!("the checkpoint failed: {t}"),
@@ -448,11 +475,14 @@ impl ExecFiles {
 
 /// The page records the image at `path` (and the images it refers to) holds, for a delta
 /// image on top of it.
-fn parent_map(path: &Path) -> Result<ParentMap> {
+/// The page records a delta on top of `path` can refer to, with the parent's canonical
+/// path and trailer hash.
+fn parent_map(path: &Path) -> Result<(ParentMap, PathBuf, [u8; 32])> {
     let abs = fs::canonicalize(path).with_context(|| format!("cannot use {} as the parent image", path.display()))?;
     let mut img = Image::open(&abs).map_err(|e| anyhow!("cannot use {} as the parent image: {e}", path.display()))?;
     img.attach_parents().map_err(|e| anyhow!("cannot use {} as the parent image: {e}", path.display()))?;
-    ParentMap::of(&img, &abs).map_err(|e| anyhow!("cannot use {} as the parent image: {e}", path.display()))
+    let m = ParentMap::of(&img, &abs).map_err(|e| anyhow!("cannot use {} as the parent image: {e}", path.display()))?;
+    Ok((m, abs, img.trailer.trailer_hash))
 }
 
 /// Checks the written image reads back, renames it into place and makes the rename durable.

@@ -69,6 +69,10 @@ pub struct Inner {
     pub busy: Mutex<()>,
     /// Files every checkpoint carries in the image.
     pub carry: super::carry::Carry,
+    /// The last image written with dirty tracking armed: its path, trailer hash and the
+    /// agent's epoch for it (a delta on top of exactly that image may skip unchanged
+    /// memory).
+    pub tracked: Mutex<Option<(PathBuf, [u8; 32], u64)>>,
 }
 
 impl Inner {
@@ -177,6 +181,7 @@ impl Plumbing {
             stopped: AtomicBool::new(false),
             busy: Mutex::new(()),
             carry: self.carry,
+            tracked: Mutex::new(None),
         });
         start_reader(inner.clone(), tx);
         let api = match self.api {

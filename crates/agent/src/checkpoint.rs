@@ -23,7 +23,7 @@ use crate::scan::{self, Scan, ScanError};
 use crate::scratch::Scratch;
 use crate::snapshot::{self, Side};
 use crate::stream::Out;
-use crate::{ctl, restart};
+use crate::{ctl, restart, track};
 use core::ffi::c_void;
 use core::sync::atomic::Ordering;
 use limitless_image::ctl::{ckpt_flags, msg, Checkpoint, Done, Frozen, Hello, Released};
@@ -104,6 +104,8 @@ struct Job {
     snapshot: bool,
     /// The snapshot child (in the parent, after the write phase).
     child: Option<snapshot::Child>,
+    /// One byte per scanned window, 1 if unchanged since the parent (null: none are).
+    unchanged: *const u8,
 }
 
 static JOB: Shared<Job> = Shared::new(Job {
@@ -121,6 +123,7 @@ static JOB: Shared<Job> = Shared::new(Job {
     write_ns: 0,
     snapshot: false,
     child: None,
+    unchanged: core::ptr::null(),
 });
 
 fn fail(parts: &[&[u8]]) {
@@ -195,7 +198,8 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
         let _ = sys::close(out_fd);
         return fail(&[b"the checkpoint ran out of scratch memory"]);
     };
-    let fdt = match fds::collect(&mut s, sv, &mut objs, &[ctl_fd, out_fd], c.stdio_ino) {
+    let uffd = track::fd();
+    let fdt = match fds::collect(&mut s, sv, &mut objs, &[ctl_fd, out_fd, uffd], c.stdio_ino) {
         Ok(t) => t,
         Err(e) => {
             freeze::thaw();
@@ -229,7 +233,7 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
     // mappings, whose pages need not be resident.
     let mapped: usize = if self_contained { maps.entries[..maps.n].iter().map(|e| ((e.end - e.start) >> 20) as usize).sum() } else { 0 };
     let max_wins = resident + mapped + 2 * maps.n + 1024;
-    let scan = match scan::scan(&maps, &mut s, &mut objs, max_wins, self_contained) {
+    let scan = match scan::scan(&maps, &mut s, &mut objs, max_wins, self_contained, track::hole()) {
         Ok(sc) => sc,
         Err(e) => {
             freeze::thaw();
@@ -269,6 +273,11 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
             b"; the program stays frozen while its image is written",
         ]);
     }
+    // Dirty tracking: which windows are unchanged since the parent; the new baseline.
+    let arm = c.flags & (ckpt_flags::TRACK | ckpt_flags::LEAVE_RUNNING) == ckpt_flags::TRACK | ckpt_flags::LEAVE_RUNNING;
+    let tracked = track::checkpoint(&scan, &mut s, c.parent_epoch, arm);
+    TRACKED.store(tracked.epoch, Ordering::Relaxed);
+    UNCHANGED_PAGES.store(tracked.unchanged_pages, Ordering::Relaxed);
     let membuf = s.array::<u8>((WINDOW_PAGES * PAGE) as usize);
     let mem_fd = sys::openat(sys::AT_FDCWD, b"/proc/self/mem\0", sys::O_RDONLY | sys::O_CLOEXEC, 0).unwrap_or(-1);
     GENERATION.fetch_add(1, Ordering::AcqRel);
@@ -288,6 +297,7 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
         j.result = Ok((0, 0));
         j.snapshot = snap;
         j.child = None;
+        j.unchanged = tracked.unchanged.as_ref().map_or(core::ptr::null(), |u| u.as_ptr());
     }
     // SAFETY: the manager's context lives in its slot (static memory, part of the image).
     let r = unsafe { arch::suspend_point(SLOTS[mi].ctx.get(), write_image) };
@@ -310,7 +320,7 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
     drop(s);
     match result {
         Ok((bytes, pages)) => {
-            let _ = ctl::send_wire(msg::DONE, &Done { bytes, pages, write_ns });
+            let _ = ctl::send_wire(msg::DONE, &done(bytes, pages, write_ns));
         }
         Err(e) => {
             let mut d = [0u8; 20];
@@ -352,7 +362,7 @@ fn finish_snapshot(child: snapshot::Child, t0: u64, s: Scratch) {
     let mut d = [0u8; 20];
     match r {
         Ok((bytes, write_ns)) => {
-            let _ = ctl::send_wire(msg::DONE, &Done { bytes, pages, write_ns });
+            let _ = ctl::send_wire(msg::DONE, &done(bytes, pages, write_ns));
         }
         Err(snapshot::ChildError::Write(e)) => {
             fail(&[b"writing the image failed (errno ", sys::fmt_u64(e.0 as u64, &mut d), b")"]);
@@ -364,6 +374,14 @@ fn finish_snapshot(child: snapshot::Child, t0: u64, s: Scratch) {
             fail(&[b"the snapshot process writing the image ended without a result (status ", sys::fmt_u64(code as u64, &mut d), b")"]);
         }
     }
+}
+
+/// The tracking epoch and unchanged pages of the checkpoint under way, for `DONE`.
+static TRACKED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static UNCHANGED_PAGES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+fn done(bytes: u64, pages: u64, write_ns: u64) -> Done {
+    Done { bytes, pages, write_ns, epoch: TRACKED.load(Ordering::Relaxed), unchanged_pages: UNCHANGED_PAGES.load(Ordering::Relaxed) }
 }
 
 fn note(parts: &[&[u8]]) {
@@ -531,7 +549,13 @@ fn write_all(
             }
         }
     }
-    for w in scan.wins[..scan.n_wins].iter() {
+    for (wi, w) in scan.wins[..scan.n_wins].iter().enumerate() {
+        // SAFETY: `unchanged` has one byte per window of this scan (scratch memory, which
+        // the snapshot child has too).
+        if !j.unchanged.is_null() && unsafe { *j.unchanged.add(wi) } == 1 {
+            out.unchanged(&w.hdr)?;
+            continue;
+        }
         let area = &scan.areas[w.area as usize];
         let mut runs = [(0usize, 0usize); 130];
         let mut nr = 0;

@@ -28,6 +28,7 @@ mod scan;
 mod scratch;
 mod snapshot;
 mod stream;
+mod track;
 mod wrappers;
 
 use core::sync::atomic::Ordering;

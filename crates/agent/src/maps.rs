@@ -17,6 +17,8 @@ pub struct MapEntry {
     pub shared: bool,
     /// `vflags` (`MADV_DONTFORK`, `MADV_WIPEONFORK`) from `/proc/self/smaps`.
     pub flags: u32,
+    /// Registered for userfaultfd write-protection (`uw` in `VmFlags`).
+    pub uffd_wp: bool,
     /// Name: offset and length into the text buffer (unescaped in place).
     pub name_off: u32,
     pub name_len: u32,
@@ -130,13 +132,14 @@ fn parse_line(text: &mut [u8], pos: usize, eol: usize) -> Option<MapEntry> {
         prot,
         shared,
         flags: 0,
+        uffd_wp: false,
         name_off: name_start as u32,
         name_len: (w - name_start) as u32,
     })
 }
 
 /// Reads the `VmFlags` lines of `/proc/self/smaps` into `maps` (`dc` is `MADV_DONTFORK`,
-/// `wf` is `MADV_WIPEONFORK`), streaming through a fixed buffer. Areas are matched by their
+/// `wf` is `MADV_WIPEONFORK`, `uw` userfaultfd write-protection), streaming through a fixed buffer. Areas are matched by their
 /// start address; the map must be the one just read (the program is frozen and the agent
 /// maps nothing in between).
 pub fn read_vmflags(s: &mut Scratch, maps: &mut Maps) -> sys::Result<()> {
@@ -189,6 +192,7 @@ impl SmapsParser {
                     match f {
                         b"dc" => maps.entries[i].flags |= vflags::DONTFORK,
                         b"wf" => maps.entries[i].flags |= vflags::WIPEONFORK,
+                        b"uw" => maps.entries[i].uffd_wp = true,
                         _ => {}
                     }
                 }

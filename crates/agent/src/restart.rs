@@ -114,6 +114,8 @@ pub unsafe extern "C" fn limitless_restart(args: *const RestartArgs) -> ! {
 
 /// The restored manager, returning from its suspend point.
 pub fn continue_manager() {
+    // Dirty tracking does not survive: its descriptor and baseline are not in the image.
+    crate::track::forget();
     let mi = MANAGER_SLOT.load(Ordering::Acquire);
     // SAFETY: the manager's slot was filled before the checkpoint.
     freeze::restore_thread(unsafe { &*SLOTS[mi].info.get() });

@@ -29,6 +29,10 @@ pub struct Area {
     pub via_mem: bool,
     /// Its guard ranges: `Scan::guards[guard_first..guard_first + info.n_guards]`.
     pub guard_first: u32,
+    /// Registered for userfaultfd write-protection, and its offset (`/proc/self/maps`;
+    /// for anonymous memory, where the area was first mapped), for dirty tracking.
+    pub uffd_wp: bool,
+    pub pgoff: u64,
 }
 
 /// One page window of the image.
@@ -81,9 +85,17 @@ impl Scan {
 
 const WINDOW: u64 = WINDOW_PAGES * PAGE;
 
-/// Scans every area of `maps` except the scratch mapping itself.
+/// Scans every area of `maps` except the scratch mapping itself and `hole` (the agent's
+/// dirty-tracking baseline, or (0, 0)).
 /// `self_contained`: store private file mappings whole, as if their files were gone.
-pub fn scan(maps: &Maps, s: &mut Scratch, objs: &mut Objects, max_wins: usize, self_contained: bool) -> Result<Scan, ScanError> {
+pub fn scan(
+    maps: &Maps,
+    s: &mut Scratch,
+    objs: &mut Objects,
+    max_wins: usize,
+    self_contained: bool,
+    hole: (u64, u64),
+) -> Result<Scan, ScanError> {
     let areas = s.array::<Area>(maps.n * 2 + 2).ok_or(ScanError::NoMem)?;
     let objmaps = s.array::<ObjMap>(maps.n + 1).ok_or(ScanError::NoMem)?;
     let wins = s.array::<Win>(max_wins).ok_or(ScanError::NoMem)?;
@@ -126,13 +138,8 @@ pub fn scan(maps: &Maps, s: &mut Scratch, objs: &mut Objects, max_wins: usize, s
                 }
                 continue;
             }
-            // Cut the scratch mapping out of any area that contains it.
-            let (sb, se) = (s.base as u64, (s.base + s.len) as u64);
-            let pieces = if s.overlaps(e.start, e.end) {
-                [(e.start, sb.max(e.start).min(e.end)), (se.min(e.end).max(e.start), e.end)]
-            } else {
-                [(e.start, e.end), (0, 0)]
-            };
+            // Cut the scratch mapping and `hole` out of any area that contains them.
+            let pieces = cut(e.start, e.end, [(s.base as u64, (s.base + s.len) as u64), hole]);
             for (a, b) in pieces {
                 if a < b {
                     let mut piece = *e;
@@ -148,6 +155,30 @@ pub fn scan(maps: &Maps, s: &mut Scratch, objs: &mut Objects, max_wins: usize, s
     let _ = sys::close(pm);
     let _ = sys::close(mem);
     r.map(|_| sc)
+}
+
+/// `[start, end)` without the (disjoint) ranges `holes`: up to three pieces, empty ones
+/// as (0, 0).
+fn cut(start: u64, end: u64, mut holes: [(u64, u64); 2]) -> [(u64, u64); 3] {
+    if holes[0].0 > holes[1].0 {
+        holes.swap(0, 1);
+    }
+    let mut out = [(0, 0); 3];
+    let (mut n, mut at) = (0, start);
+    for (hb, he) in holes {
+        if hb >= he || he <= at || hb >= end {
+            continue;
+        }
+        if hb > at {
+            out[n] = (at, hb);
+            n += 1;
+        }
+        at = he;
+    }
+    if at < end {
+        out[n] = (at, end);
+    }
+    out
 }
 
 fn special(name: &[u8]) -> Option<u32> {
@@ -247,7 +278,8 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &Ma
         sc.n_objmaps += 1;
         info.kind = vma_kind::SHM;
         info.pgoff = e.pgoff;
-        sc.areas[sc.n_areas] = Area { info, name_off: e.name_off, name_len: e.name_len, via_mem: false, guard_first: 0 };
+        sc.areas[sc.n_areas] =
+            Area { info, name_off: e.name_off, name_len: e.name_len, via_mem: false, guard_first: 0, uffd_wp: e.uffd_wp, pgoff: e.pgoff };
         sc.n_areas += 1;
         return Ok(());
     }
@@ -308,7 +340,15 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &Ma
     info.pages = sc.wins[first_win..sc.n_wins].iter().map(|w| w.hdr.count as u64).sum();
     info.n_guards = (sc.n_guards - guard_first) as u32;
     sc.pages += info.pages;
-    sc.areas[sc.n_areas] = Area { info, name_off: e.name_off, name_len: e.name_len, via_mem, guard_first: guard_first as u32 };
+    sc.areas[sc.n_areas] = Area {
+        info,
+        name_off: e.name_off,
+        name_len: e.name_len,
+        via_mem,
+        guard_first: guard_first as u32,
+        uffd_wp: e.uffd_wp,
+        pgoff: e.pgoff,
+    };
     sc.n_areas += 1;
     Ok(())
 }

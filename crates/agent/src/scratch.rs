@@ -36,11 +36,6 @@ impl Scratch {
         // kernel and handed out once; the types used here are plain data valid when zero.
         Some(unsafe { core::slice::from_raw_parts_mut(start as *mut T, n) })
     }
-
-    /// Whether `[start, end)` overlaps this mapping.
-    pub fn overlaps(&self, start: u64, end: u64) -> bool {
-        start < (self.base + self.len) as u64 && end > self.base as u64
-    }
 }
 
 impl Drop for Scratch {

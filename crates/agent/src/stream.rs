@@ -85,6 +85,24 @@ impl<'a> Out<'a> {
         self.record(kind, &[&b[..T::SIZE], tail])
     }
 
+    /// Appends a page window unchanged since the parent image: a `PAGES` record with the
+    /// `REF` flag and only its header (`raw_len` is the size of the record it stands for).
+    pub fn unchanged(&mut self, h: &PagesHeader) -> sys::Result<()> {
+        let rh = RecordHeader {
+            kind: limitless_image::format::kind::PAGES,
+            flags: limitless_image::format::rflags::REF,
+            stored_len: PagesHeader::SIZE as u64,
+            raw_len: PagesHeader::SIZE as u64 + h.count as u64 * limitless_image::format::PAGE,
+            reserved: 0,
+        };
+        let mut hb = [0u8; RecordHeader::SIZE + PagesHeader::SIZE];
+        rh.put(&mut hb);
+        h.put(&mut hb[RecordHeader::SIZE..]);
+        self.put(&hb)?;
+        self.records += 1;
+        Ok(())
+    }
+
     /// Appends a `PAGES` record whose data comes from `runs` (address, length) of memory.
     ///
     /// # Safety

@@ -85,6 +85,9 @@ pub mod ckpt_flags {
     /// that the image needs none of the files: they are restored as anonymous memory.
     /// Older agents ignore it.
     pub const SELF_CONTAINED: u32 = 4;
+    /// Track which pages the program writes from now on (userfaultfd write-protect), so
+    /// that a later delta image need not read unchanged memory. Older agents ignore it.
+    pub const TRACK: u32 = 8;
 }
 
 wire! {
@@ -99,7 +102,10 @@ wire! {
         /// Wait up to this many milliseconds for a moment with no connected TCP socket
         /// before freezing (0: do not wait). Older agents ignore it.
         pub wait_idle_ms: u32,
-        pub reserved: u32,
+        /// The epoch (`Done::epoch`) of this agent's checkpoint whose image is the parent
+        /// of this one, or 0. With it the agent may send page windows unchanged since then
+        /// as references (a `PAGES` record with the `REF` flag and only its header).
+        pub parent_epoch: u32,
     }
 }
 
@@ -118,6 +124,11 @@ wire! {
         pub bytes: u64,
         pub pages: u64,
         pub write_ns: u64,
+        /// This checkpoint's tracking epoch (0: no dirty tracking), for a later
+        /// `Checkpoint::parent_epoch`.
+        pub epoch: u64,
+        /// Pages sent as unchanged since the parent (not read).
+        pub unchanged_pages: u64,
     }
 }
 

@@ -230,24 +230,51 @@ impl<W: Write> Writer<W> {
             self.pagemap.extend_from_slice(head);
             let key: [u8; PagesHeader::SIZE] = head.try_into().map_err(io::Error::other)?;
             let found = self.parent.as_ref().and_then(|m| m.by_header.get(&key).copied());
-            if let (Some((img, record, ph)), Some(m)) = (found.filter(|f| f.2 == h && flags & rflags::REF == 0), self.parent.as_ref()) {
-                let id = match self.parent_ids[img as usize] {
-                    Some(id) => id,
-                    None => {
-                        let id = self.parents_used.len() as u32;
-                        self.parents_used.push(m.images[img as usize].clone());
-                        self.parent_ids[img as usize] = Some(id);
-                        id
-                    }
-                };
-                let mut stored = head.to_vec();
-                stored.extend_from_slice(&enc(&PageRef { parent: id, reserved: 0, record, hash: ph }));
-                self.referenced += raw_len;
-                let sh = hash(&[&stored]);
-                return self.put(kind, rflags::REF, raw_len, &stored, sh);
+            if let Some(f) = found.filter(|f| f.2 == h && flags & rflags::REF == 0) {
+                return self.put_ref(head, f, raw_len);
             }
         }
         self.put(kind, flags, raw_len, payload, h)
+    }
+
+    /// Appends a reference to the parent's page record with exactly the pages header
+    /// `head`: the agent found the window unchanged since the parent was taken (dirty-page
+    /// tracking), so it sent no pages. An error if no parent image has that record.
+    pub fn unchanged(&mut self, head: &[u8]) -> io::Result<()> {
+        let h = PagesHeader::decode(head)
+            .filter(|_| head.len() == PagesHeader::SIZE)
+            .ok_or_else(|| io::Error::other("a bad unchanged page window"))?;
+        let raw_len = PagesHeader::SIZE as u64 + h.count as u64 * PAGE;
+        let key: [u8; PagesHeader::SIZE] = head.try_into().map_err(io::Error::other)?;
+        let found = self.parent.as_ref().and_then(|m| m.by_header.get(&key).copied());
+        let Some(found) = found else {
+            return Err(io::Error::other(format!(
+                "the agent sent the page window at {:#x} as unchanged, but the parent image has no such record",
+                h.start
+            )));
+        };
+        self.pagemap.extend_from_slice(head);
+        self.put_ref(head, found, raw_len)
+    }
+
+    /// Writes a `REF` page record for `head` pointing at `(image, record, hash)` of the
+    /// parent map.
+    fn put_ref(&mut self, head: &[u8], (img, record, ph): (u32, u64, [u8; 32]), raw_len: u64) -> io::Result<()> {
+        let m = self.parent.as_ref().ok_or_else(|| io::Error::other("a page reference without a parent image"))?;
+        let id = match self.parent_ids[img as usize] {
+            Some(id) => id,
+            None => {
+                let id = self.parents_used.len() as u32;
+                self.parents_used.push(m.images[img as usize].clone());
+                self.parent_ids[img as usize] = Some(id);
+                id
+            }
+        };
+        let mut stored = head.to_vec();
+        stored.extend_from_slice(&enc(&PageRef { parent: id, reserved: 0, record, hash: ph }));
+        self.referenced += raw_len;
+        let sh = hash(&[&stored]);
+        self.put(kind::PAGES, rflags::REF, raw_len, &stored, sh)
     }
 
     fn put(&mut self, kind: u32, flags: u32, raw_len: u64, payload: &[u8], h: [u8; 32]) -> io::Result<()> {
@@ -1407,7 +1434,10 @@ pub fn read_stream<R: Read>(mut r: R, mut f: impl FnMut(RecordHeader, Vec<u8>) -
         };
         let known =
             matches!(h.kind, kind::PROCESS | kind::THREAD | kind::VMA | kind::FD | kind::PAGES | kind::END | kind::FILE | kind::FILE_DATA);
-        if h.stored_len > max || h.flags != 0 || h.raw_len != h.stored_len || !known {
+        // A page window unchanged since the parent image: its header only, `raw_len` the
+        // size of the record it stands for (checked by `Writer::unchanged`).
+        let unchanged = h.kind == kind::PAGES && h.flags == rflags::REF && h.stored_len == PagesHeader::SIZE as u64;
+        if h.stored_len > max || (h.flags != 0 && !unchanged) || (h.raw_len != h.stored_len && !unchanged) || !known {
             return Err(io::Error::other(format!("the agent sent a bad record (kind {}, {} bytes)", h.kind, h.stored_len)));
         }
         let mut payload = vec![0u8; h.stored_len as usize];

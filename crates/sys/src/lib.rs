@@ -374,6 +374,57 @@ pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
 pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
 pub const PAGE_IS_GUARD: u64 = 1 << 8;
+/// `PAGEMAP_SCAN` flags: write-protect the matching pages (again); fail with `EPERM` on an
+/// area not registered for asynchronous userfaultfd write-protection.
+pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+
+/// `struct uffdio_api`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct UffdioApi {
+    pub api: u64,
+    pub features: u64,
+    pub ioctls: u64,
+}
+
+/// `struct uffdio_register` (`range` is start, len).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct UffdioRegister {
+    pub start: u64,
+    pub len: u64,
+    pub mode: u64,
+    pub ioctls: u64,
+}
+
+/// `struct uffdio_writeprotect` (`range` is start, len).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct UffdioWriteprotect {
+    pub start: u64,
+    pub len: u64,
+    pub mode: u64,
+}
+
+pub const UFFD_API: u64 = 0xaa;
+/// `userfaultfd(2)` flag: handle faults from user mode only (allowed unprivileged).
+pub const UFFD_USER_MODE_ONLY: usize = 1;
+/// A write to a write-protected page is resolved by the kernel itself (6.7+): no handler.
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// Write-protection also covers pages not populated yet (6.4+).
+pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+pub const UFFDIO_API: u64 = 0xc018_aa3f;
+pub const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+pub const UFFDIO_WRITEPROTECT: u64 = 0xc018_aa06;
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+
+/// `userfaultfd(2)`.
+pub fn userfaultfd(flags: usize) -> Result<i32> {
+    // SAFETY: userfaultfd takes only integer flags.
+    check(unsafe { syscall6(nr::USERFAULTFD, flags, 0, 0, 0, 0, 0) }).map(|v| v as i32)
+}
 
 /// `struct utsname`.
 #[repr(C)]

@@ -61,6 +61,7 @@ pub const PIPE2: usize = 293;
 pub const RT_TGSIGQUEUEINFO: usize = 297;
 pub const PRLIMIT64: usize = 302;
 pub const KCMP: usize = 312;
+pub const USERFAULTFD: usize = 323;
 pub const RSEQ: usize = 334;
 pub const CLOSE_RANGE: usize = 436;
 pub const CLONE3: usize = 435;
