@@ -297,13 +297,7 @@ fn a_chain_of_ten_delta_images_stores_only_changes_and_restores_identically() {
         let mut imgs: Vec<std::path::PathBuf> = Vec::new();
         for i in 0..11 {
             let img = d.join(format!("delta-{i}"));
-            let mut a: Vec<&str> = if i < 10 { vec!["--leave-running"] } else { vec![] };
-            let parent = imgs.last().map(|p| p.to_str().unwrap().to_string());
-            if let Some(p) = &parent {
-                a.extend(["--parent", p.as_str()]);
-            }
-            let (ok, err) = dump_with(u, &r.socket, &img, &a);
-            assert!(ok, "dump {i} failed: {err}\nprogram stderr: {}", r.err.text());
+            dump_delta(u, &r, &img, imgs.last().map(|p| p.as_path()), i < 10);
             imgs.push(img);
         }
         let (st, out1, err1) = r.finish();
@@ -344,14 +338,7 @@ fn deltas_with_dirty_tracking_see_every_kind_of_change() {
         for i in 0..4 {
             r.expect_out(&format!("iteration {} checksum", 1 + 2 * i));
             let img = d.join(format!("track-{i}"));
-            let mut a: Vec<&str> = if i < 3 { vec!["--leave-running"] } else { vec![] };
-            let parent = imgs.last().map(|p| p.to_str().unwrap().to_string());
-            if let Some(p) = &parent {
-                a.extend(["--parent", p.as_str()]);
-            }
-            let (ok, err) = dump_with(u, &r.socket, &img, &a);
-            assert!(ok, "dump {i} failed: {err}\nprogram stderr: {}", r.err.text());
-            said.push(err);
+            said.push(dump_delta(u, &r, &img, imgs.last().map(|p| p.as_path()), i < 3));
             imgs.push(img);
         }
         let (st, out1, err1) = r.finish();

@@ -338,7 +338,9 @@ struct DumpArgs {
     wait_idle: Duration,
     /// Write a delta image: memory unchanged since the image PARENT (same pages, same
     /// contents) is referred to, not copied. Restoring it needs PARENT, and the images
-    /// PARENT refers to, unchanged at their paths.
+    /// PARENT refers to, unchanged at their paths. If PARENT is the image this program's
+    /// last --leave-running checkpoint wrote, unchanged memory is not even read (dirty-page
+    /// tracking; LIMITLESS_TRACK=0 in the environment of launch/restore turns it off)
     #[arg(long, value_name = "PARENT")]
     parent: Option<PathBuf>,
     /// Compress memory with zstd where a sample shows it pays. `idle` (the default) uses

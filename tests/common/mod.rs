@@ -291,6 +291,18 @@ pub fn stop_and_restore(name: &str, args: &[&str], input: &str) {
     stop_and_restore_prog(name, &program(name), args, input, "READY");
 }
 
+/// Dumps the program of `r` to `image`, a delta on top of `parent` if given, leaving it
+/// running or not; asserts it worked and returns what `dump` said.
+pub fn dump_delta(user: User, r: &Running, image: &Path, parent: Option<&Path>, leave_running: bool) -> String {
+    let mut a: Vec<&str> = if leave_running { vec!["--leave-running"] } else { vec![] };
+    if let Some(p) = parent {
+        a.extend(["--parent", p.to_str().expect("a UTF-8 path")]);
+    }
+    let (ok, err) = dump_with(user, &r.socket, image, &a);
+    assert!(ok, "dump to {} failed: {err}\nprogram stderr: {}", image.display(), r.err.text());
+    err
+}
+
 /// Launches `prog args` as `user`, waits for `marker`, dumps it to `image` (with
 /// `dump_args`) and stops it; returns what it printed before it stopped.
 pub fn launch_and_stop(user: User, dir: &Path, prog: &Path, args: &[&str], marker: &str, image: &Path, dump_args: &[&str]) -> String {

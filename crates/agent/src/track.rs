@@ -46,13 +46,16 @@ struct Track {
     uffd: i32,
     /// The current baseline's epoch (0: none).
     epoch: u64,
+    /// The last epoch handed out: epochs are never reused, so a stale one from the
+    /// supervisor can never match a newer baseline.
+    last: u64,
     /// The baseline mapping: `cap` windows, `n` used.
     base: usize,
     cap: usize,
     n: usize,
 }
 
-static TRACK: Shared<Track> = Shared::new(Track { uffd: -1, epoch: 0, base: 0, cap: 0, n: 0 });
+static TRACK: Shared<Track> = Shared::new(Track { uffd: -1, epoch: 0, last: 0, base: 0, cap: 0, n: 0 });
 
 /// The lowest descriptor number the userfaultfd is moved to, out of the program's way.
 const FD_FLOOR: usize = 900;
@@ -94,7 +97,7 @@ pub fn hole() -> (u64, u64) {
 /// mapping, no protected pages).
 pub fn forget() {
     // SAFETY: the restored manager is the only thread using TRACK.
-    unsafe { *TRACK.ptr() = Track { uffd: -1, epoch: 0, base: 0, cap: 0, n: 0 } };
+    unsafe { *TRACK.ptr() = Track { uffd: -1, epoch: 0, last: 0, base: 0, cap: 0, n: 0 } };
 }
 
 fn is_uffd(fd: i32) -> bool {
@@ -132,8 +135,15 @@ pub fn checkpoint(scan: &Scan, s: &mut Scratch, parent_epoch: u32, arm: bool) ->
     let wins = &scan.wins[..scan.n_wins];
     let use_base = parent_epoch != 0 && parent_epoch as u64 == t.epoch && t.base != 0;
     let mut flags = s.array::<u8>(wins.len().max(1));
-    let mut regions = s.array::<sys::PageRegion>(1024);
+    // Without room for the scan's results nothing can be re-armed or claimed: tracking ends
+    // (the registered areas' written pages stay unprotected, so they count as written if
+    // it starts again).
+    let Some(rv) = s.array::<sys::PageRegion>(1024) else {
+        t.epoch = 0;
+        return out;
+    };
     let Ok(pm) = sys::openat(sys::AT_FDCWD, b"/proc/self/pagemap\0", sys::O_RDONLY | sys::O_CLOEXEC, 0) else {
+        t.epoch = 0;
         return out;
     };
     // SAFETY: the baseline mapping holds `t.n` initialized windows (written below at the
@@ -154,7 +164,6 @@ pub fn checkpoint(scan: &Scan, s: &mut Scratch, parent_epoch: u32, arm: bool) ->
         // reported. Without the baseline this only re-arms.
         let mut at = a.info.start;
         while at < a.info.end {
-            let Some(rv) = regions.as_deref_mut() else { break };
             let mut arg = sys::PmScanArg {
                 size: core::mem::size_of::<sys::PmScanArg>() as u64,
                 flags: sys::PM_SCAN_WP_MATCHING | sys::PM_SCAN_CHECK_WPASYNC,
@@ -239,7 +248,8 @@ pub fn checkpoint(scan: &Scan, s: &mut Scratch, parent_epoch: u32, arm: bool) ->
             n += 1;
         }
     }
-    *t = Track { uffd: t.uffd, epoch: (t.epoch + 1).max(1), base: m, cap, n };
+    t.last += 1;
+    *t = Track { uffd: t.uffd, epoch: t.last, last: t.last, base: m, cap, n };
     out.epoch = t.epoch;
     out.unchanged = flags.filter(|_| use_base);
     out
