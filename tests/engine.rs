@@ -325,34 +325,47 @@ fn a_chain_of_ten_delta_images_stores_only_changes_and_restores_identically() {
 /// Dirty-page tracking (userfaultfd write-protect, Linux 6.7+): deltas of a program that
 /// changes its memory in every way the tracking must notice (writes, `read(2)` into it,
 /// `MADV_DONTNEED`, a mapping replaced in place, areas swapped with `mremap`, heap growth)
-/// restore exactly, and each delta found most of the memory unchanged without reading it.
+/// restore exactly, and each delta on top of the last tracked image found most of the
+/// memory unchanged without reading it. A delta on top of an older image must not use the
+/// tracking (its baseline is a later image) and restores exactly too.
 #[test]
 fn deltas_with_dirty_tracking_see_every_kind_of_change() {
     let prog = program("wpedge");
-    let args = ["14", "250"];
+    let args = ["16", "250"];
     let want = reference(&prog, &args, "");
     each_user("track", |u, d| {
         let r = launch(u, d, &prog, &args);
         let mut imgs: Vec<std::path::PathBuf> = Vec::new();
         let mut said = Vec::new();
-        for i in 0..4 {
+        // Parents: none, 0, 1, then 1 again (not the last tracked image), then 3.
+        for (i, parent) in [None, Some(0), Some(1), Some(1), Some(3)].into_iter().enumerate() {
             r.expect_out(&format!("iteration {} checksum", 1 + 2 * i));
             let img = d.join(format!("track-{i}"));
-            said.push(dump_delta(u, &r, &img, imgs.last().map(|p| p.as_path()), i < 3));
+            said.push(dump_delta(u, &r, &img, parent.map(|p: usize| imgs[p].as_path()), i < 4));
             imgs.push(img);
         }
         let (st, out1, err1) = r.finish();
         assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err1}");
         for (i, err) in said.iter().enumerate().skip(1) {
             // About 10 MiB of the 16 MiB area is never changed.
-            assert!(
-                err.contains("MiB found unchanged without reading it"),
-                "delta {i} did not use dirty tracking (it needs UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN, Linux 6.7+): {err}"
-            );
+            let tracked = err.contains("MiB found unchanged without reading it");
+            if i == 3 {
+                assert!(!tracked, "delta 3 is on top of an image older than the tracking's baseline, yet used it: {err}");
+            } else {
+                assert!(
+                    tracked,
+                    "delta {i} did not use dirty tracking (it needs UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN, Linux 6.7+): {err}"
+                );
+            }
         }
-        let (st2, out2, err2) = restore(u, d, &imgs[3]).finish();
+        let (st2, out2, err2) = restore(u, d, &imgs[4]).finish();
         assert_eq!(st2.code(), Some(0), "restored program failed; stderr: {err2}");
         assert_eq!(lines(&(out1 + &out2)), lines(&want), "output differs from an uninterrupted run");
+        // A tracked leave-running delta restores as a second copy that ends as the program did.
+        let (st3, out3, err3) = restore(u, d, &imgs[2]).finish();
+        assert_eq!(st3.code(), Some(0), "restored copy failed; stderr: {err3}");
+        let (copy, all) = (lines(&out3), lines(&want));
+        assert!(!copy.is_empty() && all.ends_with(&copy), "the copy from delta 2 printed {copy:?}, not the end of {all:?}");
     });
 }
 
