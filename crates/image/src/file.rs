@@ -97,6 +97,13 @@ pub fn sample_compresses(data: &[u8]) -> bool {
     data.len() <= SAMPLE || zstd::bulk::compress(sample, 1).is_ok_and(|z| saves(sample, &z))
 }
 
+/// The entry count of a list record (`FILE_IDS`, `PARENTS`): a `u32` count from 1 to `max`,
+/// then four zero bytes; `None` if either is wrong.
+fn list_count(p: &[u8], max: u32) -> Option<u32> {
+    let n = u32::from_le_bytes(p.get(..4)?.try_into().ok()?);
+    (p.get(4..8) == Some(&[0; 4]) && (1..=max).contains(&n)).then_some(n)
+}
+
 fn enc<T: crate::wire::Wire>(v: &T) -> Vec<u8> {
     let mut b = vec![0u8; T::SIZE];
     v.put(&mut b);
@@ -962,10 +969,8 @@ impl Image {
                 self.end = EndInfo::decode(p).ok_or_else(bad_len)?;
             }
             kind::FILE_IDS => {
-                let n = p.get(..4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                if !self.build_ids.is_empty() || n == 0 || n > limits::MAX_VMAS || p.get(4..8) != Some(&[0; 4]) {
-                    return Err(corrupt(format!("record {i} lists {n} build-ids")));
-                }
+                let n = list_count(p, limits::MAX_VMAS).filter(|_| self.build_ids.is_empty());
+                let Some(n) = n else { return Err(corrupt(format!("record {i} lists a bad number of build-ids"))) };
                 let word = |o: usize| p.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
                 let mut o = 8;
                 for _ in 0..n {
@@ -991,10 +996,9 @@ impl Image {
                 }
             }
             kind::PARENTS => {
-                let n = p.get(..4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                if n == 0 || n > limits::MAX_PARENTS || p.get(4..8) != Some(&[0; 4]) {
-                    return Err(corrupt(format!("record {i} lists {n} parent images")));
-                }
+                let Some(n) = list_count(p, limits::MAX_PARENTS) else {
+                    return Err(corrupt(format!("record {i} lists a bad number of parent images")));
+                };
                 let mut o = 8;
                 for _ in 0..n {
                     let info = p.get(o..).and_then(ParentInfo::decode).ok_or_else(bad_len)?;
