@@ -23,7 +23,9 @@
 //!
 //! The baseline (each tracked window's header and its area's offset) lives in a mapping of
 //! its own that the memory scan leaves out. A restored process starts untracked: the
-//! descriptor and the mapping are not in the image ([`forget`]). Areas much larger than
+//! descriptor and the mapping are not in the image ([`forget`]). The descriptor is checked
+//! at each checkpoint (a userfaultfd, with the inode it had): if the program closed it,
+//! its registrations went with it, and tracking ends. Areas much larger than
 //! what they hold are not registered (write-protecting installs page tables over the whole
 //! area). Nothing here uses the program's allocator, stdio or locks.
 
@@ -44,6 +46,9 @@ struct BaseWin {
 struct Track {
     /// The userfaultfd, or -1.
     uffd: i32,
+    /// Its inode number (each userfaultfd has its own on Linux 6.x), to tell it from a
+    /// file the program may have put at the same number.
+    ino: u64,
     /// The current baseline's epoch (0: none).
     epoch: u64,
     /// The last epoch handed out: epochs are never reused, so a stale one from the
@@ -55,7 +60,7 @@ struct Track {
     n: usize,
 }
 
-static TRACK: Shared<Track> = Shared::new(Track { uffd: -1, epoch: 0, last: 0, base: 0, cap: 0, n: 0 });
+static TRACK: Shared<Track> = Shared::new(Track { uffd: -1, ino: 0, epoch: 0, last: 0, base: 0, cap: 0, n: 0 });
 
 /// The lowest descriptor number the userfaultfd is moved to, out of the program's way.
 const FD_FLOOR: usize = 900;
@@ -73,7 +78,7 @@ pub struct Outcome {
 pub fn fd() -> i32 {
     // SAFETY: only the manager thread touches TRACK, during checkpoints.
     let t = unsafe { &mut *TRACK.ptr() };
-    if t.uffd >= 0 && !is_uffd(t.uffd) {
+    if t.uffd >= 0 && !(is_uffd(t.uffd) && ino(t.uffd) == Some(t.ino)) {
         // The program closed it (the registrations went with it) or put another file at
         // its number: not ours any more.
         t.uffd = -1;
@@ -97,7 +102,12 @@ pub fn hole() -> (u64, u64) {
 /// mapping, no protected pages).
 pub fn forget() {
     // SAFETY: the restored manager is the only thread using TRACK.
-    unsafe { *TRACK.ptr() = Track { uffd: -1, epoch: 0, last: 0, base: 0, cap: 0, n: 0 } };
+    unsafe { *TRACK.ptr() = Track { uffd: -1, ino: 0, epoch: 0, last: 0, base: 0, cap: 0, n: 0 } };
+}
+
+fn ino(fd: i32) -> Option<u64> {
+    let mut st = sys::Stat::default();
+    sys::fstat(fd, &mut st).ok().map(|_| st.ino)
 }
 
 fn is_uffd(fd: i32) -> bool {
@@ -128,6 +138,7 @@ pub fn checkpoint(scan: &Scan, s: &mut Scratch, parent_epoch: u32, arm: bool) ->
     let mut out = Outcome { epoch: 0, unchanged: None, unchanged_pages: 0 };
     if t.uffd < 0 && arm {
         t.uffd = open();
+        t.ino = ino(t.uffd).unwrap_or(0);
     }
     if t.uffd < 0 {
         return out;
@@ -249,7 +260,7 @@ pub fn checkpoint(scan: &Scan, s: &mut Scratch, parent_epoch: u32, arm: bool) ->
         }
     }
     t.last += 1;
-    *t = Track { uffd: t.uffd, epoch: t.last, last: t.last, base: m, cap, n };
+    *t = Track { uffd: t.uffd, ino: t.ino, epoch: t.last, last: t.last, base: m, cap, n };
     out.epoch = t.epoch;
     out.unchanged = flags.filter(|_| use_base);
     out
