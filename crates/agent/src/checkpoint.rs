@@ -106,6 +106,9 @@ struct Job {
     child: Option<snapshot::Child>,
     /// One byte per scanned window, 1 if unchanged since the parent (null: none are).
     unchanged: *const u8,
+    /// Dirty tracking's epoch for this checkpoint, and the pages found unchanged.
+    epoch: u64,
+    unchanged_pages: u64,
 }
 
 static JOB: Shared<Job> = Shared::new(Job {
@@ -124,6 +127,8 @@ static JOB: Shared<Job> = Shared::new(Job {
     snapshot: false,
     child: None,
     unchanged: core::ptr::null(),
+    epoch: 0,
+    unchanged_pages: 0,
 });
 
 fn fail(parts: &[&[u8]]) {
@@ -276,8 +281,6 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
     // Dirty tracking: which windows are unchanged since the parent; the new baseline.
     let arm = c.flags & (ckpt_flags::TRACK | ckpt_flags::LEAVE_RUNNING) == ckpt_flags::TRACK | ckpt_flags::LEAVE_RUNNING;
     let tracked = track::checkpoint(&scan, &mut s, c.parent_epoch, arm);
-    TRACKED.store(tracked.epoch, Ordering::Relaxed);
-    UNCHANGED_PAGES.store(tracked.unchanged_pages, Ordering::Relaxed);
     let membuf = s.array::<u8>((WINDOW_PAGES * PAGE) as usize);
     let mem_fd = sys::openat(sys::AT_FDCWD, b"/proc/self/mem\0", sys::O_RDONLY | sys::O_CLOEXEC, 0).unwrap_or(-1);
     GENERATION.fetch_add(1, Ordering::AcqRel);
@@ -298,6 +301,8 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
         j.snapshot = snap;
         j.child = None;
         j.unchanged = tracked.unchanged.as_ref().map_or(core::ptr::null(), |u| u.as_ptr());
+        j.epoch = tracked.epoch;
+        j.unchanged_pages = tracked.unchanged_pages;
     }
     // SAFETY: the manager's context lives in its slot (static memory, part of the image).
     let r = unsafe { arch::suspend_point(SLOTS[mi].ctx.get(), write_image) };
@@ -376,12 +381,11 @@ fn finish_snapshot(child: snapshot::Child, t0: u64, s: Scratch) {
     }
 }
 
-/// The tracking epoch and unchanged pages of the checkpoint under way, for `DONE`.
-static TRACKED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-static UNCHANGED_PAGES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-
+/// `DONE` for the checkpoint under way, with its tracking figures from `JOB`.
 fn done(bytes: u64, pages: u64, write_ns: u64) -> Done {
-    Done { bytes, pages, write_ns, epoch: TRACKED.load(Ordering::Relaxed), unchanged_pages: UNCHANGED_PAGES.load(Ordering::Relaxed) }
+    // SAFETY: the manager owns JOB; the write phase is over.
+    let (epoch, unchanged_pages) = unsafe { ((*JOB.ptr()).epoch, (*JOB.ptr()).unchanged_pages) };
+    Done { bytes, pages, write_ns, epoch, unchanged_pages }
 }
 
 fn note(parts: &[&[u8]]) {

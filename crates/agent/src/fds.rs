@@ -56,7 +56,8 @@ const EXTRAS: usize = 32 << 20;
 /// Largest `/proc/self/fdinfo` file read (an epoll with many items).
 const FDINFO_MAX: usize = 8 << 20;
 
-fn proc_path<'a>(dir: &[u8], fd: i32, buf: &'a mut [u8; 48]) -> &'a [u8] {
+/// `dir` (such as `/proc/self/fd/`) followed by `fd` and a NUL, in `buf`.
+pub fn proc_path<'a>(dir: &[u8], fd: i32, buf: &'a mut [u8; 48]) -> &'a [u8] {
     buf[..dir.len()].copy_from_slice(dir);
     let mut d = [0u8; 20];
     let ds = sys::fmt_u64(fd as u64, &mut d);
@@ -66,7 +67,8 @@ fn proc_path<'a>(dir: &[u8], fd: i32, buf: &'a mut [u8; 48]) -> &'a [u8] {
     &buf[..end + 1]
 }
 
-fn fd_path(fd: i32, out: &mut [u8]) -> usize {
+/// What `/proc/self/fd/<fd>` links to, into `out`; its length (0 if unreadable).
+pub fn fd_path(fd: i32, out: &mut [u8]) -> usize {
     let mut b = [0u8; 48];
     sys::readlinkat(sys::AT_FDCWD, proc_path(b"/proc/self/fd/", fd, &mut b), out).unwrap_or(0)
 }

@@ -124,13 +124,8 @@ fn fd_extents(fd: i32, size: u64, mut f: impl FnMut(u64, u64) -> sys::Result<()>
 }
 
 fn reopen(fd: i32) -> sys::Result<i32> {
-    let mut p = [0u8; 40];
-    let pre = b"/proc/self/fd/";
-    p[..pre.len()].copy_from_slice(pre);
-    let mut d = [0u8; 20];
-    let ds = sys::fmt_u64(fd as u64, &mut d);
-    p[pre.len()..pre.len() + ds.len()].copy_from_slice(ds);
-    sys::openat(sys::AT_FDCWD, &p[..pre.len() + ds.len() + 1], sys::O_RDONLY | sys::O_CLOEXEC, 0)
+    let mut p = [0u8; 48];
+    sys::openat(sys::AT_FDCWD, crate::fds::proc_path(b"/proc/self/fd/", fd, &mut p), sys::O_RDONLY | sys::O_CLOEXEC, 0)
 }
 
 /// Resident pages of mapped objects, as (object, offset) runs: calls `f(map, offset, len)`

@@ -30,7 +30,7 @@
 //! area). Nothing here uses the program's allocator, stdio or locks.
 
 use crate::global::Shared;
-use crate::scan::Scan;
+use crate::scan::{Area, Scan};
 use crate::scratch::Scratch;
 use limitless_image::format::{vma_kind, PagesHeader, PAGE};
 use limitless_sys as sys;
@@ -111,18 +111,18 @@ fn ino(fd: i32) -> Option<u64> {
 }
 
 fn is_uffd(fd: i32) -> bool {
-    let mut path = [0u8; 32];
-    let mut d = [0u8; 20];
-    let num = sys::fmt_u64(fd as u64, &mut d);
-    let prefix = b"/proc/self/fd/";
-    path[..prefix.len()].copy_from_slice(prefix);
-    path[prefix.len()..prefix.len() + num.len()].copy_from_slice(num);
     let mut link = [0u8; 64];
-    matches!(sys::readlinkat(sys::AT_FDCWD, &path[..prefix.len() + num.len() + 1], &mut link), Ok(n) if &link[..n] == b"anon_inode:[userfaultfd]")
+    let n = crate::fds::fd_path(fd, &mut link);
+    &link[..n] == b"anon_inode:[userfaultfd]"
 }
 
 fn map_len(cap: usize) -> usize {
     (cap * core::mem::size_of::<BaseWin>()).div_ceil(PAGE as usize) * PAGE as usize
+}
+
+/// An anonymous area's origin: its offset minus its start (`mremap` keeps the offset).
+fn origin(a: &Area) -> u64 {
+    a.pgoff.wrapping_sub(a.info.start)
 }
 
 fn tracked_kind(k: u32) -> bool {
@@ -219,10 +219,11 @@ pub fn checkpoint(scan: &Scan, s: &mut Scratch, parent_epoch: u32, arm: bool) ->
             if f[i] == 0 {
                 continue;
             }
-            let origin = a.pgoff.wrapping_sub(a.info.start);
             let same = clean
                 && w.area as usize == ai
-                && base.binary_search_by_key(&w.hdr.start, |b| b.hdr.start).is_ok_and(|k| base[k].hdr == w.hdr && base[k].origin == origin);
+                && base
+                    .binary_search_by_key(&w.hdr.start, |b| b.hdr.start)
+                    .is_ok_and(|k| base[k].hdr == w.hdr && base[k].origin == origin(a));
             if same {
                 out.unchanged_pages += w.hdr.count as u64;
             } else {
@@ -255,7 +256,7 @@ pub fn checkpoint(scan: &Scan, s: &mut Scratch, parent_epoch: u32, arm: bool) ->
     for w in wins {
         let a = &scan.areas[w.area as usize];
         if tracked_kind(a.info.kind) {
-            nb[n] = BaseWin { hdr: w.hdr, origin: a.pgoff.wrapping_sub(a.info.start) };
+            nb[n] = BaseWin { hdr: w.hdr, origin: origin(a) };
             n += 1;
         }
     }
