@@ -280,9 +280,12 @@ fn check_and_pass(img: &Image, srcs: &[Option<(i32, u64)>], mut w: File, err: &M
                 let _ = free_tx.send(Vec::new());
             }
             s.spawn(move || {
-                for p in img.pages.iter().skip(k).step_by(n) {
+                for (p, src) in img.pages.iter().zip(srcs).skip(k).step_by(n) {
                     let Ok(mut buf) = free_rx.recv() else { return };
-                    let r = img.check_pages(p, &mut buf).map_err(|e| e.to_string());
+                    // Pages the restorer reads in place need only their hash: through a
+                    // mapping of the file, rather than a second copy.
+                    let mapped = if src.is_some() { img.check_pages_mapped(p) } else { None };
+                    let r = mapped.unwrap_or_else(|| img.check_pages(p, &mut buf)).map_err(|e| e.to_string());
                     // The writer stopped (a bad record, a restorer that stopped reading).
                     if done_tx.send((r, buf)).is_err() {
                         return;

@@ -436,6 +436,69 @@ pub trait Source: Send + Sync {
     fn size(&self) -> io::Result<u64>;
     /// Fills `buf` from offset `off`; an `UnexpectedEof` error if the image ends first.
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// The `len` bytes at offset `off`, mapped rather than copied, where the source can
+    /// (a file); `None` where it cannot.
+    fn map(&self, _off: u64, _len: usize) -> Option<Mapped> {
+        None
+    }
+}
+
+/// A read-only mapping of part of an image file (unmapped when dropped).
+///
+/// Reading it while another process truncates the file below it raises `SIGBUS`: images are
+/// only mapped for as long as a check of their page data takes, by the process restoring
+/// them.
+pub struct Mapped {
+    base: *mut libc::c_void,
+    map_len: usize,
+    skip: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value alone; reading it from any thread is
+// as safe as reading a shared byte slice.
+unsafe impl Send for Mapped {}
+
+impl Mapped {
+    /// Maps `len` bytes of `f` from offset `off` (any offset: the mapping starts at the page
+    /// below it).
+    pub fn new(f: &File, off: u64, len: usize) -> io::Result<Mapped> {
+        use std::os::fd::AsRawFd;
+        let skip = (off % 4096) as usize;
+        let map_len = len.checked_add(skip).ok_or_else(|| io::Error::other("mapping too long"))?;
+        if len == 0 {
+            return Err(io::Error::other("empty mapping"));
+        }
+        // SAFETY: a fresh read-only shared mapping at an address the kernel picks; it aliases
+        // no Rust object, and only `Deref` reads it, within `skip..skip + len`.
+        let base = unsafe {
+            libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), (off - skip as u64) as libc::off_t)
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // Read in order, once: let the kernel map ahead. Only a hint, so its result is ignored.
+        // SAFETY: advice on the mapping just made.
+        let _ = unsafe { libc::madvise(base, map_len, libc::MADV_SEQUENTIAL) };
+        Ok(Mapped { base, map_len, skip, len })
+    }
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `base + skip .. + len` lies inside the live mapping, which is readable and
+        // never written through (the file below it may change; the bytes are then the file's,
+        // which every check of them allows for).
+        unsafe { std::slice::from_raw_parts((self.base as *const u8).add(self.skip), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; no slice of it outlives `self`.
+        unsafe { libc::munmap(self.base, self.map_len) };
+    }
 }
 
 impl Source for File {
@@ -444,6 +507,14 @@ impl Source for File {
     }
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         FileExt::read_exact_at(self, buf, off)
+    }
+    fn map(&self, off: u64, len: usize) -> Option<Mapped> {
+        // Only what lies inside the file: a mapping past its end would fault when read.
+        let size = self.metadata().ok()?.len();
+        if off.checked_add(len as u64)? > size {
+            return None;
+        }
+        Mapped::new(self, off, len).ok()
     }
 }
 
@@ -634,6 +705,13 @@ impl Image {
         let e = self.index.get(i).ok_or_else(|| corrupt("record number"))?;
         buf.resize(RecordHeader::SIZE + e.stored_len as usize, 0);
         read_exact_at(&*self.src, buf, e.offset, "a record")?;
+        self.check_record(i, buf)
+    }
+
+    /// Checks record `i`'s bytes `buf` (header and stored payload): the header against the
+    /// index, the payload against its hash.
+    fn check_record(&self, i: usize, buf: &[u8]) -> Result<(), ImageError> {
+        let e = &self.index[i];
         self.check_header(i, buf)?;
         if hash(&[&buf[RecordHeader::SIZE..]]) != e.hash {
             return Err(corrupt(format!("record {i} ({}) at offset {} fails its checksum", kind::name(e.kind), e.offset)));
@@ -663,11 +741,8 @@ impl Image {
     /// does not allocate and fault in a fresh buffer per record). Returns the page bytes.
     pub fn check_pages(&self, p: &PageRecord, buf: &mut Vec<u8>) -> Result<u64, ImageError> {
         self.read_record_into(p.index, buf)?;
+        self.check_pages_header(p, buf)?;
         let head = RecordHeader::SIZE + PagesHeader::SIZE;
-        let h = buf.get(RecordHeader::SIZE..).and_then(PagesHeader::decode).ok_or_else(|| corrupt("pages header"))?;
-        if h != p.header {
-            return Err(corrupt(format!("page record {} does not match the page map, or changed while it was read", p.index)));
-        }
         let e = &self.index[p.index];
         if e.flags & rflags::REF != 0 {
             return self.check_ref(p, buf);
@@ -684,6 +759,39 @@ impl Image {
             buf.extend_from_slice(&pages);
         }
         Ok((buf.len() - head) as u64)
+    }
+
+    /// [`check_pages`](Self::check_pages) for a page record whose pages are read in place
+    /// ([`PagesAt::Here`] or [`PagesAt::Parent`]), hashing the record through a mapping of
+    /// its file instead of a copy. `None` where the record cannot be mapped (another kind of
+    /// record, or a source that is not a file): check it with `check_pages` then.
+    pub fn check_pages_mapped(&self, p: &PageRecord) -> Option<Result<u64, ImageError>> {
+        let e = self.index.get(p.index)?;
+        if e.flags & rflags::REF != 0 {
+            let r = self.page_ref(p.index).and_then(|r| self.resolve_ref(p, &r));
+            return match r {
+                Ok((k, q)) => self.ancestors[k].check_pages_mapped(&q),
+                Err(err) => Some(Err(err)),
+            };
+        }
+        if e.flags != 0 {
+            return None;
+        }
+        let m = self.src.map(e.offset, RecordHeader::SIZE + e.stored_len as usize)?;
+        Some(
+            self.check_record(p.index, &m)
+                .and_then(|()| self.check_pages_header(p, &m))
+                .map(|()| m.len().saturating_sub(RecordHeader::SIZE + PagesHeader::SIZE) as u64),
+        )
+    }
+
+    /// Checks that the pages header in record bytes `b` is the one the page map gave.
+    fn check_pages_header(&self, p: &PageRecord, b: &[u8]) -> Result<(), ImageError> {
+        let h = b.get(RecordHeader::SIZE..).and_then(PagesHeader::decode).ok_or_else(|| corrupt("pages header"))?;
+        if h != p.header {
+            return Err(corrupt(format!("page record {} does not match the page map, or changed while it was read", p.index)));
+        }
+        Ok(())
     }
 
     /// The reference in page record `i` (a `REF` record), checked against the parents list.
@@ -1595,6 +1703,45 @@ mod tests {
         let mut img = Image::open(&delta_path).unwrap();
         let r = img.attach_parents();
         assert!(matches!(&r, Err(e) if e.to_string().contains("has changed")), "{r:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mapped_checks_agree_with_read_checks_and_catch_every_flipped_byte() {
+        let g = [GuardRange { start: 0x1c000, end: 0x1e000 }];
+        let dir = std::env::temp_dir().join(format!("limitless-mapped-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let parent_path = dir.join("parent");
+        let good = synthetic();
+        std::fs::write(&parent_path, &good).unwrap();
+        let img = Image::open(&parent_path).unwrap();
+        let p = img.pages[0];
+        let want = img.read_pages(&p).unwrap().len() as u64;
+        assert_eq!(img.check_pages_mapped(&p).unwrap().unwrap(), want);
+        // Through a delta's reference, the parent's record is the one mapped.
+        let map = ParentMap::of(&img, &parent_path).unwrap();
+        let delta_path = dir.join("delta");
+        std::fs::write(&delta_path, synthetic_full(&g, Some(map), |_| {})).unwrap();
+        let mut delta = Image::open(&delta_path).unwrap();
+        delta.attach_parents().unwrap();
+        assert_eq!(delta.check_pages_mapped(&delta.pages[0]).unwrap().unwrap(), want);
+        // Every byte of the record (header, pages header, pages) flipped in the file, most
+        // found only when the record is checked.
+        let mut found_by_check = 0;
+        let e = img.index[p.index];
+        let bad = dir.join("bad");
+        for i in e.offset as usize..(e.offset + RecordHeader::SIZE as u64 + e.stored_len) as usize {
+            let mut b = good.clone();
+            b[i] ^= 0x41;
+            std::fs::write(&bad, &b).unwrap();
+            // Caught when the image is opened, or by the mapped check.
+            if let Ok(b) = Image::open(&bad) {
+                let r = b.check_pages_mapped(&b.pages[0]);
+                assert!(matches!(r, Some(Err(_))), "a flipped byte at {i} went unnoticed: {r:?}");
+                found_by_check += 1;
+            }
+        }
+        assert!(found_by_check as u64 >= want, "only {found_by_check} flips reached the mapped check");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -20,6 +20,7 @@
 
 mod elf;
 mod mem;
+mod pages;
 mod report;
 
 use core::arch::{asm, global_asm};
@@ -230,12 +231,7 @@ unsafe extern "C" fn stage1(s: *const Stage1) -> ! {
         map_vma(&v);
     }
     // 4. Page data, in order, from the image files (or from the data pipe).
-    let mut bytes: u64 = 0;
-    for i in 0..h.n_runs {
-        let r: PlanRun = entry(s, h.runs_off, i);
-        read_run(if r.fd >= 0 { r.fd } else { h.data_fd }, r.fd >= 0, &r);
-        bytes += r.len;
-    }
+    let bytes = pages::read_all(s, &h);
     // The program may run only once the supervisor has checked every record's hash.
     let mut go = [0u8; 1];
     loop {
@@ -434,35 +430,6 @@ fn map_vma(v: &PlanVma) {
         Ok(a) if a == v.start as usize => {}
         Ok(_) => report::fail_at("a memory area landed at the wrong address", v.start),
         Err(e) => report::fail_at_errno("cannot create the memory area at", v.start, e),
-    }
-}
-
-/// Reads run `r` into place: with `pread` at its offset in the image file (`at_offset`),
-/// else with `read` from a stream that carries the runs in order.
-fn read_run(fd: i32, at_offset: bool, r: &PlanRun) {
-    let mut done = 0usize;
-    let len = r.len as usize;
-    // Allocate the run's pages in one call rather than one fault per page during the read
-    // (Linux 5.14+; where it fails the read faults them in as before).
-    // SAFETY: the run lies inside an area this restorer mapped writable (see below).
-    let _ = unsafe { sys::madvise(r.start as usize, len, sys::MADV_POPULATE_WRITE) };
-    while done < len {
-        let at = r.start as usize + done;
-        // The run lies inside an area mapped writable by `map_vma` (the supervisor builds
-        // runs only inside areas flagged HAS_DATA), and nothing else uses it yet.
-        let got = if at_offset {
-            // SAFETY: `at..at + len - done` is writable memory no one else uses (above).
-            unsafe { sys::pread_raw(fd, at, len - done, r.file_off + done as u64) }
-        } else {
-            // SAFETY: as for the `pread` above.
-            unsafe { sys::read_raw(fd, at, len - done) }
-        };
-        match got {
-            Ok(0) => fail("the page data ended early (the image is shorter than its index says, or the supervisor stopped)"),
-            Ok(n) => done += n,
-            Err(sys::Errno::EINTR) => {}
-            Err(e) => report::fail_at_errno("cannot read page data for", r.start, e),
-        }
     }
 }
 

@@ -753,6 +753,62 @@ pub unsafe fn clone(flags: usize) -> Result<i32> {
     unsafe { sc!(nr::CLONE, flags, 0, 0, 0, 0).map(|v| v as i32) }
 }
 
+/// Starts a thread in this process (raw `clone(2)` with `CLONE_VM`, `CLONE_THREAD` and the
+/// other flags of a POSIX thread, but no new TLS) that calls `f(arg)` on the stack ending at
+/// `stack_top`. The kernel writes the thread's id to `tid` before this returns and clears it
+/// when the thread has ended ([`join_thread`] waits for that). Returns the thread id.
+///
+/// # Safety
+/// `stack_top` must be the 16-byte aligned end of writable memory that nothing else uses
+/// until the thread has ended, large enough for `f`; `f` must end the thread with
+/// [`exit_thread`] (or the process), use no thread-local storage, and may use `arg` only as
+/// the caller allows; `tid` must stay alive until [`join_thread`] returns.
+pub unsafe fn spawn_thread(stack_top: usize, tid: &core::sync::atomic::AtomicU32, f: extern "C" fn(usize) -> !, arg: usize) -> Result<i32> {
+    let flags =
+        CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM | CLONE_PARENT_SETTID | CLONE_CHILD_CLEARTID;
+    let ret: usize;
+    // SAFETY: in this thread a plain system call. The new thread starts on `stack_top`
+    // (aligned, so that after the `call` pushes its return address `f` sees the stack as
+    // the ABI wants it) with copies of these registers, and only calls `f`, which never
+    // returns.
+    unsafe {
+        asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "mov rdi, r13",
+            "call r12",
+            "ud2",
+            "2:",
+            inlateout("rax") nr::CLONE => ret,
+            in("rdi") flags,
+            in("rsi") stack_top,
+            in("rdx") tid.as_ptr(),
+            in("r10") tid.as_ptr(),
+            in("r8") 0usize,
+            in("r12") f as usize,
+            in("r13") arg,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    check(ret).map(|t| t as i32)
+}
+
+/// Waits until the thread [`spawn_thread`] started with `tid` has ended.
+pub fn join_thread(tid: &core::sync::atomic::AtomicU32) {
+    loop {
+        let t = tid.load(core::sync::atomic::Ordering::Acquire);
+        if t == 0 {
+            return;
+        }
+        // The kernel's wake-up at thread exit is a shared (not private) futex wake.
+        // SAFETY: `tid` is a live, aligned u32; the kernel only reads it.
+        let _ = unsafe { sc!(nr::FUTEX, tid.as_ptr(), FUTEX_WAIT, t, 0) };
+    }
+}
+
 /// `wait4(2)` without resource usage; returns the pid that changed state (0 with
 /// `WNOHANG` when none did).
 pub fn wait4(pid: i32, status: &mut i32, options: i32) -> Result<i32> {
