@@ -2,7 +2,8 @@
 //! size and restore time, for processes of 1 MiB and 1 GiB (random contents), 1 GiB of
 //! touched-but-zero memory and 1 GiB of text-like memory (compressible to about half),
 //! checkpointed and stopped, without compression and with it ("zstd idle", `dump
-//! --compress`: only on idle cores; "zstd all", `--compress=all`: every record that pays),
+//! --compress`: only while the disk is behind; "zstd all", `--compress=all`: every record
+//! that pays),
 //! and checkpointed with `--leave-running` (a copy-on-write snapshot); and a delta image
 //! (`dump --parent`) of a 1 GiB process that rewrote 1 % of its heap, with dirty-page
 //! tracking and without. Beside them, the machine's reference
@@ -16,7 +17,9 @@
 //! Run with `cargo bench --bench engine`; each figure is the median of three runs. The
 //! runs go in rounds (references, then every row once), with a `sync` before each, so that
 //! figures compared with each other are taken close together. The images go to
-//! $LIMITLESS_BENCH_DIR (default: the system temporary directory).
+//! $LIMITLESS_BENCH_DIR (default: the system temporary directory). With
+//! $LIMITLESS_BENCH_SLOW_DIR set to a directory on a slower disk (`scripts/slow-disk.sh`
+//! makes one), the compression rows run there too, with dd and cat measured there.
 
 use limitless::engine::checkpoint::{After, Request};
 use limitless::engine::compress::Compress::{self, All, Idle, Off};
@@ -225,57 +228,35 @@ fn overhead(dir: &Path, n: usize) -> (f64, f64, f64, f64) {
     (median(pw), median(ew), median(pc), median(ec))
 }
 
-fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return;
-    }
-    let dir = std::env::var_os("LIMITLESS_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-        .join(format!("limitless-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("bench dir");
-    let prog = build_mem(&dir);
-    let memcpy = memcpy_ms();
-    // Rounds: each measures the references and every row once, so that the rows compared
-    // (and each row and its reference) are measured close together in time.
-    let rows_spec = [
-        (1, "random", After::Kill, Off, "stop, 1 MiB random"),
-        (1, "random", After::Kill, All, "stop, 1 MiB random, zstd all"),
-        (1024, "random", After::Kill, Off, "stop, 1 GiB random"),
-        (1024, "random", After::Kill, Idle, "stop, 1 GiB random, zstd idle"),
-        (1024, "zero", After::Kill, Off, "stop, 1 GiB zeros"),
-        (1024, "text", After::Kill, Off, "stop, 1 GiB text"),
-        (1024, "text", After::Kill, Idle, "stop, 1 GiB text, zstd idle"),
-        (1024, "text", After::Kill, All, "stop, 1 GiB text, zstd all"),
-        (1, "random", After::Resume, Off, "leave-running, 1 MiB random"),
-        (1024, "random", After::Resume, Off, "leave-running, 1 GiB random"),
-        (1024, "text", After::Resume, Off, "leave-running, 1 GiB text"),
-        (1024, "text", After::Resume, Idle, "leave-running, 1 GiB text, zstd idle"),
-    ];
-    let mut runs: Vec<Vec<Run>> = rows_spec.iter().map(|_| Vec::new()).collect();
+/// A row of the table: size in MiB, contents, what follows the checkpoint, compression,
+/// label.
+type RowSpec = (u64, &'static str, After, Compress, &'static str);
+
+/// Measures `spec` in `rounds` rounds with images in `dir` (each round: the references,
+/// then every row once, so that the rows compared, and each row and its reference, are
+/// measured close together in time) and prints the table.
+fn table(prog: &Path, dir: &Path, spec: &[RowSpec], rounds: usize) {
+    let mut runs: Vec<Vec<Run>> = spec.iter().map(|_| Vec::new()).collect();
     let (mut dds, mut cats) = (Vec::new(), Vec::new());
-    for _round in 0..3 {
-        let (dd, cat) = reference(&dir);
+    for _round in 0..rounds {
+        let (dd, cat) = reference(dir);
         dds.push(dd);
         cats.push(cat);
-        for (i, &(mib, kind, after, compress, _)) in rows_spec.iter().enumerate() {
+        for (i, &(mib, kind, after, compress, _)) in spec.iter().enumerate() {
             settle();
-            runs[i].push(one(&prog, &dir, mib, kind, after, compress));
+            runs[i].push(one(prog, dir, mib, kind, after, compress));
         }
     }
     let (dd, cat) = (median(dds), median(cats));
-    let rows = rows_spec.iter().zip(runs).map(|(r, runs)| (r.4, r.0, runs));
-    settle();
-    let inc: Vec<_> = [true, false].into_iter().map(|t| (t, incremental(&dir, t))).collect();
-    let (plain_wall, engine_wall, plain_cpu, engine_cpu) = overhead(&dir, 5);
     println!();
     println!("images in {}", dir.display());
-    println!("dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync: {dd:.1} ms; cat of that 1 GiB page-cached file to /dev/null: {cat:.1} ms; memcpy of 1 GiB: {memcpy:.1} ms");
+    println!("dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync: {dd:.1} ms; cat of that 1 GiB page-cached file to /dev/null: {cat:.1} ms");
     println!(
         "{:<30} {:>10} {:>14} {:>10} {:>12} {:>11} {:>8} {:>12} {:>9}",
         "process", "image", "checkpoint ms", "frozen ms", "seen gap ms", "restore ms", "ckpt/dd", "restore/cat", "snapshot"
     );
-    for (label, mib, runs) in rows {
+    for (r, runs) in spec.iter().zip(runs) {
+        let (label, mib) = (r.4, r.0);
         let ck = median(runs.iter().map(|r| r.checkpoint_ms).collect());
         let rs = median(runs.iter().map(|r| r.restore_ms).collect());
         let seen = runs.iter().map(|r| r.seen_ms).collect::<Option<Vec<f64>>>().map(median);
@@ -298,6 +279,57 @@ fn main() {
             format!("{}/{}", runs.iter().filter(|r| r.snapshot).count(), runs.len()),
         );
     }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let bench_dir = |base: PathBuf| {
+        let d = base.join(format!("limitless-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("bench dir");
+        d
+    };
+    let dir = bench_dir(std::env::var_os("LIMITLESS_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir));
+    let prog = build_mem(&dir);
+    let memcpy = memcpy_ms();
+    println!("memcpy of 1 GiB: {memcpy:.1} ms");
+    let rows_spec = [
+        (1, "random", After::Kill, Off, "stop, 1 MiB random"),
+        (1, "random", After::Kill, All, "stop, 1 MiB random, zstd all"),
+        (1024, "random", After::Kill, Off, "stop, 1 GiB random"),
+        (1024, "random", After::Kill, Idle, "stop, 1 GiB random, zstd idle"),
+        (1024, "zero", After::Kill, Off, "stop, 1 GiB zeros"),
+        (1024, "text", After::Kill, Off, "stop, 1 GiB text"),
+        (1024, "text", After::Kill, Idle, "stop, 1 GiB text, zstd idle"),
+        (1024, "text", After::Kill, All, "stop, 1 GiB text, zstd all"),
+        (1, "random", After::Resume, Off, "leave-running, 1 MiB random"),
+        (1024, "random", After::Resume, Off, "leave-running, 1 GiB random"),
+        (1024, "text", After::Resume, Off, "leave-running, 1 GiB text"),
+        (1024, "text", After::Resume, Idle, "leave-running, 1 GiB text, zstd idle"),
+    ];
+    table(&prog, &dir, &rows_spec, 3);
+    // Compression pays only where the disk is slower than the checkpoint's stream.
+    match std::env::var_os("LIMITLESS_BENCH_SLOW_DIR") {
+        Some(slow) => {
+            let slow = bench_dir(PathBuf::from(slow));
+            let spec = [
+                (1024, "text", After::Kill, Off, "slow disk: stop, 1 GiB text"),
+                (1024, "text", After::Kill, Idle, "slow disk: text, zstd idle"),
+                (1024, "text", After::Kill, All, "slow disk: text, zstd all"),
+                (1024, "random", After::Kill, Off, "slow disk: stop, 1 GiB random"),
+                (1024, "random", After::Kill, Idle, "slow disk: random, zstd idle"),
+            ];
+            table(&prog, &slow, &spec, 2);
+            let _ = std::fs::remove_dir_all(&slow);
+        }
+        None => println!(
+            "\nSLOW-DISK ROWS NOT RUN: set LIMITLESS_BENCH_SLOW_DIR to a directory on a slow disk (as root, scripts/slow-disk.sh makes one: a loop device throttled to 300 MB/s)"
+        ),
+    }
+    settle();
+    let inc: Vec<_> = [true, false].into_iter().map(|t| (t, incremental(&dir, t))).collect();
+    let (plain_wall, engine_wall, plain_cpu, engine_cpu) = overhead(&dir, 5);
     println!();
     for (track, (full, full_ms, delta, delta_ms, delta_restore_ms, delta_frozen_ms, unchanged)) in inc {
         println!(

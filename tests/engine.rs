@@ -258,7 +258,8 @@ fn compressible_memory_is_stored_compressed_and_restores_identically() {
     let args = ["32", "6", "200", "text"];
     let want = reference(&prog, &args, "");
     each_user("compress", |u, d| {
-        // `--compress` (idle cores only) may store any share of the records compressed;
+        // `--compress` (only while the disk is behind, which it is not here for so small an
+        // image) may store any share of the records compressed;
         // `--compress=all` stores every one that compresses.
         let mut sizes = Vec::new();
         for (i, flags) in [&["--compress=all"][..], &["--compress"], &[]].into_iter().enumerate() {

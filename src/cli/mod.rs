@@ -343,11 +343,12 @@ struct DumpArgs {
     /// tracking; LIMITLESS_TRACK=0 in the environment of launch/restore turns it off)
     #[arg(long, value_name = "PARENT")]
     parent: Option<PathBuf>,
-    /// Compress memory with zstd where a sample shows it pays. `idle` (the default) uses
-    /// only idle cores: records that come while every worker is busy are stored raw
-    /// rather than waited for. `all` compresses every record that pays, however long
-    /// that takes. Smaller images, but a slower restore. Also LIMITLESS_COMPRESS=1 or
-    /// =all in the environment of launch/restore
+    /// Compress memory with zstd where a sample shows it pays. `idle` (the default)
+    /// compresses only while the disk falls behind the checkpoint (the image's data from
+    /// 96 MiB ago not yet written): then it costs no time and makes the checkpoint faster;
+    /// on a disk that keeps up, the image is stored raw. `all` compresses every record that
+    /// pays, however long that takes. Compressed images restore more slowly. Also
+    /// LIMITLESS_COMPRESS=1 or =all in the environment of launch/restore
     #[arg(long, value_enum, value_name = "WHEN", num_args = 0..=1, require_equals = true, default_missing_value = "idle")]
     compress: Option<Compress>,
     /// Store the program's and its libraries' pages in the image too (a few MiB more), so

@@ -256,21 +256,26 @@ impl Inner {
         }
         drop(pw);
         let r = match dest {
-            Dest::File { tmp, file } => self
-                .run_checkpoint(req, EarlyFlush::new(file), pr, snapshot, req.compress.or_env(), parent)
-                .and_then(|(stats, at, f, fin)| {
-                    f.into_inner().sync_all().context("fsync of the image failed")?;
-                    finish_file(&tmp, &req.output)?;
-                    // A later delta on top of this image may use the agent's tracking.
-                    *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) =
-                        fs::canonicalize(&req.output).ok().filter(|_| stats.epoch != 0).map(|p| (p, fin.trailer_hash, stats.epoch));
-                    Ok((stats, at, fin, None))
-                })
-                .inspect_err(|_| {
-                    let _ = fs::remove_file(&tmp);
-                }),
+            Dest::File { tmp, file } => {
+                let early = EarlyFlush::new(file);
+                let squeeze = Compressor::new(req.compress.or_env()).when_behind(early.behind());
+                self.run_checkpoint(req, early, pr, snapshot, squeeze, parent)
+                    .and_then(|(stats, at, f, fin)| {
+                        let t = Instant::now();
+                        f.into_inner().sync_all().context("fsync of the image failed")?;
+                        tracing::debug!("checkpoint: final fsync {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+                        finish_file(&tmp, &req.output)?;
+                        // A later delta on top of this image may use the agent's tracking.
+                        *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) =
+                            fs::canonicalize(&req.output).ok().filter(|_| stats.epoch != 0).map(|p| (p, fin.trailer_hash, stats.epoch));
+                        Ok((stats, at, fin, None))
+                    })
+                    .inspect_err(|_| {
+                        let _ = fs::remove_file(&tmp);
+                    })
+            }
             Dest::Sink(s) => self
-                .run_checkpoint(req, s, pr, snapshot, Compress::Off, None)
+                .run_checkpoint(req, s, pr, snapshot, Compressor::new(Compress::Off), None)
                 .and_then(|(stats, at, s, fin)| Ok((stats, at, fin, Some(s.finish()?)))),
         };
         match r {
@@ -320,7 +325,7 @@ impl Inner {
         out: W,
         pr: std::os::fd::OwnedFd,
         snapshot: bool,
-        compress: Compress,
+        mut squeeze: Compressor,
         parent: Option<ParentMap>,
     ) -> Result<(Stats, Instant, W, Finished)> {
         let mut stats = Stats::default();
@@ -362,7 +367,6 @@ impl Inner {
         // Why writing the image failed (a full disk, a store that went away), as opposed
         // to the agent's stream breaking off.
         let mut write_err: Option<String> = None;
-        let mut squeeze = Compressor::new(compress);
         let mut exec_files = ExecFiles::default();
         let streamed = read_stream(reader, |h, payload| {
             records += 1;

@@ -1,34 +1,35 @@
-//! Compression of an image file's page records, with the cores the checkpoint leaves idle.
+//! Compression of an image file's page records, when it can make a checkpoint faster.
 //!
-//! Compression should not make a checkpoint slower than writing raw, so it is
-//! opportunistic. Each page record (at most 1 MiB of pages) is first tried on a 16 KiB
-//! sample; one that does not compress (random, already compressed) is stored raw at the
-//! cost of that small trial. One that does goes to a worker thread *if a worker is free*;
-//! otherwise it is stored raw at once rather than waited for. The workers run under
-//! `SCHED_IDLE`, so they only get CPU time that the agent's stream and the writing do not
-//! use. Records are written in their order: raw records that come behind one still being
-//! compressed wait in memory (at most [`HELD`] of them) and are written as soon as it is
-//! done. Where the disk takes the image as fast as it is produced, few records get
-//! compressed; where the disk or the CPU has slack, more do.
+//! Compressing costs CPU time and memory bandwidth, which the checkpoint itself uses; it
+//! saves only the time the disk would spend on the bytes it removes. So by default
+//! ([`Compress::Idle`], `dump --compress`) it is opportunistic: a page record (at most
+//! 1 MiB of pages) is compressed only while the disk is behind (the image file's data
+//! from [`LAG`](super::early) ago is not yet written, which the writer asks the kernel at
+//! every write-back request) *and* a worker is free; otherwise it is stored raw at once.
+//! While the disk keeps up, then, the checkpoint runs as raw. A record about to be
+//! compressed is first tried on a 16 KiB sample; one that does not compress (random,
+//! already compressed) is stored raw at the cost of that small trial. The workers run under
+//! `SCHED_IDLE`. Records are written in their order: raw records that come behind one still
+//! being compressed wait in memory (at most [`HELD`] of them) and are written as soon as it
+//! is done. A sink that cannot tell whether its disk keeps up (no `cachestat`) gets every
+//! record a free worker can take.
 //!
 //! With [`Compress::All`] (`dump --compress=all`) every record whose sample compresses is
 //! compressed, the writer waiting for a free worker, and the workers run at normal
-//! priority: the smallest image, at the cost of time.
+//! priority: the smallest image, at the cost of time (on this machine about 1.5x raw for
+//! text-like memory, docs/benchmarks.md).
 //!
 //! It is off unless asked for (`dump --compress[=all]`, or `LIMITLESS_COMPRESS=1` or `=all`
-//! in the supervisor's environment). On this machine it still makes a checkpoint of text-like
-//! memory about 1.3x slower than raw (docs/benchmarks.md): writing the image is bound by
-//! memory bandwidth, which the workers share even when they take no CPU time from it. An
-//! image with compressed records also restores through the supervisor rather than by
-//! `pread`, which is slower. It pays when the image is kept long or goes over a slow disk
-//! or network. Images for a store that takes a stream are not compressed here: the store
-//! compresses its chunks.
+//! in the supervisor's environment). An image with compressed records restores through the
+//! supervisor rather than by `pread`, which is slower. Images for a store that takes a
+//! stream are not compressed here: the store compresses its chunks.
 
 use limitless_image::file::{compress_if_smaller, sample_compresses, Writer};
 use limitless_image::format::{kind, PagesHeader};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -40,7 +41,7 @@ pub enum Compress {
     /// Stored raw.
     #[default]
     Off,
-    /// Compressed when a core is idle to do it; never waited for.
+    /// Compressed while the disk is behind and a core is idle to do it; never waited for.
     Idle,
     /// Every record that compresses, waiting for the workers.
     All,
@@ -138,6 +139,8 @@ pub struct Compressor {
     mode: Compress,
     workers: usize,
     pool: Option<Pool>,
+    /// Whether the disk is behind (`Idle` compresses only then); `None`: cannot tell.
+    behind: Option<Arc<AtomicBool>>,
     queue: VecDeque<Slot>,
     next_seq: u64,
     busy: usize,
@@ -151,7 +154,13 @@ impl Compressor {
     /// A compressor; `Compress::Off` writes every record as it comes.
     pub fn new(mode: Compress) -> Compressor {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
-        Compressor { mode, workers, pool: None, queue: VecDeque::new(), next_seq: 0, busy: 0, compressed: 0, raw: 0 }
+        Compressor { mode, workers, pool: None, behind: None, queue: VecDeque::new(), next_seq: 0, busy: 0, compressed: 0, raw: 0 }
+    }
+
+    /// In `Idle` mode, compresses only while `behind` is set (see [`EarlyFlush::behind`](super::early::EarlyFlush::behind)).
+    pub fn when_behind(mut self, behind: Arc<AtomicBool>) -> Compressor {
+        self.behind = Some(behind);
+        self
     }
 
     /// Writes the PAGES record `payload` (pages header, then pages), or queues it.
@@ -161,13 +170,16 @@ impl Compressor {
             return w.plain(kind::PAGES, &payload);
         }
         self.collect(w, false)?;
-        let mut worth = payload.get(PagesHeader::SIZE..).is_some_and(sample_compresses);
-        if worth && self.mode == Compress::All {
-            while self.busy >= self.workers {
-                self.collect(w, true)?;
-            }
+        // While the disk is behind, compressing costs no time: wait for a worker as `All`
+        // does. Otherwise (`Idle`) only a free worker is used, and none while the disk is
+        // known to keep up, which also saves the trial.
+        let behind = self.behind.as_ref().map(|b| b.load(Ordering::Relaxed));
+        let wait = self.mode == Compress::All || behind == Some(true);
+        let worth =
+            (wait || (self.busy < self.workers && behind.is_none())) && payload.get(PagesHeader::SIZE..).is_some_and(sample_compresses);
+        while worth && wait && self.busy >= self.workers {
+            self.collect(w, true)?;
         }
-        worth &= self.busy < self.workers;
         if !worth {
             if self.queue.is_empty() {
                 self.raw += 1;
@@ -261,13 +273,30 @@ mod tests {
     #[test]
     fn records_come_out_in_order_and_whole() {
         for mode in [Compress::Idle, Compress::All] {
-            in_order_and_whole(mode);
+            let c = in_order_and_whole(Compressor::new(mode));
+            assert!(c.compressed > 0, "no record was compressed");
+            if mode == Compress::All {
+                assert_eq!(c.compressed, 80, "every text-like record is compressed");
+            }
         }
     }
 
-    fn in_order_and_whole(mode: Compress) {
+    /// With a gauge, `Idle` compresses nothing while the disk keeps up and every text-like
+    /// record while it is behind; the records still come out in order and whole.
+    #[test]
+    fn idle_follows_the_disk() {
+        let behind = Arc::new(AtomicBool::new(false));
+        let c = in_order_and_whole(Compressor::new(Compress::Idle).when_behind(behind.clone()));
+        assert_eq!(c.compressed, 0, "compressed while the disk kept up");
+        behind.store(true, Ordering::Relaxed);
+        let c = in_order_and_whole(Compressor::new(Compress::Idle).when_behind(behind));
+        assert_eq!(c.compressed, 80, "every text-like record is compressed while the disk is behind");
+    }
+
+    /// Writes 120 records (two in three text-like, the others random) through `c`, checks
+    /// what comes out and returns `c`.
+    fn in_order_and_whole(mut c: Compressor) -> Compressor {
         let mut out = Vec::new();
-        let mut c = Compressor::new(mode);
         let mut rng = 0x9e3779b97f4a7c15u64;
         let mut want = Vec::new();
         {
@@ -290,10 +319,6 @@ mod tests {
             c.flush(&mut w).unwrap();
         }
         assert_eq!(c.compressed + c.raw, 120);
-        assert!(c.compressed > 0, "no record was compressed");
-        if mode == Compress::All {
-            assert_eq!(c.compressed, 80, "every text-like record is compressed");
-        }
         let mut at = FileHeader::SIZE;
         for (i, (text, rec)) in want.iter().enumerate() {
             let h = RecordHeader::get(&out[at..]);
@@ -311,5 +336,6 @@ mod tests {
                 assert!(stored == &rec[..], "raw record {i} differs");
             }
         }
+        c
     }
 }
