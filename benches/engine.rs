@@ -46,6 +46,8 @@ struct Run {
     seen_ms: Option<f64>,
     restore_ms: f64,
     snapshot: bool,
+    /// Page records stored compressed, of all.
+    compressed: (u64, u64),
 }
 
 fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Compress) -> Run {
@@ -100,6 +102,7 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Co
         seen_ms,
         restore_ms: rs.total_ms,
         snapshot: stats.snapshot,
+        compressed: (stats.compressed_records, stats.page_records),
     }
 }
 
@@ -252,8 +255,8 @@ fn table(prog: &Path, dir: &Path, spec: &[RowSpec], rounds: usize) {
     println!("images in {}", dir.display());
     println!("dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync: {dd:.1} ms; cat of that 1 GiB page-cached file to /dev/null: {cat:.1} ms");
     println!(
-        "{:<30} {:>10} {:>14} {:>10} {:>12} {:>11} {:>8} {:>12} {:>9}",
-        "process", "image", "checkpoint ms", "frozen ms", "seen gap ms", "restore ms", "ckpt/dd", "restore/cat", "snapshot"
+        "{:<30} {:>10} {:>14} {:>10} {:>12} {:>11} {:>8} {:>12} {:>9} {:>11}",
+        "process", "image", "checkpoint ms", "frozen ms", "seen gap ms", "restore ms", "ckpt/dd", "restore/cat", "snapshot", "compressed"
     );
     for (r, runs) in spec.iter().zip(runs) {
         let (label, mib) = (r.4, r.0);
@@ -262,7 +265,7 @@ fn table(prog: &Path, dir: &Path, spec: &[RowSpec], rounds: usize) {
         let seen = runs.iter().map(|r| r.seen_ms).collect::<Option<Vec<f64>>>().map(median);
         let ratio = |v: f64, r: f64| if mib == 1024 { format!("{:.2}", v / r) } else { "-".into() };
         println!(
-            "{:<30} {:>10} {:>14.1} {:>10.1} {:>12} {:>11.1} {:>8} {:>12} {:>9}",
+            "{:<30} {:>10} {:>14.1} {:>10.1} {:>12} {:>11.1} {:>8} {:>12} {:>9} {:>11}",
             label,
             // Small images to the KiB (is a 1 MiB program's image within 1 MiB?).
             if runs[0].image_bytes < 10 << 20 {
@@ -277,6 +280,8 @@ fn table(prog: &Path, dir: &Path, spec: &[RowSpec], rounds: usize) {
             ratio(ck, dd),
             ratio(rs, cat),
             format!("{}/{}", runs.iter().filter(|r| r.snapshot).count(), runs.len()),
+            // Records stored compressed, of all, in each run.
+            runs.iter().map(|r| format!("{}", r.compressed.0)).collect::<Vec<_>>().join("/") + &format!(" of {}", runs[0].compressed.1),
         );
     }
 }

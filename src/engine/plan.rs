@@ -60,12 +60,57 @@ pub fn gaps(img: &Image) -> Vec<PlanGap> {
 /// its pages, or `None` for the data pipe.
 pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize) -> Option<(i32, u64)>, fds: &PlanFds) -> Vec<u8> {
     let gaps = gaps(img);
+    // Runs first, each inside one area (`area` is its index in `img.vmas`, if any).
+    let area_of = |a: u64| {
+        let i = img.vmas.partition_point(|v| v.info.end <= a);
+        img.vmas.get(i).filter(|v| v.info.start <= a).map(|_| i)
+    };
+    let mut runs: Vec<(PlanRun, Option<usize>)> = Vec::new();
+    for (i, p) in img.pages.iter().enumerate() {
+        let (fd, mut off) = pages_fd(i).unwrap_or((-1, 0));
+        p.header.runs(|mut s, mut l| {
+            while l > 0 {
+                let area = area_of(s);
+                let take = area.map_or(l, |k| l.min(img.vmas[k].info.end - s));
+                match runs.last_mut() {
+                    // Consecutive in memory and in the same source (a pipe is always
+                    // consecutive), in the same area.
+                    Some((r, a)) if *a == area && r.start + r.len == s && r.fd == fd && (fd < 0 || r.file_off + r.len == off) => {
+                        r.len += take
+                    }
+                    _ => runs.push((PlanRun { start: s, len: take, file_off: off, fd, flags: 0 }, area)),
+                }
+                (s, l, off) = (s + take, l - take, off + take);
+            }
+        });
+    }
+    // Anonymous areas whose page data all comes from files may be filled by UFFDIO_COPY.
+    let mut copy: Vec<bool> =
+        img.vmas.iter().map(|v| !matches!(v.info.kind, vma_kind::FILE_PRIVATE | vma_kind::FILE_SHARED | vma_kind::SHM)).collect();
+    for (r, a) in &runs {
+        match a {
+            Some(k) if r.fd < 0 => copy[*k] = false,
+            _ => {}
+        }
+    }
+    let runs: Vec<PlanRun> = runs
+        .into_iter()
+        .map(|(mut r, a)| {
+            if a.is_some_and(|k| copy[k]) {
+                r.flags |= prf::COPY;
+            }
+            r
+        })
+        .collect();
     let mut vmas = Vec::with_capacity(img.vmas.len());
     for (i, v) in img.vmas.iter().enumerate() {
         let x = &v.info;
         let mut flags = 0;
         if x.pages > 0 {
             flags |= pvf::HAS_DATA;
+            if copy[i] {
+                flags |= pvf::COPY;
+            }
         }
         if x.kind == vma_kind::STACK {
             flags |= pvf::GROWSDOWN;
@@ -85,18 +130,6 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
         for g in &v.guards {
             vmas.push(PlanVma { start: g.start, len: g.end - g.start, offset: 0, kind: pk::GUARD, prot: 0, flags: 0, fd: -1 });
         }
-    }
-    let mut runs: Vec<PlanRun> = Vec::new();
-    for (i, p) in img.pages.iter().enumerate() {
-        let (fd, mut off) = pages_fd(i).unwrap_or((-1, 0));
-        p.header.runs(|s, l| {
-            match runs.last_mut() {
-                // Consecutive in memory and in the same source (a pipe is always consecutive).
-                Some(r) if r.start + r.len == s && r.fd == fd && (fd < 0 || r.file_off + r.len == off) => r.len += l,
-                _ => runs.push(PlanRun { start: s, len: l, file_off: off, fd, reserved: 0 }),
-            }
-            off += l;
-        });
     }
     let gaps_off = PlanHeader::SIZE as u64;
     let vmas_off = gaps_off + (gaps.len() * PlanGap::SIZE) as u64;

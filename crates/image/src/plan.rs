@@ -12,7 +12,7 @@ use crate::wire;
 /// `b"LMTLPLAN"`.
 pub const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"LMTLPLAN");
 /// Version of the plan layout (the restorer and supervisor always come from one build).
-pub const PLAN_VERSION: u32 = 3;
+pub const PLAN_VERSION: u32 = 4;
 /// Most gap candidates in a plan.
 pub const MAX_GAPS: u32 = 32;
 
@@ -89,6 +89,15 @@ pub mod pvf {
     pub const DONTFORK: u32 = 4;
     /// `madvise(MADV_WIPEONFORK)`.
     pub const WIPEONFORK: u32 = 8;
+    /// Anonymous, and all its page data is read from image files: it may be filled with
+    /// `UFFDIO_COPY` (page cache to fresh pages, which the kernel then need not clear).
+    pub const COPY: u32 = 16;
+}
+
+/// Page run flags.
+pub mod prf {
+    /// The run's area has [`pvf::COPY`](super::pvf::COPY).
+    pub const COPY: u32 = 1;
 }
 
 wire! {
@@ -108,13 +117,14 @@ wire! {
     /// A run of page data: `len` bytes to read into `start` from the image file `fd` at
     /// `file_off` (one copy, page cache to place), or with `fd` -1 from `data_fd`, where the
     /// supervisor writes the bytes of all such runs in order, before the go-ahead byte
-    /// (compressed records, an image with no file).
+    /// (compressed records, an image with no file). A run lies inside one area.
     pub struct PlanRun {
         pub start: u64,
         pub len: u64,
         pub file_off: u64,
         pub fd: i32,
-        pub reserved: u32,
+        /// [`prf`] bits.
+        pub flags: u32,
     }
 }
 

@@ -3,14 +3,26 @@
 //! Page runs read at an offset in an image file are cut into pieces of [`PIECE`] bytes
 //! that two threads take in turn: this one and a helper started with raw `clone` (when
 //! there is enough to share). Most of the time goes to the kernel allocating and clearing
-//! fresh pages and to copying from the page cache, and both scale with threads: measured
-//! here, 1 GiB took 520-574 ms on one thread and 318-394 ms on two (a C test of the same
-//! calls). Runs that come through the data pipe arrive in order, so this thread reads them
-//! alone first, then joins the helper on the pieces left.
+//! fresh pages and to copying from the page cache, and both scale with threads. Runs that
+//! come through the data pipe arrive in order, so this thread reads them alone first, then
+//! joins the helper on the pieces left.
+//!
+//! A piece goes into place in one of two ways:
+//! - Anonymous areas whose data all comes from files ([`pvf::COPY`]) are registered with a
+//!   userfaultfd for missing pages, and each piece is copied with `UFFDIO_COPY` from a
+//!   read-only mapping of the image file: the kernel allocates each page and fills it from
+//!   the page cache, with no clearing first. Unprivileged (`UFFD_USER_MODE_ONLY`); closing
+//!   the userfaultfd afterwards leaves the areas as plain anonymous memory.
+//! - Otherwise (other areas, or where userfaultfd is not allowed, as under Docker's default
+//!   seccomp profile): `MADV_POPULATE_WRITE`, then `pread`.
+//!
+//! Measured with C programs doing the same calls on a page-cached 1 GiB file:
+//! populate+`pread` 475-574 ms on one thread, 257-394 ms on two; `UFFDIO_COPY` 330-400 ms
+//! on one, 174-233 ms on two.
 
 use super::{entry, report, Stage1};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use limitless_image::plan::{PlanHeader, PlanRun};
+use limitless_image::plan::{pk, prf, pvf, PlanHeader, PlanRun, PlanVma};
 use limitless_sys as sys;
 
 /// Bytes a thread takes at a time.
@@ -26,6 +38,8 @@ struct Work<'a> {
     h: &'a PlanHeader,
     /// The next piece to take, counting the pieces of every offset run in plan order.
     next: AtomicU64,
+    /// The userfaultfd the `COPY` areas are registered with, or -1.
+    uffd: i32,
 }
 
 /// Reads every run of the plan into place; returns the bytes read.
@@ -38,7 +52,8 @@ pub fn read_all(s: &Stage1, h: &PlanHeader) -> u64 {
             at_offset += r.len;
         }
     }
-    let w = Work { s, h, next: AtomicU64::new(0) };
+    let uffd = register_copy_areas(s, h);
+    let w = Work { s, h, next: AtomicU64::new(0), uffd };
     let tid = AtomicU32::new(0);
     let mut stack = core::mem::MaybeUninit::<[u8; HELPER_STACK]>::uninit();
     let mut helper = false;
@@ -60,7 +75,72 @@ pub fn read_all(s: &Stage1, h: &PlanHeader) -> u64 {
     if helper {
         sys::join_thread(&tid);
     }
+    if uffd >= 0 {
+        // Unregisters every area: plain anonymous memory again.
+        let _ = sys::close(uffd);
+    }
     total
+}
+
+/// Opens a userfaultfd and registers every [`pvf::COPY`] area with it for missing pages.
+/// Returns it, or -1 (and nothing registered) where that is not possible.
+fn register_copy_areas(s: &Stage1, h: &PlanHeader) -> i32 {
+    let copy_area = |v: &PlanVma| v.kind == pk::ANON && v.flags & pvf::COPY != 0;
+    if !(0..h.n_vmas as u64).any(|i| copy_area(&entry(s, h.vmas_off, i))) {
+        return -1;
+    }
+    let Ok(uffd) = sys::userfaultfd(sys::UFFD_USER_MODE_ONLY | sys::O_CLOEXEC as usize) else { return -1 };
+    let mut api = sys::UffdioApi { api: sys::UFFD_API, features: 0, ioctls: 0 };
+    // SAFETY: UFFDIO_API reads and writes the uffdio_api structure passed.
+    let mut ok = unsafe { sys::ioctl(uffd, sys::UFFDIO_API, &mut api as *mut sys::UffdioApi as usize) }.is_ok();
+    for i in 0..h.n_vmas as u64 {
+        let v: PlanVma = entry(s, h.vmas_off, i);
+        if !ok || !copy_area(&v) {
+            continue;
+        }
+        // The whole area, as mapped: registering part of one would split it in two.
+        let mut reg = sys::UffdioRegister { start: v.start, len: v.len, mode: sys::UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
+        // SAFETY: UFFDIO_REGISTER reads and writes the structure passed; the range is an
+        // area this restorer mapped, which nothing touches until its data is in.
+        ok = unsafe { sys::ioctl(uffd, sys::UFFDIO_REGISTER, &mut reg as *mut sys::UffdioRegister as usize) }.is_ok()
+            && reg.ioctls & (1 << 3) != 0; // _UFFDIO_COPY
+    }
+    if !ok {
+        // Closing unregisters whatever was registered.
+        let _ = sys::close(uffd);
+        return -1;
+    }
+    uffd
+}
+
+/// Copies run `r` (inside a registered `COPY` area) from its image file with `UFFDIO_COPY`.
+fn copy_run(uffd: i32, r: &PlanRun) {
+    const PAGE: u64 = 4096;
+    let skip = r.file_off % PAGE;
+    let map_len = (r.len + skip) as usize;
+    // SAFETY: a new read-only shared mapping of the image file at an address the kernel
+    // picks (a free one: it cannot replace any of the program's areas); only the kernel
+    // reads it, in UFFDIO_COPY (a file cut short makes that fail with EFAULT, not SIGBUS).
+    let src = match unsafe { sys::mmap(0, map_len, sys::PROT_READ, sys::MAP_SHARED | sys::MAP_POPULATE, r.fd, r.file_off - skip) } {
+        Ok(a) => a as u64 + skip,
+        Err(e) => report::fail_at_errno("cannot map the image file for", r.start, e),
+    };
+    let mut done = 0u64;
+    while done < r.len {
+        let mut c = sys::UffdioCopy { dst: r.start + done, src: src + done, len: r.len - done, mode: 0, copy: 0 };
+        // SAFETY: UFFDIO_COPY reads and writes the structure passed; it fills missing pages
+        // of `dst..dst + len`, inside a registered area nothing else uses, from `src`,
+        // which is readable for that long.
+        match unsafe { sys::ioctl(uffd, sys::UFFDIO_COPY, &mut c as *mut sys::UffdioCopy as usize) } {
+            Ok(_) => done = r.len,
+            // Part done (or the address space was changing): go on from there.
+            Err(sys::Errno::EAGAIN) if c.copy > 0 => done += c.copy as u64,
+            Err(sys::Errno::EAGAIN | sys::Errno::EINTR) => sys::sched_yield(),
+            Err(e) => report::fail_at_errno("cannot fill memory (UFFDIO_COPY) at", r.start + done, e),
+        }
+    }
+    // SAFETY: unmaps exactly the mapping made above, which nothing refers to any more.
+    let _ = unsafe { sys::munmap((src - skip) as usize, map_len) };
 }
 
 extern "C" fn helper_main(w: usize) -> ! {
@@ -84,7 +164,11 @@ fn take_pieces(w: &Work) {
             if k < first + n {
                 let off = (k - first) * PIECE;
                 let piece = PlanRun { start: r.start + off, len: (r.len - off).min(PIECE), file_off: r.file_off + off, ..r };
-                read_run(r.fd, true, &piece);
+                if w.uffd >= 0 && r.flags & prf::COPY != 0 {
+                    copy_run(w.uffd, &piece);
+                } else {
+                    read_run(r.fd, true, &piece);
+                }
                 break;
             }
             first += n;

@@ -407,6 +407,18 @@ pub struct UffdioWriteprotect {
     pub mode: u64,
 }
 
+/// `struct uffdio_copy`: fill `len` bytes at `dst` (missing pages of a registered area)
+/// from `src`; `copy` returns the bytes done or a negated errno.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct UffdioCopy {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+    pub mode: u64,
+    pub copy: i64,
+}
+
 pub const UFFD_API: u64 = 0xaa;
 /// `userfaultfd(2)` flag: handle faults from user mode only (allowed unprivileged).
 pub const UFFD_USER_MODE_ONLY: usize = 1;
@@ -417,6 +429,10 @@ pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 pub const UFFDIO_API: u64 = 0xc018_aa3f;
 pub const UFFDIO_REGISTER: u64 = 0xc020_aa00;
 pub const UFFDIO_WRITEPROTECT: u64 = 0xc018_aa06;
+pub const UFFDIO_COPY: u64 = 0xc028_aa03;
+// The ioctl number encodes the structure's size.
+const _: () = assert!(core::mem::size_of::<UffdioCopy>() == 40);
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 2;
 pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 
