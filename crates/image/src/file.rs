@@ -470,16 +470,21 @@ impl Mapped {
             return Err(io::Error::other("empty mapping"));
         }
         // SAFETY: a fresh read-only shared mapping at an address the kernel picks; it aliases
-        // no Rust object, and only `Deref` reads it, within `skip..skip + len`.
+        // no Rust object, and only `Deref` reads it, within `skip..skip + len`. Populated at
+        // once: it is read whole, and one call maps it faster than a fault per 16 pages.
         let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), (off - skip as u64) as libc::off_t)
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                f.as_raw_fd(),
+                (off - skip as u64) as libc::off_t,
+            )
         };
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        // Read in order, once: let the kernel map ahead. Only a hint, so its result is ignored.
-        // SAFETY: advice on the mapping just made.
-        let _ = unsafe { libc::madvise(base, map_len, libc::MADV_SEQUENTIAL) };
         Ok(Mapped { base, map_len, skip, len })
     }
 }
