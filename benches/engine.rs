@@ -231,6 +231,29 @@ fn overhead(dir: &Path, n: usize) -> (f64, f64, f64, f64) {
     (median(pw), median(ew), median(pc), median(ec))
 }
 
+/// `--compress` against raw, 1 GiB of text-like memory stopped, `n` alternating pairs (a
+/// closer look at "never slower than raw" than three rounds give on a noisy machine).
+fn compress_ab(prog: &Path, dir: &Path, n: usize) {
+    let (mut raw, mut idle, mut compressed) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..n {
+        settle();
+        raw.push(one(prog, dir, 1024, "text", After::Kill, Off).checkpoint_ms);
+        settle();
+        let r = one(prog, dir, 1024, "text", After::Kill, Idle);
+        compressed += r.compressed.0;
+        idle.push(r.checkpoint_ms);
+    }
+    let span = |v: &[f64]| format!("{:.0}-{:.0}", v.iter().cloned().fold(f64::MAX, f64::min), v.iter().cloned().fold(0.0, f64::max));
+    let (r, i) = (median(raw.clone()), median(idle.clone()));
+    println!(
+        "compression A/B in {}, 1 GiB text stopped, {n} alternating pairs: raw median {r:.1} ms ({}), --compress median {i:.1} ms ({}): {:.3}x raw; {compressed} records compressed in all",
+        dir.display(),
+        span(&raw),
+        span(&idle),
+        i / r
+    );
+}
+
 /// A row of the table: size in MiB, contents, what follows the checkpoint, compression,
 /// label.
 type RowSpec = (u64, &'static str, After, Compress, &'static str);
@@ -314,6 +337,7 @@ fn main() {
         (1024, "text", After::Resume, Idle, "leave-running, 1 GiB text, zstd idle"),
     ];
     table(&prog, &dir, &rows_spec, 3);
+    compress_ab(&prog, &dir, 7);
     // Compression pays only where the disk is slower than the checkpoint's stream.
     match std::env::var_os("LIMITLESS_BENCH_SLOW_DIR") {
         Some(slow) => {
@@ -326,6 +350,7 @@ fn main() {
                 (1024, "random", After::Kill, Idle, "slow disk: random, zstd idle"),
             ];
             table(&prog, &slow, &spec, 2);
+            compress_ab(&prog, &slow, 3);
             let _ = std::fs::remove_dir_all(&slow);
         }
         None => println!(
