@@ -1675,18 +1675,25 @@ mod tests {
         assert_eq!(with.read_pages(&with.pages[0]).unwrap(), without.read_pages(&without.pages[0]).unwrap());
     }
 
-    #[test]
-    fn a_delta_image_refers_to_its_parent_and_every_change_to_either_is_caught() {
+    /// Writes the synthetic image and a delta image on top of it into a fresh directory
+    /// named after `test`: (directory, parent, delta, the delta's bytes).
+    fn parent_and_delta(test: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
         let g = [GuardRange { start: 0x1c000, end: 0x1e000 }];
-        let dir = std::env::temp_dir().join(format!("limitless-delta-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("limitless-{test}-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let parent_path = dir.join("parent");
         std::fs::write(&parent_path, synthetic()).unwrap();
         let map = ParentMap::of(&Image::open(&parent_path).unwrap(), &parent_path).unwrap();
         let delta = synthetic_full(&g, Some(map), |_| {});
-        assert!(delta.len() + PAGE as usize <= synthetic().len(), "the delta ({} bytes) copied the pages", delta.len());
         let delta_path = dir.join("delta");
         std::fs::write(&delta_path, &delta).unwrap();
+        (dir, parent_path, delta_path, delta)
+    }
+
+    #[test]
+    fn a_delta_image_refers_to_its_parent_and_every_change_to_either_is_caught() {
+        let (dir, parent_path, delta_path, delta) = parent_and_delta("delta");
+        assert!(delta.len() + PAGE as usize <= synthetic().len(), "the delta ({} bytes) copied the pages", delta.len());
         let mut img = Image::open(&delta_path).unwrap();
         assert_eq!(img.index[img.pages[0].index].flags, rflags::REF);
         assert_eq!(img.parents.len(), 1);
@@ -1713,20 +1720,13 @@ mod tests {
 
     #[test]
     fn mapped_checks_agree_with_read_checks_and_catch_every_flipped_byte() {
-        let g = [GuardRange { start: 0x1c000, end: 0x1e000 }];
-        let dir = std::env::temp_dir().join(format!("limitless-mapped-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let parent_path = dir.join("parent");
+        let (dir, parent_path, delta_path, _) = parent_and_delta("mapped");
         let good = synthetic();
-        std::fs::write(&parent_path, &good).unwrap();
         let img = Image::open(&parent_path).unwrap();
         let p = img.pages[0];
         let want = img.read_pages(&p).unwrap().len() as u64;
         assert_eq!(img.check_pages_mapped(&p).unwrap().unwrap(), want);
         // Through a delta's reference, the parent's record is the one mapped.
-        let map = ParentMap::of(&img, &parent_path).unwrap();
-        let delta_path = dir.join("delta");
-        std::fs::write(&delta_path, synthetic_full(&g, Some(map), |_| {})).unwrap();
         let mut delta = Image::open(&delta_path).unwrap();
         delta.attach_parents().unwrap();
         assert_eq!(delta.check_pages_mapped(&delta.pages[0]).unwrap().unwrap(), want);
