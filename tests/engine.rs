@@ -323,6 +323,31 @@ fn a_chain_of_ten_delta_images_stores_only_changes_and_restores_identically() {
     });
 }
 
+/// Where userfaultfd is refused (Docker's default seccomp profile, here a seccomp filter
+/// around `limitless`): the checkpoint takes deltas by content hashes instead of dirty
+/// tracking, and the restorer fills memory with `pread` instead of `UFFDIO_COPY`; a
+/// 64 MiB program restores exactly from a leave-running delta.
+#[test]
+fn where_userfaultfd_is_refused_deltas_and_restore_fall_back_and_stay_exact() {
+    let wrap = program("nouffd");
+    let prog = program("churn");
+    let args = ["64", "6", "200"];
+    let want = reference(&prog, &args, "");
+    each_user("nouffd", |u, d| {
+        let r = launch_via(u, Some(&wrap), d, &prog, &args);
+        r.expect_out("iteration 1");
+        let (full, delta) = (d.join("full"), d.join("delta"));
+        dump_delta(u, &r, &full, None, true);
+        let said = dump_delta(u, &r, &delta, Some(&full), false);
+        assert!(!said.contains("unchanged without reading"), "dirty tracking without userfaultfd? {said}");
+        let (st, out1, err1) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err1}");
+        let (st2, out2, err2) = restore_via(u, Some(&wrap), d, &delta).finish();
+        assert_eq!(st2.code(), Some(0), "restored program failed; stderr: {err2}");
+        assert_eq!(lines(&(out1 + &out2)), lines(&want), "output differs from an uninterrupted run");
+    });
+}
+
 /// Dirty-page tracking (userfaultfd write-protect, Linux 6.7+): deltas of a program that
 /// changes its memory in every way the tracking must notice (writes, `read(2)` into it,
 /// `MADV_DONTNEED`, a mapping replaced in place, areas swapped with `mremap`, heap growth)

@@ -215,20 +215,42 @@ impl Running {
     }
 }
 
+/// `limitless` as `user`, run through `wrapper` (a program that runs its arguments) if given.
+fn limitless_via(user: User, wrapper: Option<&Path>) -> Command {
+    match wrapper {
+        Some(w) => {
+            let mut c = command(user, w.to_str().expect("a UTF-8 path"));
+            c.arg(limitless());
+            c
+        }
+        None => command(user, limitless()),
+    }
+}
+
 /// `limitless launch --socket DIR/NAME.sock -- PROG ARGS` as `user`.
 pub fn launch(user: User, dir: &Path, prog: &Path, args: &[&str]) -> Running {
+    launch_via(user, None, dir, prog, args)
+}
+
+/// [`launch`], through `wrapper` if given.
+pub fn launch_via(user: User, wrapper: Option<&Path>, dir: &Path, prog: &Path, args: &[&str]) -> Running {
     let socket = dir.join("launch.sock");
-    let mut c = command(user, limitless());
+    let mut c = limitless_via(user, wrapper);
     c.arg("launch").arg("--socket").arg(&socket).arg("--").arg(prog).args(args).current_dir(dir);
     Running::spawn(c, socket)
 }
 
 /// `limitless restore --socket DIR/restore-N.sock IMAGE` as `user`.
 pub fn restore(user: User, dir: &Path, image: &Path) -> Running {
+    restore_via(user, None, dir, image)
+}
+
+/// [`restore`], through `wrapper` if given.
+pub fn restore_via(user: User, wrapper: Option<&Path>, dir: &Path, image: &Path) -> Running {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let socket = dir.join(format!("restore-{n}.sock"));
-    let mut c = command(user, limitless());
+    let mut c = limitless_via(user, wrapper);
     c.arg("restore").arg("--socket").arg(&socket).arg(image).current_dir(dir);
     Running::spawn(c, socket)
 }
