@@ -6,8 +6,10 @@
 //! open again). The supervisor then opens every
 //! file the program needs at its recorded number, writes the restore plan into a memfd,
 //! and starts the restorer, which reads the page data from the image file straight into
-//! place (one copy from the page cache) while the supervisor checks every page record's
-//! hash; the restorer lets the program run only after the supervisor's go-ahead, and the
+//! place (one copy from the page cache: `UFFDIO_COPY` or `pread`, see the restorer's
+//! `pages.rs`) while the supervisor checks every page record's hash (through a mapping of
+//! the file, [`Image::check_pages_mapped`]); the restorer lets the program run only after
+//! the supervisor's go-ahead, and the
 //! agent then reports `RESTORED`. Any failure before that kills the restorer, so there is
 //! never a partly restored program, and the image file is only ever read.
 //!

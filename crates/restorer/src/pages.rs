@@ -113,7 +113,9 @@ fn register_copy_areas(s: &Stage1, h: &PlanHeader) -> i32 {
     uffd
 }
 
-/// Copies run `r` (inside a registered `COPY` area) from its image file with `UFFDIO_COPY`.
+/// Copies run `r` (inside a registered `COPY` area) from its image file with `UFFDIO_COPY`:
+/// from a read-only mapping of the file, or where the file cannot be mapped, from a buffer
+/// it is read into.
 fn copy_run(uffd: i32, r: &PlanRun) {
     const PAGE: u64 = 4096;
     let skip = r.file_off % PAGE;
@@ -121,26 +123,42 @@ fn copy_run(uffd: i32, r: &PlanRun) {
     // SAFETY: a new read-only shared mapping of the image file at an address the kernel
     // picks (a free one: it cannot replace any of the program's areas); only the kernel
     // reads it, in UFFDIO_COPY (a file cut short makes that fail with EFAULT, not SIGBUS).
-    let src = match unsafe { sys::mmap(0, map_len, sys::PROT_READ, sys::MAP_SHARED | sys::MAP_POPULATE, r.fd, r.file_off - skip) } {
-        Ok(a) => a as u64 + skip,
-        Err(e) => report::fail_at_errno("cannot map the image file for", r.start, e),
+    if let Ok(a) = unsafe { sys::mmap(0, map_len, sys::PROT_READ, sys::MAP_SHARED | sys::MAP_POPULATE, r.fd, r.file_off - skip) } {
+        uffd_copy(uffd, r.start, a as u64 + skip, r.len);
+        // SAFETY: unmaps exactly the mapping made above, which nothing refers to any more.
+        let _ = unsafe { sys::munmap(a, map_len) };
+        return;
+    }
+    // SAFETY: a new private anonymous buffer at an address the kernel picks; only this
+    // function uses it, and unmaps it at the end.
+    let buf = match unsafe { sys::mmap(0, r.len as usize, sys::PROT_READ | sys::PROT_WRITE, sys::MAP_PRIVATE | sys::MAP_ANONYMOUS, -1, 0) }
+    {
+        Ok(b) => b,
+        Err(e) => report::fail_at_errno("cannot get a buffer for the page data of", r.start, e),
     };
+    read_run(r.fd, true, &PlanRun { start: buf as u64, ..*r });
+    uffd_copy(uffd, r.start, buf as u64, r.len);
+    // SAFETY: as above, for the buffer.
+    let _ = unsafe { sys::munmap(buf, r.len as usize) };
+}
+
+/// Fills the missing pages of `dst..dst + len` (in a registered area) from `src` with
+/// `UFFDIO_COPY`.
+fn uffd_copy(uffd: i32, dst: u64, src: u64, len: u64) {
     let mut done = 0u64;
-    while done < r.len {
-        let mut c = sys::UffdioCopy { dst: r.start + done, src: src + done, len: r.len - done, mode: 0, copy: 0 };
+    while done < len {
+        let mut c = sys::UffdioCopy { dst: dst + done, src: src + done, len: len - done, mode: 0, copy: 0 };
         // SAFETY: UFFDIO_COPY reads and writes the structure passed; it fills missing pages
         // of `dst..dst + len`, inside a registered area nothing else uses, from `src`,
-        // which is readable for that long.
+        // which the caller keeps readable for that long.
         match unsafe { sys::ioctl(uffd, sys::UFFDIO_COPY, &mut c as *mut sys::UffdioCopy as usize) } {
-            Ok(_) => done = r.len,
+            Ok(_) => done = len,
             // Part done (or the address space was changing): go on from there.
             Err(sys::Errno::EAGAIN) if c.copy > 0 => done += c.copy as u64,
             Err(sys::Errno::EAGAIN | sys::Errno::EINTR) => sys::sched_yield(),
-            Err(e) => report::fail_at_errno("cannot fill memory (UFFDIO_COPY) at", r.start + done, e),
+            Err(e) => report::fail_at_errno("cannot fill memory (UFFDIO_COPY) at", dst + done, e),
         }
     }
-    // SAFETY: unmaps exactly the mapping made above, which nothing refers to any more.
-    let _ = unsafe { sys::munmap((src - skip) as usize, map_len) };
 }
 
 extern "C" fn helper_main(w: usize) -> ! {
