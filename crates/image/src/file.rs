@@ -886,8 +886,13 @@ impl Image {
     /// Checks the hash of every page and file data record (what `inspect` and `restore`
     /// verify).
     pub fn verify_pages(&self) -> Result<(), ImageError> {
+        // One buffer for the records that cannot be hashed through a mapping.
+        let mut buf = Vec::new();
         for p in &self.pages {
-            self.read_pages(p)?;
+            match self.check_pages_mapped(p) {
+                Some(r) => r?,
+                None => self.check_pages(p, &mut buf)?,
+            };
         }
         for d in &self.file_data {
             self.read_file_data(d)?;
