@@ -258,9 +258,9 @@ fn compressible_memory_is_stored_compressed_and_restores_identically() {
     let args = ["32", "6", "200", "text"];
     let want = reference(&prog, &args, "");
     each_user("compress", |u, d| {
-        // `--compress` (only while the disk is behind, which it is not here for so small an
-        // image) may store any share of the records compressed;
-        // `--compress=all` stores every one that compresses.
+        // `--compress` compresses only while the disk is behind, which it never is for an
+        // image this small (it looks 96 MiB back): its image is a raw one.
+        // `--compress=all` stores every record that compresses.
         let mut sizes = Vec::new();
         for (i, flags) in [&["--compress=all"][..], &["--compress"], &[]].into_iter().enumerate() {
             let img = d.join(format!("image-{i}"));
@@ -275,7 +275,9 @@ fn compressible_memory_is_stored_compressed_and_restores_identically() {
             sizes[0], sizes[1], sizes[2]
         );
         assert!(sizes[0] * 10 < sizes[2] * 7, "compressed image {} bytes, raw {}", sizes[0], sizes[2]);
-        assert!(sizes[1] <= sizes[2], "an image with --compress is larger than raw: {} > {}", sizes[1], sizes[2]);
+        // Two runs of the program differ by a few pages of runtime state (stack, stdio),
+        // so "not larger than raw" allows for those.
+        assert!(sizes[1] <= sizes[2] + (64 << 10), "an image with --compress is larger than raw: {} > {}", sizes[1], sizes[2]);
     });
 }
 
