@@ -8,6 +8,8 @@ set -eu
 if [ "${1:-}" = "--remove" ]; then
     mnt=${2:-/mnt/limitless-slow}
     dev=$(findmnt -no SOURCE "$mnt")
+    # A rate of 0 removes the device's throttle rule.
+    echo "$(lsblk -dno MAJ:MIN "$dev" | tr -d ' ') 0" > /sys/fs/cgroup/blkio/blkio.throttle.write_bps_device
     umount "$mnt"
     losetup -d "$dev"
     rm -f "$mnt.img"
