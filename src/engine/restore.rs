@@ -8,7 +8,7 @@
 //! and starts the restorer, which reads the page data from the image file straight into
 //! place (one copy from the page cache: `UFFDIO_COPY` or `pread`, see the restorer's
 //! `pages.rs`) while the supervisor checks every page record's hash (through a mapping of
-//! the file, [`Image::check_pages_mapped`]); the restorer lets the program run only after
+//! the file, [`Image::check_pages_only`]); the restorer lets the program run only after
 //! the supervisor's go-ahead, and the
 //! agent then reports `RESTORED`. Any failure before that kills the restorer, so there is
 //! never a partly restored program, and the image file is only ever read.
@@ -286,8 +286,8 @@ fn check_and_pass(img: &Image, srcs: &[Option<(i32, u64)>], mut w: File, err: &M
                     let Ok(mut buf) = free_rx.recv() else { return };
                     // Pages the restorer reads in place need only their hash: through a
                     // mapping of the file, rather than a second copy.
-                    let mapped = if src.is_some() { img.check_pages_mapped(p) } else { None };
-                    let r = mapped.unwrap_or_else(|| img.check_pages(p, &mut buf)).map_err(|e| e.to_string());
+                    let r = if src.is_some() { img.check_pages_only(p, &mut buf) } else { img.check_pages(p, &mut buf) };
+                    let r = r.map_err(|e| e.to_string());
                     // The writer stopped (a bad record, a restorer that stopped reading).
                     if done_tx.send((r, buf)).is_err() {
                         return;

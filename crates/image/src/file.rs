@@ -235,9 +235,7 @@ impl<W: Write> Writer<W> {
         if kind == kind::PAGES {
             let head = payload.get(..PagesHeader::SIZE).ok_or_else(|| io::Error::other("a page record without its header"))?;
             self.pagemap.extend_from_slice(head);
-            let key: [u8; PagesHeader::SIZE] = head.try_into().map_err(io::Error::other)?;
-            let found = self.parent.as_ref().and_then(|m| m.by_header.get(&key).copied());
-            if let Some(f) = found.filter(|f| f.2 == h && flags & rflags::REF == 0) {
+            if let Some(f) = self.in_parent(head)?.filter(|f| f.2 == h && flags & rflags::REF == 0) {
                 return self.put_ref(head, f, raw_len);
             }
         }
@@ -252,9 +250,7 @@ impl<W: Write> Writer<W> {
             .filter(|_| head.len() == PagesHeader::SIZE)
             .ok_or_else(|| io::Error::other("a bad unchanged page window"))?;
         let raw_len = PagesHeader::SIZE as u64 + h.count as u64 * PAGE;
-        let key: [u8; PagesHeader::SIZE] = head.try_into().map_err(io::Error::other)?;
-        let found = self.parent.as_ref().and_then(|m| m.by_header.get(&key).copied());
-        let Some(found) = found else {
+        let Some(found) = self.in_parent(head)? else {
             return Err(io::Error::other(format!(
                 "the agent sent the page window at {:#x} as unchanged, but the parent image has no such record",
                 h.start
@@ -262,6 +258,13 @@ impl<W: Write> Writer<W> {
         };
         self.pagemap.extend_from_slice(head);
         self.put_ref(head, found, raw_len)
+    }
+
+    /// The parent map's page record with exactly the pages header `head`, if any:
+    /// (image, record, hash).
+    fn in_parent(&self, head: &[u8]) -> io::Result<Option<(u32, u64, [u8; 32])>> {
+        let key: [u8; PagesHeader::SIZE] = head.try_into().map_err(io::Error::other)?;
+        Ok(self.parent.as_ref().and_then(|m| m.by_header.get(&key).copied()))
     }
 
     /// Writes a `REF` page record for `head` pointing at `(image, record, hash)` of the
@@ -790,6 +793,13 @@ impl Image {
         )
     }
 
+    /// Checks page record `p` without keeping its data: through a mapping of its file where
+    /// it can be ([`check_pages_mapped`](Self::check_pages_mapped)), else as
+    /// [`check_pages`](Self::check_pages) does, through `buf`. Returns the page bytes.
+    pub fn check_pages_only(&self, p: &PageRecord, buf: &mut Vec<u8>) -> Result<u64, ImageError> {
+        self.check_pages_mapped(p).unwrap_or_else(|| self.check_pages(p, buf))
+    }
+
     /// Checks that the pages header in record bytes `b` is the one the page map gave.
     fn check_pages_header(&self, p: &PageRecord, b: &[u8]) -> Result<(), ImageError> {
         let h = b.get(RecordHeader::SIZE..).and_then(PagesHeader::decode).ok_or_else(|| corrupt("pages header"))?;
@@ -889,10 +899,7 @@ impl Image {
         // One buffer for the records that cannot be hashed through a mapping.
         let mut buf = Vec::new();
         for p in &self.pages {
-            match self.check_pages_mapped(p) {
-                Some(r) => r?,
-                None => self.check_pages(p, &mut buf)?,
-            };
+            self.check_pages_only(p, &mut buf)?;
         }
         for d in &self.file_data {
             self.read_file_data(d)?;
