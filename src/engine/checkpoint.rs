@@ -258,7 +258,10 @@ impl Inner {
         let r = match dest {
             Dest::File { tmp, file } => {
                 let early = EarlyFlush::new(file);
-                let squeeze = Compressor::new(req.compress.or_env()).when_behind(early.behind());
+                let mut squeeze = Compressor::new(req.compress.or_env());
+                if let Some(b) = early.behind() {
+                    squeeze = squeeze.when_behind(b);
+                }
                 self.run_checkpoint(req, early, pr, snapshot, squeeze, parent)
                     .and_then(|(stats, at, f, fin)| {
                         let t = Instant::now();

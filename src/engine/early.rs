@@ -41,9 +41,9 @@ impl EarlyFlush {
     }
 
     /// Set while the data written [`LAG`] bytes before the end is not yet all on disk
-    /// (checked every [`STEP`] bytes; never set where the kernel cannot tell).
-    pub fn behind(&self) -> Arc<AtomicBool> {
-        self.behind.clone()
+    /// (checked every [`STEP`] bytes); `None` where the kernel cannot tell (no `cachestat`).
+    pub fn behind(&self) -> Option<Arc<AtomicBool>> {
+        unwritten(&self.file, 0, 0).map(|_| self.behind.clone())
     }
 
     /// The file, for the final `fsync`.
@@ -118,6 +118,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");
         let mut w = EarlyFlush::new(File::create(&path).unwrap());
+        assert!(w.behind().is_some(), "the kernel here has cachestat");
         let block: Vec<u8> = (0..(1u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
         for i in 0..70u8 {
             let mut b = block.clone();
