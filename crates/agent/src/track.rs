@@ -269,15 +269,10 @@ pub fn checkpoint(scan: &Scan, s: &mut Scratch, parent_epoch: u32, arm: bool) ->
 
 /// Opens the userfaultfd (asynchronous write-protection), at a high descriptor number.
 fn open() -> i32 {
-    let Ok(fd) = sys::userfaultfd(sys::O_CLOEXEC as usize | sys::O_NONBLOCK as usize | sys::UFFD_USER_MODE_ONLY) else {
+    let flags = sys::O_CLOEXEC as usize | sys::O_NONBLOCK as usize;
+    let Ok(fd) = sys::userfaultfd_api(flags, sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED) else {
         return -1;
     };
-    let mut api = sys::UffdioApi { api: sys::UFFD_API, features: sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED, ioctls: 0 };
-    // SAFETY: UFFDIO_API reads and writes the uffdio_api structure passed.
-    if unsafe { sys::ioctl(fd, sys::UFFDIO_API, &mut api as *mut sys::UffdioApi as usize) }.is_err() {
-        let _ = sys::close(fd);
-        return -1;
-    }
     let high = sys::fcntl(fd, sys::F_DUPFD_CLOEXEC, FD_FLOOR);
     let _ = sys::close(fd);
     high.map_or(-1, |h| h as i32)
@@ -294,9 +289,8 @@ fn register_new(scan: &Scan) {
         if !tracked_kind(a.info.kind) || a.uffd_wp || a.info.prot == 0 || len > 16 * a.info.pages * PAGE + (4 << 20) {
             continue;
         }
-        let mut reg = sys::UffdioRegister { start: a.info.start, len, mode: sys::UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
-        // SAFETY: UFFDIO_REGISTER reads and writes the structure passed.
-        if unsafe { sys::ioctl(uffd, sys::UFFDIO_REGISTER, &mut reg as *mut sys::UffdioRegister as usize) }.is_err() {
+        // SAFETY: write-protect mode only: no fault in the area waits for a handler.
+        if unsafe { sys::uffd_register(uffd, a.info.start, len, sys::UFFDIO_REGISTER_MODE_WP) }.is_err() {
             continue;
         }
         let mut wp = sys::UffdioWriteprotect { start: a.info.start, len, mode: sys::UFFDIO_WRITEPROTECT_MODE_WP };

@@ -89,21 +89,18 @@ fn register_copy_areas(s: &Stage1, h: &PlanHeader) -> i32 {
     if !(0..h.n_vmas as u64).any(|i| copy_area(&entry(s, h.vmas_off, i))) {
         return -1;
     }
-    let Ok(uffd) = sys::userfaultfd(sys::UFFD_USER_MODE_ONLY | sys::O_CLOEXEC as usize) else { return -1 };
-    let mut api = sys::UffdioApi { api: sys::UFFD_API, features: 0, ioctls: 0 };
-    // SAFETY: UFFDIO_API reads and writes the uffdio_api structure passed.
-    let mut ok = unsafe { sys::ioctl(uffd, sys::UFFDIO_API, &mut api as *mut sys::UffdioApi as usize) }.is_ok();
+    let Ok(uffd) = sys::userfaultfd_api(sys::O_CLOEXEC as usize, 0) else { return -1 };
+    let mut ok = true;
     for i in 0..h.n_vmas as u64 {
         let v: PlanVma = entry(s, h.vmas_off, i);
         if !ok || !copy_area(&v) {
             continue;
         }
         // The whole area, as mapped: registering part of one would split it in two.
-        let mut reg = sys::UffdioRegister { start: v.start, len: v.len, mode: sys::UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
-        // SAFETY: UFFDIO_REGISTER reads and writes the structure passed; the range is an
-        // area this restorer mapped, which nothing touches until its data is in.
-        ok = unsafe { sys::ioctl(uffd, sys::UFFDIO_REGISTER, &mut reg as *mut sys::UffdioRegister as usize) }.is_ok()
-            && reg.ioctls & (1 << 3) != 0; // _UFFDIO_COPY
+        // SAFETY: the range is an area this restorer mapped, which nothing touches until
+        // its data is in (no fault in it waits for the missing pages).
+        ok = unsafe { sys::uffd_register(uffd, v.start, v.len, sys::UFFDIO_REGISTER_MODE_MISSING) }
+            .is_ok_and(|ioctls| ioctls & (1 << 3) != 0); // _UFFDIO_COPY
     }
     if !ok {
         // Closing unregisters whatever was registered.

@@ -442,6 +442,36 @@ pub fn userfaultfd(flags: usize) -> Result<i32> {
     check(unsafe { syscall6(nr::USERFAULTFD, flags, 0, 0, 0, 0, 0) }).map(|v| v as i32)
 }
 
+/// A userfaultfd for user-mode faults only (allowed unprivileged), opened with `flags`
+/// (`O_CLOEXEC`, `O_NONBLOCK`) and with the `UFFDIO_API` handshake done for `features`;
+/// closed again if the handshake fails.
+pub fn userfaultfd_api(flags: usize, features: u64) -> Result<i32> {
+    let fd = userfaultfd(flags | UFFD_USER_MODE_ONLY)?;
+    let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+    // SAFETY: UFFDIO_API reads and writes the uffdio_api structure passed.
+    match unsafe { ioctl(fd, UFFDIO_API, &mut api as *mut UffdioApi as usize) } {
+        Ok(_) => Ok(fd),
+        Err(e) => {
+            let _ = close(fd);
+            Err(e)
+        }
+    }
+}
+
+/// `UFFDIO_REGISTER` of `start..start + len` in `mode`; returns the ioctls the range
+/// supports (a bit per `_UFFDIO_*` number).
+///
+/// # Safety
+/// Registering changes how faults in the range are handled: missing pages (with
+/// `UFFDIO_REGISTER_MODE_MISSING`) are not filled by the kernel until the userfaultfd is
+/// closed or fills them.
+pub unsafe fn uffd_register(uffd: i32, start: u64, len: u64, mode: u64) -> Result<u64> {
+    let mut reg = UffdioRegister { start, len, mode, ioctls: 0 };
+    // SAFETY: UFFDIO_REGISTER reads and writes the structure passed; the effect on the
+    // range is the caller's to allow.
+    unsafe { ioctl(uffd, UFFDIO_REGISTER, &mut reg as *mut UffdioRegister as usize) }.map(|_| reg.ioctls)
+}
+
 /// `struct utsname`.
 #[repr(C)]
 pub struct Utsname {
