@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use limitless_image::cpu;
-use limitless_image::file::{rewrite, rewrite_process, Image};
+use limitless_image::file::{rewrite, rewrite_as, rewrite_process, Image};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -69,6 +69,33 @@ fn base_image_restores_and_inspects() {
         let (st, out, err) = r.finish();
         assert_eq!(st.code(), Some(0), "{err}");
         assert!(out.starts_with("result go "), "{out}");
+    }
+}
+
+/// An image as format 1.3 wrote it (BLAKE3 page checksums, which the supervisor checks
+/// rather than the restorer) inspects, restores exactly, and has its damage caught.
+#[test]
+fn an_image_in_format_1_3_still_restores() {
+    let d = workdir("format-1-3", User::Root);
+    let old = d.join("old.img");
+    rewrite_as(&base_image(), &old, 3, |_, _| {}).unwrap();
+    let o = command(users()[0], limitless()).arg("inspect").arg(&old).output().expect("inspect");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("format 1.3, checksums verified"), "{text}");
+    let parsed = Image::open(&old).unwrap();
+    let e = parsed.index[parsed.pages.last().unwrap().index];
+    let mut bad = std::fs::read(&old).unwrap();
+    bad[(e.offset + e.stored_len) as usize] ^= 1;
+    let bad_path = d.join("bad.img");
+    std::fs::write(&bad_path, &bad).unwrap();
+    for u in users() {
+        let d = workdir("format-1-3-restore", u);
+        let mut r = restore(u, &d, &old);
+        r.send("go\n");
+        let (st, out, err) = r.finish();
+        assert_eq!(st.code(), Some(0), "{err}");
+        assert!(out.starts_with("result go "), "{out}");
+        restore_must_fail(u, &d, &bad_path, "checksum");
     }
 }
 

@@ -488,8 +488,9 @@ fn parent_map(path: &Path) -> Result<(ParentMap, PathBuf, [u8; 32])> {
     let abs = fs::canonicalize(path).with_context(|| format!("cannot use {} as the parent image", path.display()))?;
     let mut img = Image::open(&abs).map_err(|e| anyhow!("cannot use {} as the parent image: {e}", path.display()))?;
     img.attach_parents().map_err(|e| anyhow!("cannot use {} as the parent image: {e}", path.display()))?;
-    let m = ParentMap::of(&img, &abs).map_err(|e| anyhow!("cannot use {} as the parent image: {e}", path.display()))?;
-    Ok((m, abs, img.trailer.trailer_hash))
+    let named = img.trailer.trailer_hash;
+    let m = ParentMap::of(img, &abs).map_err(|e| anyhow!("cannot use {} as the parent image: {e}", path.display()))?;
+    Ok((m, abs, named))
 }
 
 /// Checks the written image reads back, renames it into place and makes the rename durable.

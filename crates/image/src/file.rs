@@ -1,7 +1,7 @@
 //! Reading, validating and writing image files (`std` feature).
 //!
 //! [`Writer`] turns the agent's record stream into a file: header, records, index (one
-//! BLAKE3 hash per record), trailer. [`Image::open`] reads one back and checks every byte
+//! checksum per record: BLAKE3, or [`page_sum`] for page records), trailer. [`Image::open`] reads one back and checks every byte
 //! that it returns: the header and trailer against hashes in the trailer, each record
 //! header against its index entry, each metadata payload against its hash, and the meaning
 //! of every field (ranges, counts, addresses, ordering) before anything may use it. Page
@@ -64,6 +64,16 @@ fn corrupt(s: impl Into<String>) -> ImageError {
     ImageError::Corrupt(s.into())
 }
 
+/// The checksum of a record of `kind` in an image of format 1.`minor`: [`page_sum`] for
+/// page records from 1.4 on, else BLAKE3.
+pub fn record_sum(minor: u16, kind: u32, payload: &[u8]) -> [u8; 32] {
+    if kind == kind::PAGES && minor >= PAGE_SUM_MINOR {
+        page_sum(payload)
+    } else {
+        hash(&[payload])
+    }
+}
+
 /// BLAKE3 of `parts` concatenated.
 pub fn hash(parts: &[&[u8]]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
@@ -116,6 +126,8 @@ fn enc<T: crate::wire::Wire>(v: &T) -> Vec<u8> {
 /// Writes an image file record by record.
 pub struct Writer<W: Write> {
     out: W,
+    /// The format minor version written ([`FORMAT_MINOR`], or older for tests of old images).
+    minor: u16,
     offset: u64,
     header_hash: [u8; 32],
     index: Vec<IndexEntry>,
@@ -129,6 +141,8 @@ pub struct Writer<W: Write> {
     parents_used: Vec<Parent>,
     /// Raw bytes of page records taken from parents.
     referenced: u64,
+    /// A parent's record, read to compare with one being written.
+    theirs: Vec<u8>,
 }
 
 /// An image a delta image refers to.
@@ -140,18 +154,21 @@ pub struct Parent {
 }
 
 /// The page records a delta image can take from earlier images: for each window (by its
-/// pages header), the image and record holding it and its stored bytes' hash.
+/// pages header), the image and record holding it and its stored bytes' checksum.
 #[derive(Clone, Debug, Default)]
 pub struct ParentMap {
     images: Vec<Parent>,
     by_header: std::collections::HashMap<[u8; PagesHeader::SIZE], (u32, u64, [u8; 32])>,
+    /// The parent image, to compare records with (`images` lists its parents, then it).
+    parent: Option<std::sync::Arc<Image>>,
 }
 
 impl ParentMap {
     /// The page records of `parent` (the image at the absolute path `path`) and those it
-    /// takes from its own parents.
-    pub fn of(parent: &Image, path: &Path) -> Result<ParentMap, ImageError> {
-        let mut m = ParentMap { images: parent.parents.clone(), by_header: Default::default() };
+    /// takes from its own parents (attached, [`Image::attach_parents`], so that their
+    /// records can be compared with new ones).
+    pub fn of(parent: Image, path: &Path) -> Result<ParentMap, ImageError> {
+        let mut m = ParentMap { images: parent.parents.clone(), by_header: Default::default(), parent: None };
         let own = m.images.len() as u32;
         let path = path.as_os_str().as_encoded_bytes().to_vec();
         m.images.push(Parent {
@@ -175,7 +192,26 @@ impl ParentMap {
             p.header.put(&mut key);
             m.by_header.insert(key, at);
         }
+        m.parent = Some(std::sync::Arc::new(parent));
         Ok(m)
+    }
+
+    /// Whether record `record` of image `img` (as in `by_header`) stores exactly `payload`,
+    /// read through `buf`. False where it cannot be read (a parent whose own parents are
+    /// not attached): the record is then stored again, which is never wrong.
+    fn stored_is(&self, (img, record, _): (u32, u64, [u8; 32]), payload: &[u8], buf: &mut Vec<u8>) -> io::Result<bool> {
+        let Some(p) = &self.parent else { return Ok(false) };
+        let holder = if img as usize + 1 == self.images.len() { Some(&**p) } else { p.ancestors.get(img as usize) };
+        let Some(h) = holder else { return Ok(false) };
+        let Some(e) = usize::try_from(record).ok().and_then(|i| h.index.get(i)) else { return Ok(false) };
+        if e.flags != 0 || e.stored_len != payload.len() as u64 {
+            return Ok(false);
+        }
+        buf.resize(payload.len(), 0);
+        match h.src.read_exact_at(buf, e.offset + RecordHeader::SIZE as u64) {
+            Ok(()) => Ok(buf[..] == *payload),
+            Err(e) => Err(io::Error::new(e.kind(), format!("cannot read the parent image to compare a page record: {e}"))),
+        }
     }
 }
 
@@ -192,11 +228,21 @@ pub struct Finished {
 
 impl<W: Write> Writer<W> {
     /// Starts an image: writes the file header.
-    pub fn new(mut out: W, created_unix_ns: u64) -> io::Result<Self> {
+    pub fn new(out: W, created_unix_ns: u64) -> io::Result<Self> {
+        Self::with_minor(out, created_unix_ns, FORMAT_MINOR)
+    }
+
+    /// [`new`](Self::new), writing format 1.`minor` (3 or 4): for tests that need an image
+    /// as an older version wrote it.
+    #[doc(hidden)]
+    pub fn with_minor(mut out: W, created_unix_ns: u64, minor: u16) -> io::Result<Self> {
+        if !(3..=FORMAT_MINOR).contains(&minor) {
+            return Err(io::Error::other(format!("cannot write image format 1.{minor}")));
+        }
         let h = FileHeader {
             magic: MAGIC,
             major: FORMAT_MAJOR,
-            minor: FORMAT_MINOR,
+            minor,
             header_size: FileHeader::SIZE as u32,
             flags: 0,
             created_unix_ns,
@@ -206,6 +252,7 @@ impl<W: Write> Writer<W> {
         out.write_all(&b)?;
         Ok(Writer {
             out,
+            minor,
             offset: b.len() as u64,
             header_hash: hash(&[&b]),
             index: Vec::new(),
@@ -214,6 +261,7 @@ impl<W: Write> Writer<W> {
             parent_ids: Vec::new(),
             parents_used: Vec::new(),
             referenced: 0,
+            theirs: Vec::new(),
         })
     }
 
@@ -231,12 +279,17 @@ impl<W: Write> Writer<W> {
         if kind == kind::PAGEMAP || kind == kind::PARENTS {
             return Ok(());
         }
-        let h = hash(&[payload]);
+        let h = record_sum(self.minor, kind, payload);
         if kind == kind::PAGES {
             let head = payload.get(..PagesHeader::SIZE).ok_or_else(|| io::Error::other("a page record without its header"))?;
             self.pagemap.extend_from_slice(head);
             if let Some(f) = self.in_parent(head)?.filter(|f| f.2 == h && flags & rflags::REF == 0) {
-                return self.put_ref(head, f, raw_len);
+                // Same window, same checksum: the same bytes, if the parent's record says so
+                // byte for byte (a checksum is no proof).
+                let m = self.parent.as_ref().ok_or_else(|| io::Error::other("a page reference without a parent image"))?;
+                if m.stored_is(f, payload, &mut self.theirs)? {
+                    return self.put_ref(head, f, raw_len);
+                }
             }
         }
         self.put(kind, flags, raw_len, payload, h)
@@ -283,7 +336,7 @@ impl<W: Write> Writer<W> {
         let mut stored = head.to_vec();
         stored.extend_from_slice(&enc(&PageRef { parent: id, reserved: 0, record, hash: ph }));
         self.referenced += raw_len;
-        let sh = hash(&[&stored]);
+        let sh = record_sum(self.minor, kind::PAGES, &stored);
         self.put(kind::PAGES, rflags::REF, raw_len, &stored, sh)
     }
 
@@ -721,7 +774,7 @@ impl Image {
     fn check_record(&self, i: usize, buf: &[u8]) -> Result<(), ImageError> {
         let e = &self.index[i];
         self.check_header(i, buf)?;
-        if hash(&[&buf[RecordHeader::SIZE..]]) != e.hash {
+        if record_sum(self.header.minor, e.kind, &buf[RecordHeader::SIZE..]) != e.hash {
             return Err(corrupt(format!("record {i} ({}) at offset {} fails its checksum", kind::name(e.kind), e.offset)));
         }
         Ok(())
@@ -855,14 +908,53 @@ impl Image {
 
     /// Where the pages of record `p` can be read in place, if they can.
     pub fn pages_at(&self, p: &PageRecord) -> Result<PagesAt, ImageError> {
-        let e = &self.index[p.index];
         let skip = (RecordHeader::SIZE + PagesHeader::SIZE) as u64;
-        if e.flags & rflags::REF != 0 {
+        let (k, img, q) = self.holder(p)?;
+        let e = &img.index[q.index];
+        Ok(match k {
+            _ if e.flags != 0 => PagesAt::Packed,
+            Some(k) => PagesAt::Parent(k, e.offset + skip),
+            None => PagesAt::Here(e.offset + skip),
+        })
+    }
+
+    /// The image that holds the data of page record `p` (`None`: this one; else its
+    /// position among the attached parents), and the record there.
+    fn holder(&self, p: &PageRecord) -> Result<(Option<usize>, &Image, PageRecord), ImageError> {
+        if self.index[p.index].flags & rflags::REF != 0 {
             let (k, q) = self.resolve_ref(p, &self.page_ref(p.index)?)?;
-            let qe = &self.ancestors[k].index[q.index];
-            return Ok(if qe.flags == 0 { PagesAt::Parent(k, qe.offset + skip) } else { PagesAt::Packed });
+            return Ok((Some(k), &self.ancestors[k], q));
         }
-        Ok(if e.flags == 0 { PagesAt::Here(e.offset + skip) } else { PagesAt::Packed })
+        Ok((None, self, *p))
+    }
+
+    /// The checksum the restorer checks itself of page record `p`, read in place: the
+    /// XXH3-128 ([`page_sum`]) of the payload (pages header, then pages) of the record
+    /// holding its data. `None` where that image predates format 1.4 (its BLAKE3 must be
+    /// checked here) or the record is not stored raw.
+    pub fn restorer_sum(&self, p: &PageRecord) -> Result<Option<[u8; 16]>, ImageError> {
+        let (_, img, q) = self.holder(p)?;
+        let e = &img.index[q.index];
+        if e.flags != 0 || img.header.minor < PAGE_SUM_MINOR {
+            return Ok(None);
+        }
+        let mut sum = [0u8; 16];
+        sum.copy_from_slice(&e.hash[..16]);
+        Ok(Some(sum))
+    }
+
+    /// Checks the headers of page record `p` (of the record holding its data: its record
+    /// header against the index, its pages header against the page map) but not its data,
+    /// for a record whose data the restorer checks ([`restorer_sum`](Self::restorer_sum)).
+    /// Returns the page bytes.
+    pub fn check_pages_head(&self, p: &PageRecord) -> Result<u64, ImageError> {
+        let (_, img, q) = self.holder(p)?;
+        let e = &img.index[q.index];
+        let mut b = [0u8; RecordHeader::SIZE + PagesHeader::SIZE];
+        read_exact_at(&*img.src, &mut b, e.offset, "a page record header")?;
+        img.check_header(q.index, &b)?;
+        img.check_pages_header(&q, &b)?;
+        Ok(q.header.count as u64 * PAGE)
     }
 
     /// The parent image (its position among the attached ones) and record a `REF` record
@@ -1532,10 +1624,15 @@ pub fn rewrite_process(src: &Path, dst: &Path, mut f: impl FnMut(&mut ProcessInf
 
 /// Re-writes an image, letting `f` change each record's stored payload (given its kind),
 /// and seals it again (used by tests to make images that are consistent but different).
-pub fn rewrite(src: &Path, dst: &Path, mut f: impl FnMut(u32, &mut Vec<u8>)) -> Result<(), ImageError> {
+pub fn rewrite(src: &Path, dst: &Path, f: impl FnMut(u32, &mut Vec<u8>)) -> Result<(), ImageError> {
+    rewrite_as(src, dst, FORMAT_MINOR, f)
+}
+
+/// [`rewrite`] in format 1.`minor` (3 or 4), as an older version would have written it.
+pub fn rewrite_as(src: &Path, dst: &Path, minor: u16, mut f: impl FnMut(u32, &mut Vec<u8>)) -> Result<(), ImageError> {
     let img = Image::open(src)?;
     let out = File::create(dst)?;
-    let mut w = Writer::new(io::BufWriter::new(out), img.header.created_unix_ns)?;
+    let mut w = Writer::with_minor(io::BufWriter::new(out), img.header.created_unix_ns, minor)?;
     w.parents_used = img.parents.clone();
     for i in 0..img.index.len() {
         let e = img.index[i];
@@ -1608,6 +1705,11 @@ mod tests {
 
     /// A synthetic image, a delta on top of `parent` if given.
     fn synthetic_full(guards: &[GuardRange], parent: Option<ParentMap>, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        synthetic_as(FORMAT_MINOR, 7, guards, parent, f)
+    }
+
+    /// [`synthetic_full`] in format 1.`minor`, its two pages filled with `fill`.
+    fn synthetic_as(minor: u16, fill: u8, guards: &[GuardRange], parent: Option<ParentMap>, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
         let mut p = ProcessInfo::zeroed();
         p.pid = 42;
         p.page_size = PAGE as u32;
@@ -1645,14 +1747,14 @@ mod tests {
         ph.set(3);
         ph.count = 2;
         let end = EndInfo { pages: 2, ..EndInfo::zeroed() };
-        let mut w = Writer::new(Vec::new(), 1).unwrap();
+        let mut w = Writer::with_minor(Vec::new(), 1, minor).unwrap();
         if let Some(m) = parent {
             w.set_parents(m);
         }
         w.plain(kind::PROCESS, &enc_all(&p, &[])).unwrap();
         w.plain(kind::THREAD, &enc_all(&t, &[])).unwrap();
         w.plain(kind::VMA, &enc_all(&v, &gb)).unwrap();
-        w.plain(kind::PAGES, &enc_all(&ph, &[7u8; 2 * PAGE as usize])).unwrap();
+        w.plain(kind::PAGES, &enc_all(&ph, &[fill; 2 * PAGE as usize])).unwrap();
         w.plain(kind::END, &enc_all(&end, &[])).unwrap();
         f(&mut w.pagemap);
         w.finish().unwrap().0
@@ -1695,11 +1797,66 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let parent_path = dir.join("parent");
         std::fs::write(&parent_path, synthetic()).unwrap();
-        let map = ParentMap::of(&Image::open(&parent_path).unwrap(), &parent_path).unwrap();
+        let map = ParentMap::of(Image::open(&parent_path).unwrap(), &parent_path).unwrap();
         let delta = synthetic_full(&g, Some(map), |_| {});
         let delta_path = dir.join("delta");
         std::fs::write(&delta_path, &delta).unwrap();
         (dir, parent_path, delta_path, delta)
+    }
+
+    #[test]
+    fn page_records_carry_xxh3_from_1_4_and_older_images_still_read() {
+        let g = [GuardRange { start: 0x1c000, end: 0x1e000 }];
+        for minor in [3, FORMAT_MINOR] {
+            let b = synthetic_as(minor, 7, &g, None, |_| {});
+            let img = open_bytes(&b).unwrap();
+            assert_eq!(img.header.minor, minor);
+            let e = img.index[img.pages[0].index];
+            let payload = &b[(e.offset as usize + RecordHeader::SIZE)..][..e.stored_len as usize];
+            let want = if minor >= PAGE_SUM_MINOR { page_sum(payload) } else { hash(&[payload]) };
+            assert_eq!(e.hash, want, "format 1.{minor}");
+            assert_ne!(page_sum(payload), hash(&[payload]));
+            // Metadata records keep BLAKE3 in either version.
+            let t = img.index.iter().find(|e| e.kind == kind::THREAD).unwrap();
+            assert_eq!(t.hash, hash(&[&b[(t.offset as usize + RecordHeader::SIZE)..][..t.stored_len as usize]]));
+            // Every flipped byte of the page record is caught, by either checksum.
+            for i in e.offset as usize..(e.offset + RecordHeader::SIZE as u64 + e.stored_len) as usize {
+                let mut c = b.clone();
+                c[i] ^= 0x10;
+                assert!(open_bytes(&c).is_err(), "format 1.{minor}: a flipped byte at {i} went unnoticed");
+            }
+        }
+        assert!(Writer::with_minor(Vec::new(), 1, 2).is_err());
+    }
+
+    #[test]
+    fn a_delta_takes_a_parent_record_only_when_its_bytes_are_the_same() {
+        let g = [GuardRange { start: 0x1c000, end: 0x1e000 }];
+        let dir = std::env::temp_dir().join(format!("limitless-same-bytes-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let parent_path = dir.join("parent");
+        std::fs::write(&parent_path, synthetic()).unwrap();
+        let map = || ParentMap::of(Image::open(&parent_path).unwrap(), &parent_path).unwrap();
+        // Same bytes: a reference.
+        std::fs::write(dir.join("same"), synthetic_as(FORMAT_MINOR, 7, &g, Some(map()), |_| {})).unwrap();
+        let same = Image::open(&dir.join("same")).unwrap();
+        assert_eq!(same.index[same.pages[0].index].flags, rflags::REF);
+        // Other bytes under a checksum that matches (as a collision would): stored, not
+        // referred to.
+        let mut m = map();
+        let mut ph = PagesHeader { start: 0x10000, npages: 16, ..PagesHeader::zeroed() };
+        ph.set(0);
+        ph.set(3);
+        ph.count = 2;
+        let theirs = enc_all(&ph, &[9u8; 2 * PAGE as usize]);
+        for v in m.by_header.values_mut() {
+            v.2 = page_sum(&theirs);
+        }
+        let other = open_bytes(&synthetic_as(FORMAT_MINOR, 9, &g, Some(m), |_| {})).unwrap();
+        assert_eq!(other.index[other.pages[0].index].flags, 0);
+        assert!(other.parents.is_empty());
+        assert_eq!(other.read_pages(&other.pages[0]).unwrap(), vec![9u8; 2 * PAGE as usize]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! An image is a file header, a sequence of records, an index and a trailer
 //! (`docs/image-format.md`). The agent produces the records as a stream (process, threads,
 //! memory areas, file descriptors, then page data, then `END`); the supervisor adds the
-//! header, any records of its own (pending standard input), the index with one BLAKE3 hash
-//! per record, and the trailer.
+//! header, any records of its own (pending standard input), the index with one checksum
+//! per record (BLAKE3; XXH3-128 for page records, [`page_sum`]), and the trailer.
 
 use crate::wire;
 
@@ -15,7 +15,26 @@ pub const END_MAGIC: [u8; 8] = *b"LMTLSEND";
 /// Format major version: a reader refuses any other.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Format minor version: a reader refuses a newer one.
-pub const FORMAT_MINOR: u16 = 3;
+pub const FORMAT_MINOR: u16 = 4;
+/// The first minor version whose `PAGES` records are checksummed with [`page_sum`] (BLAKE3
+/// before).
+pub const PAGE_SUM_MINOR: u16 = 4;
+
+/// The checksum of a `PAGES` record's stored payload (format 1.4 on): its XXH3-128,
+/// little-endian, in the first 16 of the index entry's 32 hash bytes, the rest zero.
+///
+/// Page data is most of an image, and the restorer checks each record itself as it reads
+/// it, in the same cache-warm pass that copies it into place; XXH3 costs a fraction of
+/// BLAKE3 there and needs no runtime CPU dispatch. It detects damage, not forgery: an
+/// unsealed image file can be rewritten whole, hashes included, by anyone who can write it
+/// (BLAKE3 would not change that), and images in a shared store are sealed by a MAC over
+/// BLAKE3 chunk names (`docs/store.md`). A delta image's writer never trusts it to tell
+/// two records apart: it compares their bytes.
+pub fn page_sum(payload: &[u8]) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    h[..16].copy_from_slice(&xxhash_rust::xxh3::xxh3_128(payload).to_le_bytes());
+    h
+}
 
 /// Page size the format is defined for.
 pub const PAGE: u64 = 4096;
