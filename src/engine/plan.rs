@@ -2,7 +2,7 @@
 //! restorer follows without parsing anything itself (see `limitless_image::plan`).
 
 use limitless_image::file::Image;
-use limitless_image::format::{role, vma_kind, PAGE, USER_END};
+use limitless_image::format::{role, vma_kind, PagesHeader, PAGE, USER_END};
 use limitless_image::plan::*;
 use limitless_image::wire::Wire;
 
@@ -54,11 +54,23 @@ pub fn gaps(img: &Image) -> Vec<PlanGap> {
     g
 }
 
+/// Where page record `img.pages[i]` is read from, for [`build`].
+#[derive(Clone, Copy, Debug)]
+pub struct InPlace {
+    /// The image file's fd number in the restorer.
+    pub fd: i32,
+    /// The offset of the record's pages in it.
+    pub data_off: u64,
+    /// The payload's XXH3-128 for the restorer to check, or `None` if the supervisor
+    /// checks it.
+    pub sum: Option<[u8; 16]>,
+}
+
 /// Builds the plan. `vma_fd(i)` is the fd number at which the file of area `i` is open
 /// (or -1 for anonymous areas).
-/// `pages_fd(i)` says where page record `img.pages[i]` is read from: an fd and the offset of
-/// its pages, or `None` for the data pipe.
-pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize) -> Option<(i32, u64)>, fds: &PlanFds) -> Vec<u8> {
+/// `pages_fd(i)` says where page record `img.pages[i]` is read from, or `None` for the data
+/// pipe.
+pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize) -> Option<InPlace>, fds: &PlanFds) -> Vec<u8> {
     let gaps = gaps(img);
     // Runs first, each inside one area (`area` is its index in `img.vmas`, if any).
     let area_of = |a: u64| {
@@ -66,16 +78,21 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
         img.vmas.get(i).filter(|v| v.info.start <= a).map(|_| i)
     };
     let mut runs: Vec<(PlanRun, Option<usize>)> = Vec::new();
+    let mut checks: Vec<PlanCheck> = Vec::new();
     for (i, p) in img.pages.iter().enumerate() {
-        let (fd, mut off) = pages_fd(i).unwrap_or((-1, 0));
+        let at = pages_fd(i);
+        let (fd, mut off) = at.map_or((-1, 0), |a| (a.fd, a.data_off));
+        let first_run = runs.len();
         p.header.runs(|mut s, mut l| {
             while l > 0 {
                 let area = area_of(s);
                 let take = area.map_or(l, |k| l.min(img.vmas[k].info.end - s));
+                let ours = runs.len() > first_run;
                 match runs.last_mut() {
                     // Consecutive in memory and in the same source (a pipe is always
-                    // consecutive), in the same area.
-                    Some((r, a)) if *a == area && r.start + r.len == s && r.fd == fd && (fd < 0 || r.file_off + r.len == off) => {
+                    // consecutive; a file's runs stay within their record), in the same
+                    // area.
+                    Some((r, a)) if *a == area && r.start + r.len == s && r.fd == fd && (fd < 0 || (ours && r.file_off + r.len == off)) => {
                         r.len += take
                     }
                     _ => runs.push((PlanRun { start: s, len: take, file_off: off, fd, flags: 0 }, area)),
@@ -83,6 +100,18 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
                 (s, l, off) = (s + take, l - take, off + take);
             }
         });
+        if let Some(a) = at {
+            checks.push(PlanCheck {
+                file_off: a.data_off - PagesHeader::SIZE as u64,
+                len: PagesHeader::SIZE as u64 + p.header.count as u64 * PAGE,
+                sum: a.sum.unwrap_or_default(),
+                first_run: first_run as u64,
+                n_runs: (runs.len() - first_run) as u32,
+                fd: a.fd,
+                flags: if a.sum.is_some() { pcf::VERIFY } else { 0 },
+                reserved: 0,
+            });
+        }
     }
     // Anonymous areas whose page data all comes from files may be filled by UFFDIO_COPY.
     let mut copy: Vec<bool> =
@@ -134,7 +163,8 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
     let gaps_off = PlanHeader::SIZE as u64;
     let vmas_off = gaps_off + (gaps.len() * PlanGap::SIZE) as u64;
     let runs_off = vmas_off + (vmas.len() * PlanVma::SIZE) as u64;
-    let plan_len = runs_off + (runs.len() * PlanRun::SIZE) as u64;
+    let checks_off = runs_off + (runs.len() * PlanRun::SIZE) as u64;
+    let plan_len = checks_off + (checks.len() * PlanCheck::SIZE) as u64;
     let p = &img.process;
     let leader_fs = img.threads.iter().find(|t| t.role == role::MAIN).map_or(0, |t| t.fs_base);
     let h = PlanHeader {
@@ -146,9 +176,11 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
         n_gaps: gaps.len() as u32,
         n_vmas: vmas.len() as u32,
         n_runs: runs.len() as u64,
+        n_checks: checks.len() as u64,
         gaps_off,
         vmas_off,
         runs_off,
+        checks_off,
         data_fd: fds.data_fd,
         err_fd: fds.err_fd,
         vdso: p.vdso,
@@ -176,6 +208,10 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
     for r in &runs {
         r.put(&mut out[o..]);
         o += PlanRun::SIZE;
+    }
+    for c in &checks {
+        c.put(&mut out[o..]);
+        o += PlanCheck::SIZE;
     }
     out
 }

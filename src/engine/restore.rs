@@ -5,11 +5,12 @@
 //! (same size and time, and the same ELF build-id for executables) and open (they must
 //! open again). The supervisor then opens every
 //! file the program needs at its recorded number, writes the restore plan into a memfd,
-//! and starts the restorer, which reads the page data from the image file straight into
-//! place (one copy from the page cache: `UFFDIO_COPY` or `pread`, see the restorer's
-//! `pages.rs`) while the supervisor checks every page record's hash (through a mapping of
-//! the file, [`Image::check_pages_only`]); the restorer lets the program run only after
-//! the supervisor's go-ahead, and the
+//! and starts the restorer, which reads the page data from the image file record by
+//! record, checks each record's XXH3-128 and copies it into place (see the restorer's
+//! `pages.rs`), while the supervisor checks each record's headers
+//! ([`Image::check_pages_head`]; for an image older than format 1.4, its BLAKE3 hash
+//! through a mapping of the file, [`Image::check_pages_only`]); the restorer lets the
+//! program run only after the supervisor's go-ahead, and the
 //! agent then reports `RESTORED`. Any failure before that kills the restorer, so there is
 //! never a partly restored program, and the image file is only ever read.
 //!
@@ -24,7 +25,7 @@
 
 use super::embedded::{self, EngineFiles};
 use super::host;
-use super::plan::{self, PlanFds};
+use super::plan::{self, InPlace, PlanFds};
 use super::spawn::FdMap;
 use super::supervisor::{Options, Plumbing, Supervisor};
 use anyhow::{anyhow, bail, Context, Result};
@@ -165,13 +166,18 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
     let streamed = file.is_none();
     let image_fd = file.map(&mut add_file);
     let parent_fds: Vec<i32> = parents.into_iter().map(&mut add_file).collect();
-    // Where each page record is read from: in place, or (None) through the data pipe.
-    let mut srcs: Vec<Option<(i32, u64)>> = Vec::with_capacity(img.pages.len());
+    // Where each page record is read from: in place (and checked by the restorer, from
+    // format 1.4 on), or (None) through the data pipe.
+    let mut srcs: Vec<Option<InPlace>> = Vec::with_capacity(img.pages.len());
     for p in &img.pages {
-        srcs.push(match img.pages_at(p).map_err(|e| anyhow!("{e}"))? {
+        let at = match img.pages_at(p).map_err(|e| anyhow!("{e}"))? {
             PagesAt::Here(off) => image_fd.map(|fd| (fd, off)),
             PagesAt::Parent(k, off) => parent_fds.get(k).map(|&fd| (fd, off)),
             PagesAt::Packed => None,
+        };
+        srcs.push(match at {
+            Some((fd, data_off)) => Some(InPlace { fd, data_off, sum: img.restorer_sum(p).map_err(|e| anyhow!("{e}"))? }),
+            None => None,
         });
     }
     if srcs.iter().any(Option::is_none) {
@@ -270,7 +276,7 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
 /// order and hands back a buffer per record, so the writer takes them in image order.
 /// Checking (hashing, decompressing) thus uses every core while the restorer reads.
 /// Returns the page bytes checked; on a bad record, says why in `err`.
-fn check_and_pass(img: &Image, srcs: &[Option<(i32, u64)>], mut w: File, err: &Mutex<Option<String>>, n: usize) -> u64 {
+fn check_and_pass(img: &Image, srcs: &[Option<InPlace>], mut w: File, err: &Mutex<Option<String>>, n: usize) -> u64 {
     let fail = |e: String| *err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
     std::thread::scope(|s| {
         let mut results = Vec::new();
@@ -284,9 +290,14 @@ fn check_and_pass(img: &Image, srcs: &[Option<(i32, u64)>], mut w: File, err: &M
             s.spawn(move || {
                 for (p, src) in img.pages.iter().zip(srcs).skip(k).step_by(n) {
                     let Ok(mut buf) = free_rx.recv() else { return };
-                    // Pages the restorer reads in place need only their hash: through a
-                    // mapping of the file, rather than a second copy.
-                    let r = if src.is_some() { img.check_pages_only(p, &mut buf) } else { img.check_pages(p, &mut buf) };
+                    // Pages the restorer reads in place need only their headers checked
+                    // where it checks their sums itself, else their hash (through a
+                    // mapping of the file, rather than a second copy).
+                    let r = match src {
+                        Some(InPlace { sum: Some(_), .. }) => img.check_pages_head(p),
+                        Some(_) => img.check_pages_only(p, &mut buf),
+                        None => img.check_pages(p, &mut buf),
+                    };
                     let r = r.map_err(|e| e.to_string());
                     // The writer stopped (a bad record, a restorer that stopped reading).
                     if done_tx.send((r, buf)).is_err() {

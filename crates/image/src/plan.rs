@@ -12,7 +12,7 @@ use crate::wire;
 /// `b"LMTLPLAN"`.
 pub const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"LMTLPLAN");
 /// Version of the plan layout (the restorer and supervisor always come from one build).
-pub const PLAN_VERSION: u32 = 4;
+pub const PLAN_VERSION: u32 = 5;
 /// Most gap candidates in a plan.
 pub const MAX_GAPS: u32 = 32;
 
@@ -29,9 +29,11 @@ wire! {
         pub n_gaps: u32,
         pub n_vmas: u32,
         pub n_runs: u64,
+        pub n_checks: u64,
         pub gaps_off: u64,
         pub vmas_off: u64,
         pub runs_off: u64,
+        pub checks_off: u64,
         /// The supervisor writes one byte, [`VERIFIED`], here once it has checked every page
         /// record's hash; the program may run only after it arrives.
         pub data_fd: i32,
@@ -125,6 +127,34 @@ wire! {
         pub fd: i32,
         /// [`prf`] bits.
         pub flags: u32,
+    }
+}
+
+/// Page record check flags.
+pub mod pcf {
+    /// Compare the payload's XXH3-128 with `sum` (else the supervisor checks the record).
+    pub const VERIFY: u32 = 1;
+}
+
+wire! {
+    /// One page record read in place: its payload (pages header, then pages), `len` bytes
+    /// at `file_off` in the image file `fd`, holds the data of runs `first_run ..
+    /// first_run + n_runs` (each at its own `file_off`, a whole number of pages after the
+    /// pages header). The restorer reads the payload once, checks it against `sum` (with
+    /// [`pcf::VERIFY`]) and copies the runs from it. Every run with an fd belongs to one
+    /// check, in order.
+    pub struct PlanCheck {
+        pub file_off: u64,
+        pub len: u64,
+        /// XXH3-128 of the payload, little-endian ([`crate::format::page_sum`]).
+        pub sum: [u8; 16],
+        pub first_run: u64,
+        pub n_runs: u32,
+        pub fd: i32,
+        /// [`pcf`] bits.
+        pub flags: u32,
+        /// Reserved (0).
+        pub reserved: u32,
     }
 }
 

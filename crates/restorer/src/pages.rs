@@ -1,48 +1,57 @@
-//! Step 4 of stage 1: the page data, read into place.
+//! Step 4 of stage 1: the page data, read into place and checked.
 //!
-//! Page runs read at an offset in an image file are cut into pieces of [`PIECE`] bytes
-//! that two threads take in turn: this one and a helper started with raw `clone` (when
-//! there is enough to share). Most of the time goes to the kernel allocating and clearing
-//! fresh pages and to copying from the page cache, and both scale with threads. Runs that
-//! come through the data pipe arrive in order, so this thread reads them alone first, then
-//! joins the helper on the pieces left.
+//! Page records read in place from image files are the plan's checks ([`PlanCheck`]): two
+//! threads take them in turn, this one and a helper started with raw `clone` (when there is
+//! enough to share). Each thread reads a record's payload (its pages header and pages, at
+//! most 1 MiB and a bit) into a buffer of its own with one `pread`, checks its XXH3-128
+//! while the bytes are still in the cache (from format 1.4; older images' records are
+//! checked by the supervisor), then copies each run of the record from there into place.
+//! Runs that come through the data pipe arrive in order, so this thread reads them alone
+//! first, then joins the helper on the records left.
 //!
-//! A piece goes into place in one of two ways:
+//! A run goes into place in one of two ways:
 //! - Anonymous areas whose data all comes from files ([`pvf::COPY`]) are registered with a
-//!   userfaultfd for missing pages, and each piece is copied with `UFFDIO_COPY` from a
-//!   read-only mapping of the image file: the kernel allocates each page and fills it from
-//!   the page cache, with no clearing first. Unprivileged (`UFFD_USER_MODE_ONLY`); closing
-//!   the userfaultfd afterwards leaves the areas as plain anonymous memory.
+//!   userfaultfd for missing pages, and each run is copied with `UFFDIO_COPY`: the kernel
+//!   allocates each page and fills it from the buffer, with no clearing first.
+//!   Unprivileged (`UFFD_USER_MODE_ONLY`); closing the userfaultfd afterwards leaves the
+//!   areas as plain anonymous memory.
 //! - Otherwise (other areas, or where userfaultfd is not allowed, as under Docker's default
-//!   seccomp profile): `MADV_POPULATE_WRITE`, then `pread`.
+//!   seccomp profile): `MADV_POPULATE_WRITE`, then a copy.
 //!
-//! Measured with C programs doing the same calls on a page-cached 1 GiB file:
-//! populate+`pread` 475-574 ms on one thread, 257-394 ms on two; `UFFDIO_COPY` 330-400 ms
-//! on one, 174-233 ms on two.
+//! Most of the time goes to the kernel allocating pages, to copying from the page cache and
+//! to the checksum. Measured on this 2-vCPU VM with a Rust program doing the same calls on
+//! a page-cached 1 GiB file in 1 MiB records, two threads: `UFFDIO_COPY` from a mapping of
+//! the file 275-282 ms without any check; through a buffer 256-290 ms without a check,
+//! 297-327 ms with XXH3-128, 395-401 ms with BLAKE3. Allocating and clearing 1 GiB alone
+//! takes 150-200 ms on two threads there.
 
 use super::{entry, report, Stage1};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use limitless_image::plan::{pk, prf, pvf, PlanHeader, PlanRun, PlanVma};
+use limitless_image::format::{PagesHeader, PAGE, WINDOW_PAGES};
+use limitless_image::plan::{pcf, pk, prf, pvf, PlanCheck, PlanHeader, PlanRun, PlanVma};
 use limitless_sys as sys;
 
-/// Bytes a thread takes at a time.
-const PIECE: u64 = 4 << 20;
 /// Below this many bytes read at an offset, one thread does it all.
 const SHARE_FROM: u64 = 32 << 20;
-/// The helper's stack (it only makes system calls).
+/// The helper's stack (it makes system calls and computes checksums).
 const HELPER_STACK: usize = 64 * 1024;
+/// A thread's buffer: the pages header at the end of the first page, so that the pages
+/// start on a page boundary (`UFFDIO_COPY` copies from page-aligned memory), then a page
+/// window's pages.
+const BUF_LEN: usize = PAGE as usize + (WINDOW_PAGES * PAGE) as usize;
 
 /// What both threads share.
 struct Work<'a> {
     s: &'a Stage1,
     h: &'a PlanHeader,
-    /// The next piece to take, counting the pieces of every offset run in plan order.
+    /// The next check to take.
     next: AtomicU64,
     /// The userfaultfd the `COPY` areas are registered with, or -1.
     uffd: i32,
 }
 
-/// Reads every run of the plan into place; returns the bytes read.
+/// Reads every run of the plan into place, checking the records read in place; returns
+/// the bytes read.
 pub fn read_all(s: &Stage1, h: &PlanHeader) -> u64 {
     let (mut total, mut at_offset) = (0u64, 0u64);
     for i in 0..h.n_runs {
@@ -60,7 +69,7 @@ pub fn read_all(s: &Stage1, h: &PlanHeader) -> u64 {
     if at_offset >= SHARE_FROM {
         let top = (stack.as_mut_ptr() as usize + HELPER_STACK) & !15;
         // SAFETY: `stack` is this frame's, untouched by this thread until `join_thread`
-        // below has seen the helper end; `helper_main` only runs `take_pieces` on `w`
+        // below has seen the helper end; `helper_main` only runs `take_checks` on `w`
         // (shared through atomics and read-only plan memory) and ends with `exit_thread`;
         // `tid` and `w` live in this frame until then too.
         helper = unsafe { sys::spawn_thread(top, &tid, helper_main, &w as *const Work as usize) }.is_ok();
@@ -68,10 +77,10 @@ pub fn read_all(s: &Stage1, h: &PlanHeader) -> u64 {
     for i in 0..h.n_runs {
         let r: PlanRun = entry(s, h.runs_off, i);
         if r.fd < 0 {
-            read_run(h.data_fd, false, &r);
+            read_run(h.data_fd, &r);
         }
     }
-    take_pieces(&w);
+    take_checks(&w);
     if helper {
         sys::join_thread(&tid);
     }
@@ -81,7 +90,6 @@ pub fn read_all(s: &Stage1, h: &PlanHeader) -> u64 {
     }
     total
 }
-
 /// Opens a userfaultfd and registers every [`pvf::COPY`] area with it for missing pages.
 /// Returns it, or -1 (and nothing registered) where that is not possible.
 fn register_copy_areas(s: &Stage1, h: &PlanHeader) -> i32 {
@@ -110,35 +118,6 @@ fn register_copy_areas(s: &Stage1, h: &PlanHeader) -> i32 {
     uffd
 }
 
-/// Copies run `r` (inside a registered `COPY` area) from its image file with `UFFDIO_COPY`:
-/// from a read-only mapping of the file, or where the file cannot be mapped, from a buffer
-/// it is read into.
-fn copy_run(uffd: i32, r: &PlanRun) {
-    const PAGE: u64 = 4096;
-    let skip = r.file_off % PAGE;
-    let map_len = (r.len + skip) as usize;
-    // SAFETY: a new read-only shared mapping of the image file at an address the kernel
-    // picks (a free one: it cannot replace any of the program's areas); only the kernel
-    // reads it, in UFFDIO_COPY (a file cut short makes that fail with EFAULT, not SIGBUS).
-    if let Ok(a) = unsafe { sys::mmap(0, map_len, sys::PROT_READ, sys::MAP_SHARED | sys::MAP_POPULATE, r.fd, r.file_off - skip) } {
-        uffd_copy(uffd, r.start, a as u64 + skip, r.len);
-        // SAFETY: unmaps exactly the mapping made above, which nothing refers to any more.
-        let _ = unsafe { sys::munmap(a, map_len) };
-        return;
-    }
-    // SAFETY: a new private anonymous buffer at an address the kernel picks; only this
-    // function uses it, and unmaps it at the end.
-    let buf = match unsafe { sys::mmap(0, r.len as usize, sys::PROT_READ | sys::PROT_WRITE, sys::MAP_PRIVATE | sys::MAP_ANONYMOUS, -1, 0) }
-    {
-        Ok(b) => b,
-        Err(e) => report::fail_at_errno("cannot get a buffer for the page data of", r.start, e),
-    };
-    read_run(r.fd, true, &PlanRun { start: buf as u64, ..*r });
-    uffd_copy(uffd, r.start, buf as u64, r.len);
-    // SAFETY: as above, for the buffer.
-    let _ = unsafe { sys::munmap(buf, r.len as usize) };
-}
-
 /// Fills the missing pages of `dst..dst + len` (in a registered area) from `src` with
 /// `UFFDIO_COPY`.
 fn uffd_copy(uffd: i32, dst: u64, src: u64, len: u64) {
@@ -160,41 +139,89 @@ fn uffd_copy(uffd: i32, dst: u64, src: u64, len: u64) {
 
 extern "C" fn helper_main(w: usize) -> ! {
     // SAFETY: `read_all` passes a pointer to its `Work`, which outlives this thread.
-    take_pieces(unsafe { &*(w as *const Work) });
+    take_checks(unsafe { &*(w as *const Work) });
     sys::exit_thread(0)
 }
 
-/// Takes pieces of the offset runs until none are left, reading each into place.
-fn take_pieces(w: &Work) {
-    // This thread's place in the plan: pieces only move forward, so it never looks back.
-    let (mut i, mut first) = (0u64, 0u64);
+/// Takes checks until none are left, reading, checking and placing each record.
+fn take_checks(w: &Work) {
+    if w.next.load(Ordering::Relaxed) >= w.h.n_checks {
+        return;
+    }
+    // SAFETY: a new private anonymous buffer at an address the kernel picks (a free one: it
+    // cannot replace any of the program's areas); only this thread uses it, and unmaps it
+    // at the end.
+    let buf = match unsafe { sys::mmap(0, BUF_LEN, sys::PROT_READ | sys::PROT_WRITE, sys::MAP_PRIVATE | sys::MAP_ANONYMOUS, -1, 0) } {
+        Ok(b) => b,
+        Err(e) => report::fail_at_errno("cannot get a buffer for the page data of", 0, e),
+    };
     loop {
         let k = w.next.fetch_add(1, Ordering::Relaxed);
-        loop {
-            if i >= w.h.n_runs {
-                return;
-            }
-            let r: PlanRun = entry(w.s, w.h.runs_off, i);
-            let n = if r.fd >= 0 { r.len.div_ceil(PIECE) } else { 0 };
-            if k < first + n {
-                let off = (k - first) * PIECE;
-                let piece = PlanRun { start: r.start + off, len: (r.len - off).min(PIECE), file_off: r.file_off + off, ..r };
-                if w.uffd >= 0 && r.flags & prf::COPY != 0 {
-                    copy_run(w.uffd, &piece);
-                } else {
-                    read_run(r.fd, true, &piece);
-                }
-                break;
-            }
-            first += n;
-            i += 1;
+        if k >= w.h.n_checks {
+            break;
+        }
+        place_record(w, &entry(w.s, w.h.checks_off, k), buf);
+    }
+    // SAFETY: unmaps exactly the buffer mapped above, which nothing refers to any more.
+    let _ = unsafe { sys::munmap(buf, BUF_LEN) };
+}
+
+/// Reads the payload of check `c` into `buf` (`BUF_LEN` bytes of this thread's), checks
+/// its sum, and copies its runs into place.
+fn place_record(w: &Work, c: &PlanCheck, buf: usize) {
+    let head = PagesHeader::SIZE as u64;
+    if c.len < head || c.len > head + WINDOW_PAGES * PAGE || c.first_run.checked_add(c.n_runs as u64).is_none_or(|e| e > w.h.n_runs) {
+        report::fail("the restore plan is inconsistent (a page record check)");
+    }
+    // The pages header goes at the end of the first page, the pages from the next one on.
+    let payload = buf + (PAGE - head) as usize;
+    let mut done = 0u64;
+    while done < c.len {
+        // SAFETY: `payload + done .. payload + c.len` lies inside this thread's buffer
+        // (`c.len` was checked against a window above), which only this thread uses.
+        let got = unsafe { sys::pread_raw(c.fd, payload + done as usize, (c.len - done) as usize, c.file_off + done) };
+        match got {
+            Ok(0) => report::fail("the page data ended early (the image is shorter than its index says)"),
+            Ok(n) => done += n as u64,
+            Err(sys::Errno::EINTR) => {}
+            Err(e) => report::fail_at_errno("cannot read page data at image offset", c.file_off + done, e),
+        }
+    }
+    let first: PlanRun = entry(w.s, w.h.runs_off, c.first_run);
+    if c.flags & pcf::VERIFY != 0 {
+        // SAFETY: `c.len` bytes were just read into the buffer at `payload`.
+        let bytes = unsafe { core::slice::from_raw_parts(payload as *const u8, c.len as usize) };
+        if xxhash_rust::xxh3::xxh3_128(bytes).to_le_bytes() != c.sum {
+            report::fail_at("image is corrupt: page data fails its checksum (damaged, or changed while it was read), for", first.start);
+        }
+    }
+    for j in c.first_run..c.first_run + c.n_runs as u64 {
+        let r: PlanRun = entry(w.s, w.h.runs_off, j);
+        // Where the run's bytes are in the payload: after the pages header, whole pages in.
+        let at = r.file_off.checked_sub(c.file_off + head).filter(|a| a % PAGE == 0 && r.fd == c.fd);
+        let Some(at) = at.filter(|a| a.checked_add(r.len).is_some_and(|e| e <= c.len - head)) else {
+            report::fail("the restore plan is inconsistent (a run outside its page record)");
+        };
+        let src = buf + PAGE as usize + at as usize;
+        if w.uffd >= 0 && r.flags & prf::COPY != 0 {
+            uffd_copy(w.uffd, r.start, src as u64, r.len);
+        } else {
+            // Allocate the run's pages in one call rather than one fault per page
+            // (Linux 5.14+; where it fails the copy faults them in as before).
+            // SAFETY: the run lies inside an area this restorer mapped writable (the
+            // supervisor builds runs only inside areas flagged HAS_DATA), which no other
+            // thread writes: each record goes to exactly one thread.
+            let _ = unsafe { sys::madvise(r.start as usize, r.len as usize, sys::MADV_POPULATE_WRITE) };
+            // SAFETY: as above for the destination; the source is `r.len` bytes of this
+            // thread's buffer (checked above), and the two cannot overlap.
+            unsafe { core::ptr::copy_nonoverlapping(src as *const u8, r.start as *mut u8, r.len as usize) };
         }
     }
 }
 
-/// Reads run `r` into place: with `pread` at its offset in the image file (`at_offset`),
-/// else with `read` from a stream that carries the runs in order.
-fn read_run(fd: i32, at_offset: bool, r: &PlanRun) {
+/// Reads run `r` into place with `read` from the data pipe, which carries the runs in
+/// order.
+fn read_run(fd: i32, r: &PlanRun) {
     let mut done = 0usize;
     let len = r.len as usize;
     // Allocate the run's pages in one call rather than one fault per page during the read
@@ -204,17 +231,12 @@ fn read_run(fd: i32, at_offset: bool, r: &PlanRun) {
     while done < len {
         let at = r.start as usize + done;
         // The run lies inside an area mapped writable by `map_vma` (the supervisor builds
-        // runs only inside areas flagged HAS_DATA), and no other thread writes it: each
-        // piece goes to exactly one thread.
-        let got = if at_offset {
-            // SAFETY: `at..at + len - done` is writable memory no one else uses (above).
-            unsafe { sys::pread_raw(fd, at, len - done, r.file_off + done as u64) }
-        } else {
-            // SAFETY: as for the `pread` above.
-            unsafe { sys::read_raw(fd, at, len - done) }
-        };
+        // runs only inside areas flagged HAS_DATA), and no other thread writes it: the
+        // helper only takes checks, which never include pipe runs.
+        // SAFETY: `at..at + len - done` is writable memory no one else uses (above).
+        let got = unsafe { sys::read_raw(fd, at, len - done) };
         match got {
-            Ok(0) => report::fail("the page data ended early (the image is shorter than its index says, or the supervisor stopped)"),
+            Ok(0) => report::fail("the page data ended early (the supervisor stopped)"),
             Ok(n) => done += n,
             Err(sys::Errno::EINTR) => {}
             Err(e) => report::fail_at_errno("cannot read page data for", r.start, e),
