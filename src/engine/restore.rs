@@ -8,9 +8,9 @@
 //! and starts the restorer, which reads the page data from the image file record by
 //! record, checks each record's XXH3-128 and copies it into place (see the restorer's
 //! `pages.rs`), while the supervisor checks each record's headers
-//! ([`Image::check_pages_head`]; for an image older than format 1.4, its BLAKE3 hash
-//! through a mapping of the file, [`Image::check_pages_only`]); the restorer lets the
-//! program run only after the supervisor's go-ahead, and the
+//! ([`Image::check_pages_head`]; for an image older than format 1.4, its BLAKE3 hash,
+//! [`Image::check_pages`]); the restorer lets the program run only after the supervisor's
+//! go-ahead, and the
 //! agent then reports `RESTORED`. Any failure before that kills the restorer, so there is
 //! never a partly restored program, and the image file is only ever read.
 //!
@@ -291,12 +291,10 @@ fn check_and_pass(img: &Image, srcs: &[Option<InPlace>], mut w: File, err: &Mute
                 for (p, src) in img.pages.iter().zip(srcs).skip(k).step_by(n) {
                     let Ok(mut buf) = free_rx.recv() else { return };
                     // Pages the restorer reads in place need only their headers checked
-                    // where it checks their sums itself, else their hash (through a
-                    // mapping of the file, rather than a second copy).
+                    // where it checks their sums itself (format 1.4 on).
                     let r = match src {
                         Some(InPlace { sum: Some(_), .. }) => img.check_pages_head(p),
-                        Some(_) => img.check_pages_only(p, &mut buf),
-                        None => img.check_pages(p, &mut buf),
+                        _ => img.check_pages(p, &mut buf),
                     };
                     let r = r.map_err(|e| e.to_string());
                     // The writer stopped (a bad record, a restorer that stopped reading).

@@ -492,74 +492,6 @@ pub trait Source: Send + Sync {
     fn size(&self) -> io::Result<u64>;
     /// Fills `buf` from offset `off`; an `UnexpectedEof` error if the image ends first.
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
-    /// The `len` bytes at offset `off`, mapped rather than copied, where the source can
-    /// (a file); `None` where it cannot.
-    fn map(&self, _off: u64, _len: usize) -> Option<Mapped> {
-        None
-    }
-}
-
-/// A read-only mapping of part of an image file (unmapped when dropped).
-///
-/// Reading it while another process truncates the file below it raises `SIGBUS`: images are
-/// only mapped for as long as a check of their page data takes, by the process restoring
-/// them.
-pub struct Mapped {
-    base: *mut libc::c_void,
-    map_len: usize,
-    skip: usize,
-    len: usize,
-}
-
-// SAFETY: the mapping is read-only and owned by this value alone; reading it from any thread is
-// as safe as reading a shared byte slice.
-unsafe impl Send for Mapped {}
-
-impl Mapped {
-    /// Maps `len` bytes of `f` from offset `off` (any offset: the mapping starts at the page
-    /// below it).
-    pub fn new(f: &File, off: u64, len: usize) -> io::Result<Mapped> {
-        use std::os::fd::AsRawFd;
-        let skip = (off % 4096) as usize;
-        let map_len = len.checked_add(skip).ok_or_else(|| io::Error::other("mapping too long"))?;
-        if len == 0 {
-            return Err(io::Error::other("empty mapping"));
-        }
-        // SAFETY: a fresh read-only shared mapping at an address the kernel picks; it aliases
-        // no Rust object, and only `Deref` reads it, within `skip..skip + len`. Populated at
-        // once: it is read whole, and one call maps it faster than a fault per 16 pages.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                f.as_raw_fd(),
-                (off - skip as u64) as libc::off_t,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Mapped { base, map_len, skip, len })
-    }
-}
-
-impl std::ops::Deref for Mapped {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: `base + skip .. + len` lies inside the live mapping, which is readable and
-        // never written through (the file below it may change; the bytes are then the file's,
-        // which every check of them allows for).
-        unsafe { std::slice::from_raw_parts((self.base as *const u8).add(self.skip), self.len) }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `new` made; no slice of it outlives `self`.
-        unsafe { libc::munmap(self.base, self.map_len) };
-    }
 }
 
 impl Source for File {
@@ -568,14 +500,6 @@ impl Source for File {
     }
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         FileExt::read_exact_at(self, buf, off)
-    }
-    fn map(&self, off: u64, len: usize) -> Option<Mapped> {
-        // Only what lies inside the file: a mapping past its end would fault when read.
-        let size = self.metadata().ok()?.len();
-        if off.checked_add(len as u64)? > size {
-            return None;
-        }
-        Mapped::new(self, off, len).ok()
     }
 }
 
@@ -822,37 +746,6 @@ impl Image {
         Ok((buf.len() - head) as u64)
     }
 
-    /// [`check_pages`](Self::check_pages) for a page record whose pages are read in place
-    /// ([`PagesAt::Here`] or [`PagesAt::Parent`]), hashing the record through a mapping of
-    /// its file instead of a copy. `None` where the record cannot be mapped (another kind of
-    /// record, or a source that is not a file): check it with `check_pages` then.
-    pub fn check_pages_mapped(&self, p: &PageRecord) -> Option<Result<u64, ImageError>> {
-        let e = self.index.get(p.index)?;
-        if e.flags & rflags::REF != 0 {
-            let r = self.page_ref(p.index).and_then(|r| self.resolve_ref(p, &r));
-            return match r {
-                Ok((k, q)) => self.ancestors[k].check_pages_mapped(&q),
-                Err(err) => Some(Err(err)),
-            };
-        }
-        if e.flags != 0 {
-            return None;
-        }
-        let m = self.src.map(e.offset, RecordHeader::SIZE + e.stored_len as usize)?;
-        Some(
-            self.check_record(p.index, &m)
-                .and_then(|()| self.check_pages_header(p, &m))
-                .map(|()| m.len().saturating_sub(RecordHeader::SIZE + PagesHeader::SIZE) as u64),
-        )
-    }
-
-    /// Checks page record `p` without keeping its data: through a mapping of its file where
-    /// it can be ([`check_pages_mapped`](Self::check_pages_mapped)), else as
-    /// [`check_pages`](Self::check_pages) does, through `buf`. Returns the page bytes.
-    pub fn check_pages_only(&self, p: &PageRecord, buf: &mut Vec<u8>) -> Result<u64, ImageError> {
-        self.check_pages_mapped(p).unwrap_or_else(|| self.check_pages(p, buf))
-    }
-
     /// Checks that the pages header in record bytes `b` is the one the page map gave.
     fn check_pages_header(&self, p: &PageRecord, b: &[u8]) -> Result<(), ImageError> {
         let h = b.get(RecordHeader::SIZE..).and_then(PagesHeader::decode).ok_or_else(|| corrupt("pages header"))?;
@@ -988,10 +881,11 @@ impl Image {
     /// Checks the hash of every page and file data record (what `inspect` and `restore`
     /// verify).
     pub fn verify_pages(&self) -> Result<(), ImageError> {
-        // One buffer for the records that cannot be hashed through a mapping.
+        // One buffer for all records: a record is at most a window (1 MiB) and its headers,
+        // so it stays in the cache while its checksum is computed.
         let mut buf = Vec::new();
         for p in &self.pages {
-            self.check_pages_only(p, &mut buf)?;
+            self.check_pages(p, &mut buf)?;
         }
         for d in &self.file_data {
             self.read_file_data(d)?;
@@ -1888,34 +1782,38 @@ mod tests {
     }
 
     #[test]
-    fn mapped_checks_agree_with_read_checks_and_catch_every_flipped_byte() {
-        let (dir, parent_path, delta_path, _) = parent_and_delta("mapped");
+    fn header_checks_agree_with_read_checks_and_catch_every_flipped_header_byte() {
+        let (dir, parent_path, delta_path, _) = parent_and_delta("head");
         let good = synthetic();
         let img = Image::open(&parent_path).unwrap();
         let p = img.pages[0];
         let want = img.read_pages(&p).unwrap().len() as u64;
-        assert_eq!(img.check_pages_mapped(&p).unwrap().unwrap(), want);
-        // Through a delta's reference, the parent's record is the one mapped.
+        let e = img.index[p.index];
+        assert_eq!(img.check_pages_head(&p).unwrap(), want);
+        assert_eq!(img.restorer_sum(&p).unwrap().map(|s| s.to_vec()), Some(e.hash[..16].to_vec()));
+        // Through a delta's reference, the parent's record is the one checked.
         let mut delta = Image::open(&delta_path).unwrap();
         delta.attach_parents().unwrap();
-        assert_eq!(delta.check_pages_mapped(&delta.pages[0]).unwrap().unwrap(), want);
-        // Every byte of the record (header, pages header, pages) flipped in the file, most
-        // found only when the record is checked.
-        let mut found_by_check = 0;
-        let e = img.index[p.index];
+        assert_eq!(delta.check_pages_head(&delta.pages[0]).unwrap(), want);
+        assert_eq!(delta.restorer_sum(&delta.pages[0]).unwrap(), img.restorer_sum(&p).unwrap());
+        // Every byte of the record header and pages header flipped in the file: caught
+        // when the image is opened or by the header check (the pages are the restorer's
+        // to check, against `restorer_sum`).
         let bad = dir.join("bad");
-        for i in e.offset as usize..(e.offset + RecordHeader::SIZE as u64 + e.stored_len) as usize {
+        for i in e.offset as usize..e.offset as usize + RecordHeader::SIZE + PagesHeader::SIZE {
             let mut b = good.clone();
             b[i] ^= 0x41;
             std::fs::write(&bad, &b).unwrap();
-            // Caught when the image is opened, or by the mapped check.
             if let Ok(b) = Image::open(&bad) {
-                let r = b.check_pages_mapped(&b.pages[0]);
-                assert!(matches!(r, Some(Err(_))), "a flipped byte at {i} went unnoticed: {r:?}");
-                found_by_check += 1;
+                let r = b.check_pages_head(&b.pages[0]);
+                assert!(r.is_err(), "a flipped byte at {i} went unnoticed: {r:?}");
             }
         }
-        assert!(found_by_check as u64 >= want, "only {found_by_check} flips reached the mapped check");
+        // A 1.3 image's pages are checked here (BLAKE3), not by the restorer.
+        let g = [GuardRange { start: 0x1c000, end: 0x1e000 }];
+        std::fs::write(&bad, synthetic_as(3, 7, &g, None, |_| {})).unwrap();
+        let old = Image::open(&bad).unwrap();
+        assert_eq!(old.restorer_sum(&old.pages[0]).unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
