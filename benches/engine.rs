@@ -8,8 +8,10 @@
 //! (`dump --parent`) of a 1 GiB process that rewrote 1 % of its heap, with dirty-page
 //! tracking and without. Beside them, the machine's reference
 //! figures in the same run: `dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync` in
-//! the image directory, and `cat` of that 1 GiB page-cached file to /dev/null; the table
-//! gives checkpoint / dd and restore / cat for the 1 GiB rows.
+//! the image directory, `cat` of that 1 GiB page-cached file to /dev/null, and 1 GiB of
+//! new memory (`MADV_POPULATE_WRITE` on two threads: what creating the memory a restore
+//! fills costs on this machine); the table gives checkpoint / dd and restore / cat for the
+//! 1 GiB rows.
 //!
 //! Last, the cost while running: a CPU-bound loop (`examples/factors.c`) plain and under
 //! the engine, alternately.
@@ -188,6 +190,34 @@ fn reference(dir: &Path) -> (f64, f64) {
     (dd, cat)
 }
 
+/// Wall time to allocate 1 GiB of new anonymous memory (`MADV_POPULATE_WRITE`, half on
+/// each of two threads, as the restorer shares its work), in ms: what the kernel (and, in
+/// a VM, the host) charges for memory that a restore must create, before any data is
+/// copied into it.
+fn new_memory_ms() -> f64 {
+    const LEN: usize = 1 << 30;
+    // SAFETY: a new private anonymous mapping at an address the kernel picks.
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), LEN, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap of 1 GiB");
+    let at = p as usize;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for half in [0, LEN / 2] {
+            s.spawn(move || {
+                // SAFETY: populates half of the mapping made above, which nothing else uses.
+                let r = unsafe { libc::madvise((at + half) as *mut libc::c_void, LEN / 2, 23) }; // MADV_POPULATE_WRITE
+                assert_eq!(r, 0, "MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error());
+            });
+        }
+    });
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    // SAFETY: unmaps exactly the mapping made above, which nothing refers to any more.
+    unsafe { libc::munmap(p, LEN) };
+    ms
+}
+
 /// Lets write-back of earlier runs (and freeing deleted images) finish, so that it does
 /// not land in the next measurement.
 fn settle() {
@@ -263,20 +293,25 @@ type RowSpec = (u64, &'static str, After, Compress, &'static str);
 /// measured close together in time) and prints the table.
 fn table(prog: &Path, dir: &Path, spec: &[RowSpec], rounds: usize) {
     let mut runs: Vec<Vec<Run>> = spec.iter().map(|_| Vec::new()).collect();
-    let (mut dds, mut cats) = (Vec::new(), Vec::new());
+    let (mut dds, mut cats, mut news) = (Vec::new(), Vec::new(), Vec::new());
     for _round in 0..rounds {
         let (dd, cat) = reference(dir);
         dds.push(dd);
         cats.push(cat);
+        news.push(new_memory_ms());
         for (i, &(mib, kind, after, compress, _)) in spec.iter().enumerate() {
             settle();
             runs[i].push(one(prog, dir, mib, kind, after, compress));
         }
     }
-    let (dd, cat) = (median(dds), median(cats));
+    let (dd, cat, new) = (median(dds), median(cats), median(news));
     println!();
     println!("images in {}", dir.display());
     println!("dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync: {dd:.1} ms; cat of that 1 GiB page-cached file to /dev/null: {cat:.1} ms");
+    println!(
+        "1 GiB of new memory (MADV_POPULATE_WRITE on two threads, as much as any restore of 1 GiB allocates): {new:.1} ms ({:.2}x cat)",
+        new / cat
+    );
     println!(
         "{:<30} {:>10} {:>14} {:>10} {:>12} {:>11} {:>8} {:>12} {:>9} {:>11}",
         "process", "image", "checkpoint ms", "frozen ms", "seen gap ms", "restore ms", "ckpt/dd", "restore/cat", "snapshot", "compressed"
