@@ -63,13 +63,17 @@ fn base_image_restores_and_inspects() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect --json prints JSON");
     assert_eq!(v["threads"].as_array().map(|a| a.len()), Some(2));
     for u in users() {
-        let d = workdir("base-restore", u);
-        let mut r = restore(u, &d, &img);
-        r.send("go\n");
-        let (st, out, err) = r.finish();
-        assert_eq!(st.code(), Some(0), "{err}");
-        assert!(out.starts_with("result go "), "{out}");
+        restores_and_answers(u, &workdir("base-restore", u), &img);
     }
+}
+
+/// Restores `image` (of the base program) as `user` in `dir`: it must run on and answer.
+fn restores_and_answers(user: User, dir: &Path, image: &Path) {
+    let mut r = restore(user, dir, image);
+    r.send("go\n");
+    let (st, out, err) = r.finish();
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert!(out.starts_with("result go "), "{out}");
 }
 
 /// An image as format 1.3 wrote it (BLAKE3 page checksums, which the supervisor checks
@@ -90,11 +94,7 @@ fn an_image_in_format_1_3_still_restores() {
     std::fs::write(&bad_path, &bad).unwrap();
     for u in users() {
         let d = workdir("format-1-3-restore", u);
-        let mut r = restore(u, &d, &old);
-        r.send("go\n");
-        let (st, out, err) = r.finish();
-        assert_eq!(st.code(), Some(0), "{err}");
-        assert!(out.starts_with("result go "), "{out}");
+        restores_and_answers(u, &d, &old);
         restore_must_fail(u, &d, &bad_path, "checksum");
     }
 }

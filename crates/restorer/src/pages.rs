@@ -153,7 +153,7 @@ fn take_checks(w: &Work) {
     // at the end.
     let buf = match unsafe { sys::mmap(0, BUF_LEN, sys::PROT_READ | sys::PROT_WRITE, sys::MAP_PRIVATE | sys::MAP_ANONYMOUS, -1, 0) } {
         Ok(b) => b,
-        Err(e) => report::fail_at_errno("cannot get a buffer for the page data of", 0, e),
+        Err(e) => report::fail_errno("cannot get a buffer for the page data", e),
     };
     loop {
         let k = w.next.fetch_add(1, Ordering::Relaxed);
