@@ -21,6 +21,12 @@ pub struct PlanFds {
     pub close_from: i32,
     /// Last of the restorer's own fds.
     pub close_to: i32,
+    /// The ring the supervisor passes the records it reads itself through, or -1.
+    pub ring_fd: i32,
+    /// Where the restorer returns ring slots, or -1.
+    pub release_fd: i32,
+    /// Slots in the ring.
+    pub ring_slots: u32,
 }
 
 /// Free ranges of the restored address space, largest first.
@@ -68,8 +74,8 @@ pub struct InPlace {
 
 /// Builds the plan. `vma_fd(i)` is the fd number at which the file of area `i` is open
 /// (or -1 for anonymous areas).
-/// `pages_fd(i)` says where page record `img.pages[i]` is read from, or `None` for the data
-/// pipe.
+/// `pages_fd(i)` says where page record `img.pages[i]` is read from in place, or `None` if
+/// the supervisor passes it through the ring.
 pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize) -> Option<InPlace>, fds: &PlanFds) -> Vec<u8> {
     let gaps = gaps(img);
     // Runs first, each inside one area (`area` is its index in `img.vmas`, if any).
@@ -81,7 +87,8 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
     let mut checks: Vec<PlanCheck> = Vec::new();
     for (i, p) in img.pages.iter().enumerate() {
         let at = pages_fd(i);
-        let (fd, mut off) = at.map_or((-1, 0), |a| (a.fd, a.data_off));
+        // A staged record's runs are placed in its payload as if the payload began at 0.
+        let (fd, mut off) = at.map_or((fds.ring_fd, PagesHeader::SIZE as u64), |a| (a.fd, a.data_off));
         let first_run = runs.len();
         p.header.runs(|mut s, mut l| {
             while l > 0 {
@@ -89,39 +96,35 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
                 let take = area.map_or(l, |k| l.min(img.vmas[k].info.end - s));
                 let ours = runs.len() > first_run;
                 match runs.last_mut() {
-                    // Consecutive in memory and in the same source (a pipe is always
-                    // consecutive; a file's runs stay within their record), in the same
-                    // area.
-                    Some((r, a)) if *a == area && r.start + r.len == s && r.fd == fd && (fd < 0 || (ours && r.file_off + r.len == off)) => {
-                        r.len += take
-                    }
+                    // Consecutive in memory and in the same record, in the same area.
+                    Some((r, a)) if *a == area && ours && r.start + r.len == s && r.file_off + r.len == off => r.len += take,
                     _ => runs.push((PlanRun { start: s, len: take, file_off: off, fd, flags: 0 }, area)),
                 }
                 (s, l, off) = (s + take, l - take, off + take);
             }
         });
-        if let Some(a) = at {
-            checks.push(PlanCheck {
-                file_off: a.data_off - PagesHeader::SIZE as u64,
-                len: PagesHeader::SIZE as u64 + p.header.count as u64 * PAGE,
-                sum: a.sum.unwrap_or_default(),
-                first_run: first_run as u64,
-                n_runs: (runs.len() - first_run) as u32,
-                fd: a.fd,
-                flags: if a.sum.is_some() { pcf::VERIFY } else { 0 },
-                reserved: 0,
-            });
-        }
+        let sum = at.and_then(|a| a.sum);
+        checks.push(PlanCheck {
+            // Where the payload starts in its file (0 in a ring slot).
+            file_off: at.map_or(0, |a| a.data_off - PagesHeader::SIZE as u64),
+            len: PagesHeader::SIZE as u64 + p.header.count as u64 * PAGE,
+            sum: sum.unwrap_or_default(),
+            first_run: first_run as u64,
+            n_runs: (runs.len() - first_run) as u32,
+            fd,
+            flags: if at.is_none() {
+                pcf::STAGED
+            } else if sum.is_some() {
+                pcf::VERIFY
+            } else {
+                0
+            },
+            reserved: 0,
+        });
     }
-    // Anonymous areas whose page data all comes from files may be filled by UFFDIO_COPY.
-    let mut copy: Vec<bool> =
+    // Anonymous areas may be filled by UFFDIO_COPY (from a buffer or a ring slot).
+    let copy: Vec<bool> =
         img.vmas.iter().map(|v| !matches!(v.info.kind, vma_kind::FILE_PRIVATE | vma_kind::FILE_SHARED | vma_kind::SHM)).collect();
-    for (r, a) in &runs {
-        match a {
-            Some(k) if r.fd < 0 => copy[*k] = false,
-            _ => {}
-        }
-    }
     let runs: Vec<PlanRun> = runs
         .into_iter()
         .map(|(mut r, a)| {
@@ -193,6 +196,10 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
         leader_fs,
         close_from: fds.close_from,
         close_to: fds.close_to,
+        ring_fd: fds.ring_fd,
+        release_fd: fds.release_fd,
+        ring_slots: fds.ring_slots,
+        reserved2: 0,
     };
     let mut out = vec![0u8; plan_len as usize];
     h.put(&mut out);

@@ -17,9 +17,10 @@
 //! An image can also be read through a [`Source`] ([`restore_stream`]): an object store's
 //! reader that fetches the image's chunks as they are read. Opening it reads only the
 //! metadata, the page map and the index; the supervisor then reads each page record in
-//! order, checks it and passes its pages to the restorer through the data pipe (the plan
-//! has no image fd), so no copy of the image is kept. An image file with compressed page
-//! records is restored the same way, the supervisor decompressing each record. The
+//! order, checks it and passes its pages to the restorer through a ring of slots in a
+//! memfd ([`Ring`]; the plan has no image fd), so no copy of the image is kept. An image
+//! file with compressed page records is restored the same way, the supervisor
+//! decompressing each record. The
 //! supervisor checks (and decompresses) the records of an image file on several threads,
 //! passing them on in order ([`check_and_pass`]); a stream's on one.
 
@@ -30,8 +31,9 @@ use super::spawn::FdMap;
 use super::supervisor::{Options, Plumbing, Supervisor};
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::file::{Image, PagesAt, Source};
+use limitless_image::format::PAGE;
 use limitless_image::format::{file_kind, vma_kind};
-use limitless_image::plan::RESTORER_FAILED;
+use limitless_image::plan::{RESTORER_FAILED, RING_SLOT_LEN, TOKEN_END, VERIFIED};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -167,7 +169,7 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
     let image_fd = file.map(&mut add_file);
     let parent_fds: Vec<i32> = parents.into_iter().map(&mut add_file).collect();
     // Where each page record is read from: in place (and checked by the restorer, from
-    // format 1.4 on), or (None) through the data pipe.
+    // format 1.4 on), or (None) through the ring.
     let mut srcs: Vec<Option<InPlace>> = Vec::with_capacity(img.pages.len());
     for p in &img.pages {
         let at = match img.pages_at(p).map_err(|e| anyhow!("{e}"))? {
@@ -180,13 +182,30 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
             None => None,
         });
     }
-    if srcs.iter().any(Option::is_none) {
-        let _ = rustix::pipe::fcntl_setpipe_size(&data_w, 1 << 20);
-    }
+    // The records this process reads itself (compressed, or from a stream) reach the
+    // restorer through a ring of slots in a memfd.
+    let ring = if srcs.iter().any(Option::is_none) { Some(Ring::new()?) } else { None };
+    let (ring_fd, release_fd) = match &ring {
+        Some(r) => {
+            let (a, b) = (alloc(), alloc());
+            fds.add(OwnedFd::from(r.memfd.try_clone()?), a);
+            fds.add(r.release_w.try_clone()?, b);
+            (a, b)
+        }
+        None => (-1, -1),
+    };
     let plan_fd = alloc();
     fds.add(data_r, data_fd);
     fds.add(err_w, err_fd);
-    let pfds = PlanFds { data_fd, err_fd, close_from, close_to: plan_fd };
+    let pfds = PlanFds {
+        data_fd,
+        err_fd,
+        close_from,
+        close_to: plan_fd,
+        ring_fd,
+        release_fd,
+        ring_slots: if ring.is_some() { RING_SLOTS } else { 0 },
+    };
     let plan = plan::build(&img, |i| vma_fd[i], |i| srcs[i], &pfds);
     let memfd = rustix::fs::memfd_create("limitless-plan", rustix::fs::MemfdFlags::CLOEXEC)?;
     let mut mf = File::from(memfd);
@@ -197,6 +216,8 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
     let mut cmd = Command::new(&files.restorer);
     cmd.arg(plan_fd.to_string()).env_clear();
     let child = fds.spawn(cmd).with_context(|| format!("cannot start the restorer {}", files.restorer.display()))?;
+    // Only the restorer may hold the release pipe's write end, so that its end is seen.
+    let ring = ring.map(Ring::started);
     tracing::debug!("restore: restorer started at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
 
     // Check every page record against its hash while the restorer reads the pages (or
@@ -210,7 +231,7 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
             // A stream (an object store's chunks) is read in order, one record at a time:
             // its read-ahead follows a single reader.
             let workers = if streamed { 1 } else { std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4) };
-            let total = check_and_pass(&img, &srcs, File::from(data_w), &data_err, workers);
+            let total = check_and_pass(&img, &srcs, File::from(data_w), ring, &data_err, workers);
             tracing::debug!("restore: page records checked at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
             total
         })
@@ -270,13 +291,81 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
     Ok((sup, RestoreStats { total_ms: t0.elapsed().as_secs_f64() * 1000.0, data_bytes, threads }))
 }
 
-/// Checks every page record of `img` on `n` threads and writes, in order, the pages of
-/// those the restorer does not read in place (`srcs[i]` is `None`) into `w`, then the
-/// go-ahead byte. Records are handed out round-robin; each worker checks its share in
-/// order and hands back a buffer per record, so the writer takes them in image order.
-/// Checking (hashing, decompressing) thus uses every core while the restorer reads.
+/// Ring slots: enough for both restorer threads to work while the supervisor fills more.
+const RING_SLOTS: u32 = 8;
+
+/// The ring through which the supervisor passes the pages of the records it reads itself:
+/// `RING_SLOTS` slots of [`RING_SLOT_LEN`] bytes in a memfd, each holding one record's
+/// pages from one page in, and a pipe on which the restorer returns each slot it has
+/// copied out.
+struct Ring {
+    memfd: File,
+    release_r: File,
+    /// The write end, for the restorer; dropped here once it has started.
+    release_w: OwnedFd,
+    /// Slots not handed out yet.
+    free: Vec<u32>,
+}
+
+/// A [`Ring`] whose release pipe only the restorer can write.
+struct Started {
+    memfd: File,
+    release_r: File,
+    free: Vec<u32>,
+}
+
+impl Ring {
+    fn new() -> Result<Ring> {
+        let memfd = File::from(rustix::fs::memfd_create("limitless-ring", rustix::fs::MemfdFlags::CLOEXEC)?);
+        memfd.set_len(RING_SLOTS as u64 * RING_SLOT_LEN)?;
+        let (r, w) = super::stdio::pipe()?;
+        Ok(Ring { memfd, release_r: File::from(r), release_w: w, free: (0..RING_SLOTS).rev().collect() })
+    }
+
+    fn started(self) -> Started {
+        Started { memfd: self.memfd, release_r: self.release_r, free: self.free }
+    }
+}
+
+impl Started {
+    /// Puts `pages` (the pages of check `k`) into a free slot, waiting for one, and tells
+    /// the restorer through `w`. False if the restorer stopped.
+    fn pass(&mut self, k: usize, pages: &[u8], w: &mut File) -> bool {
+        use std::os::unix::fs::FileExt;
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                let mut b = [0u8; 4];
+                match self.release_r.read_exact(&mut b) {
+                    Ok(()) => u32::from_le_bytes(b),
+                    Err(_) => return false,
+                }
+            }
+        };
+        if slot >= RING_SLOTS || pages.len() as u64 > RING_SLOT_LEN - PAGE {
+            return false;
+        }
+        let at = slot as u64 * RING_SLOT_LEN + PAGE;
+        let token = (slot as u64) << 32 | k as u64;
+        self.memfd.write_all_at(pages, at).is_ok() && w.write_all(&token.to_le_bytes()).is_ok()
+    }
+}
+
+/// Checks every page record of `img` on `n` threads and passes, in order, the pages of
+/// those the restorer does not read in place (`srcs[i]` is `None`) through `ring`, with a
+/// token for each in `w`; then the two end tokens and the go-ahead byte. Records are
+/// handed out round-robin; each worker checks its share in order and hands back a buffer
+/// per record, so the writer takes them in image order. Checking (hashing,
+/// decompressing) thus uses every core while the restorer reads.
 /// Returns the page bytes checked; on a bad record, says why in `err`.
-fn check_and_pass(img: &Image, srcs: &[Option<InPlace>], mut w: File, err: &Mutex<Option<String>>, n: usize) -> u64 {
+fn check_and_pass(
+    img: &Image,
+    srcs: &[Option<InPlace>],
+    mut w: File,
+    mut ring: Option<Started>,
+    err: &Mutex<Option<String>>,
+    n: usize,
+) -> u64 {
     let fail = |e: String| *err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
     std::thread::scope(|s| {
         let mut results = Vec::new();
@@ -313,8 +402,14 @@ fn check_and_pass(img: &Image, srcs: &[Option<InPlace>], mut w: File, err: &Mute
                 return total;
             };
             match r {
-                // A restorer that stopped reading has failed and says why itself.
-                Ok(len) if src.is_none() && w.write_all(&buf[buf.len() - len as usize..]).is_err() => return total,
+                Ok(len) if src.is_none() => {
+                    let passed = ring.as_mut().is_some_and(|r| r.pass(i, &buf[buf.len() - len as usize..], &mut w));
+                    // A restorer that stopped reading has failed and says why itself.
+                    if !passed {
+                        return total;
+                    }
+                    total += len;
+                }
                 Ok(len) => total += len,
                 Err(e) => {
                     fail(e);
@@ -323,7 +418,14 @@ fn check_and_pass(img: &Image, srcs: &[Option<InPlace>], mut w: File, err: &Mute
             }
             let _ = free[i % n].send(buf);
         }
-        let _ = w.write_all(&[limitless_image::plan::VERIFIED]);
+        let mut tail = [TOKEN_END.to_le_bytes(), TOKEN_END.to_le_bytes()].concat();
+        tail.push(VERIFIED);
+        let _ = w.write_all(&tail);
+        if let Some(mut r) = ring {
+            // The restorer still returns the last slots: keep the pipe open (a write to a
+            // closed one would kill it) until it closes its end as it finishes.
+            let _ = std::io::copy(&mut r.release_r, &mut std::io::sink());
+        }
         total
     })
 }

@@ -12,7 +12,7 @@ use crate::wire;
 /// `b"LMTLPLAN"`.
 pub const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"LMTLPLAN");
 /// Version of the plan layout (the restorer and supervisor always come from one build).
-pub const PLAN_VERSION: u32 = 5;
+pub const PLAN_VERSION: u32 = 6;
 /// Most gap candidates in a plan.
 pub const MAX_GAPS: u32 = 32;
 
@@ -34,8 +34,9 @@ wire! {
         pub vmas_off: u64,
         pub runs_off: u64,
         pub checks_off: u64,
-        /// The supervisor writes one byte, [`VERIFIED`], here once it has checked every page
-        /// record's hash; the program may run only after it arrives.
+        /// The supervisor writes tokens here ([`TOKEN_END`]), then one byte, [`VERIFIED`],
+        /// once it has checked every page record; the program may run only after it
+        /// arrives.
         pub data_fd: i32,
         /// Errors are written here (one line) before the restorer exits.
         pub err_fd: i32,
@@ -54,8 +55,25 @@ wire! {
         /// Highest fd the restorer may close when it is done (its own fds).
         pub close_from: i32,
         pub close_to: i32,
+        /// The ring of [`RING_SLOT_LEN`]-byte slots (a memfd) through which the supervisor
+        /// passes the records it reads itself ([`pcf::STAGED`]), or -1.
+        pub ring_fd: i32,
+        /// The restorer writes a slot's number (a `u32`) here once it has copied it out.
+        pub release_fd: i32,
+        pub ring_slots: u32,
+        /// Reserved (0).
+        pub reserved2: u32,
     }
 }
+
+/// The length of a ring slot: a page, then a page window's pages (the pages start on a page
+/// boundary, as `UFFDIO_COPY` needs).
+pub const RING_SLOT_LEN: u64 = crate::format::PAGE * (1 + crate::format::WINDOW_PAGES);
+
+/// A token on `data_fd` (eight bytes, little-endian): check `t as u32` is in ring slot
+/// `t >> 32`. The supervisor writes one per staged check, in check order, then two
+/// [`TOKEN_END`]s (one for each restorer thread that reads tokens), then [`VERIFIED`].
+pub const TOKEN_END: u64 = u64::MAX;
 
 wire! {
     /// A free range of the restored address space the restorer may occupy.
@@ -65,7 +83,8 @@ wire! {
     }
 }
 
-/// The byte the supervisor sends on `data_fd` when every page record checked out.
+/// The byte the supervisor sends on `data_fd`, after the tokens, when every page record
+/// checked out.
 pub const VERIFIED: u8 = b'G';
 
 /// Mapping kinds in a plan.
@@ -91,8 +110,8 @@ pub mod pvf {
     pub const DONTFORK: u32 = 4;
     /// `madvise(MADV_WIPEONFORK)`.
     pub const WIPEONFORK: u32 = 8;
-    /// Anonymous, and all its page data is read from image files: it may be filled with
-    /// `UFFDIO_COPY` (page cache to fresh pages, which the kernel then need not clear).
+    /// Anonymous: it may be filled with `UFFDIO_COPY` (into fresh pages, which the kernel
+    /// then need not clear).
     pub const COPY: u32 = 16;
 }
 
@@ -116,10 +135,10 @@ wire! {
 }
 
 wire! {
-    /// A run of page data: `len` bytes to read into `start` from the image file `fd` at
-    /// `file_off` (one copy, page cache to place), or with `fd` -1 from `data_fd`, where the
-    /// supervisor writes the bytes of all such runs in order, before the go-ahead byte
-    /// (compressed records, an image with no file). A run lies inside one area.
+    /// A run of page data: `len` bytes to copy into `start` from its page record (the
+    /// [`PlanCheck`] it belongs to), `file_off` being its place in the record's file (for a
+    /// staged record: in the record's payload, as if the payload began at 0). A run lies
+    /// inside one area and one record.
     pub struct PlanRun {
         pub start: u64,
         pub len: u64,
@@ -134,15 +153,19 @@ wire! {
 pub mod pcf {
     /// Compare the payload's XXH3-128 with `sum` (else the supervisor checks the record).
     pub const VERIFY: u32 = 1;
+    /// The supervisor reads, checks (and decompresses) the record and passes its pages in
+    /// a ring slot (`fd` is the ring, `file_off` 0, `sum` unused); a token on `data_fd`
+    /// says which slot.
+    pub const STAGED: u32 = 2;
 }
 
 wire! {
-    /// One page record read in place: its payload (pages header, then pages), `len` bytes
-    /// at `file_off` in the image file `fd`, holds the data of runs `first_run ..
-    /// first_run + n_runs` (each at its own `file_off`, a whole number of pages after the
-    /// pages header). The restorer reads the payload once, checks it against `sum` (with
-    /// [`pcf::VERIFY`]) and copies the runs from it. Every run with an fd belongs to one
-    /// check, in order.
+    /// One page record: its payload (pages header, then pages), `len` bytes at `file_off`
+    /// in the image file `fd`, holds the data of runs `first_run .. first_run + n_runs`
+    /// (each at its own `file_off`, a whole number of pages after the pages header). The
+    /// restorer reads the payload once, checks it against `sum` (with [`pcf::VERIFY`]) and
+    /// copies the runs from it; or, [`pcf::STAGED`], copies them from the ring slot a token
+    /// names. Every record has one check, in record order, and every run belongs to one.
     pub struct PlanCheck {
         pub file_off: u64,
         pub len: u64,

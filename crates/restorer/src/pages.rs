@@ -1,18 +1,22 @@
 //! Step 4 of stage 1: the page data, read into place and checked.
 //!
-//! Page records read in place from image files are the plan's checks ([`PlanCheck`]): two
-//! threads take them in turn, this one and a helper started with raw `clone` (when there is
-//! enough to share). Each thread reads a record's payload (its pages header and pages, at
-//! most 1 MiB and a bit) into a buffer of its own with one `pread`, checks its XXH3-128
-//! while the bytes are still in the cache (from format 1.4; older images' records are
-//! checked by the supervisor), then copies each run of the record from there into place.
-//! Runs that come through the data pipe arrive in order, so this thread reads them alone
-//! first, then joins the helper on the records left.
+//! Every page record is one of the plan's checks ([`PlanCheck`]), and two threads share
+//! them: this one and a helper started with raw `clone` (when there is enough to share).
+//! - A record read in place from an image file: a thread takes the next one, reads its
+//!   payload (its pages header and pages, at most 1 MiB and a bit) into a buffer of its own
+//!   with one `pread`, checks its XXH3-128 while the bytes are still in the cache (from
+//!   format 1.4; older images' records are checked by the supervisor), then copies each run
+//!   of the record from there into place.
+//! - A record the supervisor reads itself ([`pcf::STAGED`]: compressed, or from an object
+//!   store), checked and decompressed there: the supervisor puts its pages in a slot of a
+//!   shared ring (a memfd) and sends a token naming the record and the slot on the data
+//!   pipe. Once done with the records read in place, each thread reads tokens, copies the
+//!   runs from the slot and hands the slot back on the release pipe, until an end token.
 //!
 //! A run goes into place in one of two ways:
-//! - Anonymous areas whose data all comes from files ([`pvf::COPY`]) are registered with a
-//!   userfaultfd for missing pages, and each run is copied with `UFFDIO_COPY`: the kernel
-//!   allocates each page and fills it from the buffer, with no clearing first.
+//! - Anonymous areas ([`pvf::COPY`]) are registered with a userfaultfd for missing pages,
+//!   and each run is copied with `UFFDIO_COPY`: the kernel allocates each page and fills it
+//!   from the buffer or slot, with no clearing first.
 //!   Unprivileged (`UFFD_USER_MODE_ONLY`); closing the userfaultfd afterwards leaves the
 //!   areas as plain anonymous memory.
 //! - Otherwise (other areas, or where userfaultfd is not allowed, as under Docker's default
@@ -28,10 +32,10 @@
 use super::{entry, report, Stage1};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use limitless_image::format::{PagesHeader, PAGE, WINDOW_PAGES};
-use limitless_image::plan::{pcf, pk, prf, pvf, PlanCheck, PlanHeader, PlanRun, PlanVma};
+use limitless_image::plan::{pcf, pk, prf, pvf, PlanCheck, PlanHeader, PlanRun, PlanVma, RING_SLOT_LEN, TOKEN_END};
 use limitless_sys as sys;
 
-/// Below this many bytes read at an offset, one thread does it all.
+/// Below this many bytes of page data, one thread does it all.
 const SHARE_FROM: u64 = 32 << 20;
 /// The helper's stack (it makes system calls and computes checksums).
 const HELPER_STACK: usize = 64 * 1024;
@@ -48,41 +52,61 @@ struct Work<'a> {
     next: AtomicU64,
     /// The userfaultfd the `COPY` areas are registered with, or -1.
     uffd: i32,
+    /// The ring's mapping (read-only), or 0.
+    ring: usize,
+    /// Whether any check is staged (then each thread reads tokens until a `TOKEN_END`).
+    staged: bool,
+    /// `TOKEN_END`s read so far.
+    ends: AtomicU32,
 }
 
 /// Reads every run of the plan into place, checking the records read in place; returns
 /// the bytes read.
 pub fn read_all(s: &Stage1, h: &PlanHeader) -> u64 {
-    let (mut total, mut at_offset) = (0u64, 0u64);
-    for i in 0..h.n_runs {
-        let r: PlanRun = entry(s, h.runs_off, i);
-        total += r.len;
-        if r.fd >= 0 {
-            at_offset += r.len;
+    let total: u64 = (0..h.n_runs).map(|i| entry::<PlanRun>(s, h.runs_off, i).len).sum();
+    let staged = (0..h.n_checks).any(|k| entry::<PlanCheck>(s, h.checks_off, k).flags & pcf::STAGED != 0);
+    let ring_len = (h.ring_slots as u64 * RING_SLOT_LEN) as usize;
+    let ring = if staged {
+        if h.ring_fd < 0 || h.ring_slots == 0 {
+            report::fail("the restore plan is inconsistent (staged records without a ring)");
         }
-    }
+        // SAFETY: a new read-only shared mapping of the ring memfd at an address the kernel
+        // picks (a free one: it cannot replace any of the program's areas); only the kernel
+        // reads it, in UFFDIO_COPY, or a copy reads a slot the supervisor has filled.
+        match unsafe { sys::mmap(0, ring_len, sys::PROT_READ, sys::MAP_SHARED | sys::MAP_POPULATE, h.ring_fd, 0) } {
+            Ok(a) => a,
+            Err(e) => report::fail_errno("cannot map the page data ring", e),
+        }
+    } else {
+        0
+    };
     let uffd = register_copy_areas(s, h);
-    let w = Work { s, h, next: AtomicU64::new(0), uffd };
+    let w = Work { s, h, next: AtomicU64::new(0), uffd, ring, staged, ends: AtomicU32::new(0) };
     let tid = AtomicU32::new(0);
     let mut stack = core::mem::MaybeUninit::<[u8; HELPER_STACK]>::uninit();
     let mut helper = false;
-    if at_offset >= SHARE_FROM {
+    if total >= SHARE_FROM {
         let top = (stack.as_mut_ptr() as usize + HELPER_STACK) & !15;
         // SAFETY: `stack` is this frame's, untouched by this thread until `join_thread`
-        // below has seen the helper end; `helper_main` only runs `take_checks` on `w`
+        // below has seen the helper end; `helper_main` only runs `take_work` on `w`
         // (shared through atomics and read-only plan memory) and ends with `exit_thread`;
         // `tid` and `w` live in this frame until then too.
         helper = unsafe { sys::spawn_thread(top, &tid, helper_main, &w as *const Work as usize) }.is_ok();
     }
-    for i in 0..h.n_runs {
-        let r: PlanRun = entry(s, h.runs_off, i);
-        if r.fd < 0 {
-            read_run(h.data_fd, &r);
-        }
-    }
-    take_checks(&w);
+    take_work(&w);
     if helper {
         sys::join_thread(&tid);
+    }
+    // The supervisor sends two `TOKEN_END`s, one for each thread that may read tokens;
+    // take those no thread took, so that the go-ahead byte is next.
+    for _ in w.ends.load(Ordering::Relaxed)..2 {
+        if read_token(h.data_fd) != TOKEN_END {
+            report::fail("the supervisor sent page data the plan does not have");
+        }
+    }
+    if ring != 0 {
+        // SAFETY: unmaps exactly the ring mapped above; nothing reads it any more.
+        let _ = unsafe { sys::munmap(ring, ring_len) };
     }
     if uffd >= 0 {
         // Unregisters every area: plain anonymous memory again.
@@ -90,6 +114,7 @@ pub fn read_all(s: &Stage1, h: &PlanHeader) -> u64 {
     }
     total
 }
+
 /// Opens a userfaultfd and registers every [`pvf::COPY`] area with it for missing pages.
 /// Returns it, or -1 (and nothing registered) where that is not possible.
 fn register_copy_areas(s: &Stage1, h: &PlanHeader) -> i32 {
@@ -139,11 +164,60 @@ fn uffd_copy(uffd: i32, dst: u64, src: u64, len: u64) {
 
 extern "C" fn helper_main(w: usize) -> ! {
     // SAFETY: `read_all` passes a pointer to its `Work`, which outlives this thread.
-    take_checks(unsafe { &*(w as *const Work) });
+    take_work(unsafe { &*(w as *const Work) });
     sys::exit_thread(0)
 }
 
-/// Takes checks until none are left, reading, checking and placing each record.
+/// One thread's share: records read in place, then records from the ring.
+fn take_work(w: &Work) {
+    take_checks(w);
+    if w.staged {
+        take_staged(w);
+    }
+}
+
+/// Places the records the supervisor passes through the ring, as their tokens arrive,
+/// until a `TOKEN_END`; returns each slot once its runs are in place.
+fn take_staged(w: &Work) {
+    loop {
+        let t = read_token(w.h.data_fd);
+        if t == TOKEN_END {
+            w.ends.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let (k, slot) = (t as u32 as u64, (t >> 32) as u32);
+        if k >= w.h.n_checks || slot >= w.h.ring_slots {
+            report::fail("the supervisor sent page data the plan does not have");
+        }
+        let c: PlanCheck = entry(w.s, w.h.checks_off, k);
+        if c.flags & pcf::STAGED == 0 {
+            report::fail("the supervisor sent page data the plan does not have");
+        }
+        check_shape(w, &c);
+        place_runs(w, &c, w.ring + (slot as u64 * RING_SLOT_LEN) as usize);
+        if sys::write_all(w.h.release_fd, &slot.to_le_bytes()).is_err() {
+            report::fail("the supervisor stopped while the page data was read");
+        }
+    }
+}
+
+/// Reads one token (eight bytes) from the data pipe.
+fn read_token(fd: i32) -> u64 {
+    let mut b = [0u8; 8];
+    let mut got = 0;
+    while got < b.len() {
+        match sys::read(fd, &mut b[got..]) {
+            Ok(0) => report::fail("the page data ended early (the supervisor stopped)"),
+            Ok(n) => got += n,
+            Err(sys::Errno::EINTR) => {}
+            Err(e) => report::fail_errno("cannot read from the supervisor", e),
+        }
+    }
+    u64::from_le_bytes(b)
+}
+
+/// Takes the checks of records read in place until none are left, reading, checking and
+/// placing each record.
 fn take_checks(w: &Work) {
     if w.next.load(Ordering::Relaxed) >= w.h.n_checks {
         return;
@@ -160,19 +234,28 @@ fn take_checks(w: &Work) {
         if k >= w.h.n_checks {
             break;
         }
-        place_record(w, &entry(w.s, w.h.checks_off, k), buf);
+        let c: PlanCheck = entry(w.s, w.h.checks_off, k);
+        if c.flags & pcf::STAGED == 0 {
+            place_record(w, &c, buf);
+        }
     }
     // SAFETY: unmaps exactly the buffer mapped above, which nothing refers to any more.
     let _ = unsafe { sys::munmap(buf, BUF_LEN) };
 }
 
-/// Reads the payload of check `c` into `buf` (`BUF_LEN` bytes of this thread's), checks
-/// its sum, and copies its runs into place.
-fn place_record(w: &Work, c: &PlanCheck, buf: usize) {
+/// Fails unless check `c`'s payload fits a window and its runs are in the plan.
+fn check_shape(w: &Work, c: &PlanCheck) {
     let head = PagesHeader::SIZE as u64;
     if c.len < head || c.len > head + WINDOW_PAGES * PAGE || c.first_run.checked_add(c.n_runs as u64).is_none_or(|e| e > w.h.n_runs) {
         report::fail("the restore plan is inconsistent (a page record check)");
     }
+}
+
+/// Reads the payload of check `c` into `buf` (`BUF_LEN` bytes of this thread's), checks
+/// its sum, and copies its runs into place.
+fn place_record(w: &Work, c: &PlanCheck, buf: usize) {
+    check_shape(w, c);
+    let head = PagesHeader::SIZE as u64;
     // The pages header goes at the end of the first page, the pages from the next one on.
     let payload = buf + (PAGE - head) as usize;
     let mut done = 0u64;
@@ -187,14 +270,21 @@ fn place_record(w: &Work, c: &PlanCheck, buf: usize) {
             Err(e) => report::fail_at_errno("cannot read page data at image offset", c.file_off + done, e),
         }
     }
-    let first: PlanRun = entry(w.s, w.h.runs_off, c.first_run);
     if c.flags & pcf::VERIFY != 0 {
         // SAFETY: `c.len` bytes were just read into the buffer at `payload`.
         let bytes = unsafe { core::slice::from_raw_parts(payload as *const u8, c.len as usize) };
         if xxhash_rust::xxh3::xxh3_128(bytes).to_le_bytes() != c.sum {
+            let first: PlanRun = entry(w.s, w.h.runs_off, c.first_run);
             report::fail_at("image is corrupt: page data fails its checksum (damaged, or changed while it was read), for", first.start);
         }
     }
+    place_runs(w, c, buf);
+}
+
+/// Copies the runs of check `c` into place from `base`, where its pages start one page in
+/// (a thread's buffer, or a ring slot).
+fn place_runs(w: &Work, c: &PlanCheck, base: usize) {
+    let head = PagesHeader::SIZE as u64;
     for j in c.first_run..c.first_run + c.n_runs as u64 {
         let r: PlanRun = entry(w.s, w.h.runs_off, j);
         // Where the run's bytes are in the payload: after the pages header, whole pages in.
@@ -202,7 +292,7 @@ fn place_record(w: &Work, c: &PlanCheck, buf: usize) {
         let Some(at) = at.filter(|a| a.checked_add(r.len).is_some_and(|e| e <= c.len - head)) else {
             report::fail("the restore plan is inconsistent (a run outside its page record)");
         };
-        let src = buf + PAGE as usize + at as usize;
+        let src = base + PAGE as usize + at as usize;
         if w.uffd >= 0 && r.flags & prf::COPY != 0 {
             uffd_copy(w.uffd, r.start, src as u64, r.len);
         } else {
@@ -215,31 +305,6 @@ fn place_record(w: &Work, c: &PlanCheck, buf: usize) {
             // SAFETY: as above for the destination; the source is `r.len` bytes of this
             // thread's buffer (checked above), and the two cannot overlap.
             unsafe { core::ptr::copy_nonoverlapping(src as *const u8, r.start as *mut u8, r.len as usize) };
-        }
-    }
-}
-
-/// Reads run `r` into place with `read` from the data pipe, which carries the runs in
-/// order.
-fn read_run(fd: i32, r: &PlanRun) {
-    let mut done = 0usize;
-    let len = r.len as usize;
-    // Allocate the run's pages in one call rather than one fault per page during the read
-    // (Linux 5.14+; where it fails the read faults them in as before).
-    // SAFETY: the run lies inside an area this restorer mapped writable (see below).
-    let _ = unsafe { sys::madvise(r.start as usize, len, sys::MADV_POPULATE_WRITE) };
-    while done < len {
-        let at = r.start as usize + done;
-        // The run lies inside an area mapped writable by `map_vma` (the supervisor builds
-        // runs only inside areas flagged HAS_DATA), and no other thread writes it: the
-        // helper only takes checks, which never include pipe runs.
-        // SAFETY: `at..at + len - done` is writable memory no one else uses (above).
-        let got = unsafe { sys::read_raw(fd, at, len - done) };
-        match got {
-            Ok(0) => report::fail("the page data ended early (the supervisor stopped)"),
-            Ok(n) => done += n,
-            Err(sys::Errno::EINTR) => {}
-            Err(e) => report::fail_at_errno("cannot read page data for", r.start, e),
         }
     }
 }
