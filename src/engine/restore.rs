@@ -31,8 +31,7 @@ use super::spawn::FdMap;
 use super::supervisor::{Options, Plumbing, Supervisor};
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::file::{Image, PagesAt, Source};
-use limitless_image::format::PAGE;
-use limitless_image::format::{file_kind, vma_kind};
+use limitless_image::format::{file_kind, vma_kind, PAGE};
 use limitless_image::plan::{RESTORER_FAILED, RING_SLOT_LEN, TOKEN_END, VERIFIED};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -185,14 +184,16 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
     // The records this process reads itself (compressed, or from a stream) reach the
     // restorer through a ring of slots in a memfd.
     let ring = if srcs.iter().any(Option::is_none) { Some(Ring::new()?) } else { None };
-    let (ring_fd, release_fd) = match &ring {
-        Some(r) => {
+    let (ring, ring_fd, release_fd) = match ring {
+        // The release pipe's write end goes to the restorer alone (the fd map closes ours
+        // once it has started), so that its end is seen.
+        Some((ring, release_w)) => {
             let (a, b) = (alloc(), alloc());
-            fds.add(OwnedFd::from(r.memfd.try_clone()?), a);
-            fds.add(r.release_w.try_clone()?, b);
-            (a, b)
+            fds.add(OwnedFd::from(ring.memfd.try_clone()?), a);
+            fds.add(release_w, b);
+            (Some(ring), a, b)
         }
-        None => (-1, -1),
+        None => (None, -1, -1),
     };
     let plan_fd = alloc();
     fds.add(data_r, data_fd);
@@ -216,8 +217,6 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
     let mut cmd = Command::new(&files.restorer);
     cmd.arg(plan_fd.to_string()).env_clear();
     let child = fds.spawn(cmd).with_context(|| format!("cannot start the restorer {}", files.restorer.display()))?;
-    // Only the restorer may hold the release pipe's write end, so that its end is seen.
-    let ring = ring.map(Ring::started);
     tracing::debug!("restore: restorer started at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
 
     // Check every page record against its hash while the restorer reads the pages (or
@@ -301,33 +300,19 @@ const RING_SLOTS: u32 = 8;
 struct Ring {
     memfd: File,
     release_r: File,
-    /// The write end, for the restorer; dropped here once it has started.
-    release_w: OwnedFd,
     /// Slots not handed out yet.
     free: Vec<u32>,
 }
 
-/// A [`Ring`] whose release pipe only the restorer can write.
-struct Started {
-    memfd: File,
-    release_r: File,
-    free: Vec<u32>,
-}
-
 impl Ring {
-    fn new() -> Result<Ring> {
+    /// A new ring, and the write end of its release pipe (for the restorer).
+    fn new() -> Result<(Ring, OwnedFd)> {
         let memfd = File::from(rustix::fs::memfd_create("limitless-ring", rustix::fs::MemfdFlags::CLOEXEC)?);
         memfd.set_len(RING_SLOTS as u64 * RING_SLOT_LEN)?;
         let (r, w) = super::stdio::pipe()?;
-        Ok(Ring { memfd, release_r: File::from(r), release_w: w, free: (0..RING_SLOTS).rev().collect() })
+        Ok((Ring { memfd, release_r: File::from(r), free: (0..RING_SLOTS).rev().collect() }, w))
     }
 
-    fn started(self) -> Started {
-        Started { memfd: self.memfd, release_r: self.release_r, free: self.free }
-    }
-}
-
-impl Started {
     /// Puts `pages` (the pages of check `k`) into a free slot, waiting for one, and tells
     /// the restorer through `w`. False if the restorer stopped.
     fn pass(&mut self, k: usize, pages: &[u8], w: &mut File) -> bool {
@@ -362,7 +347,7 @@ fn check_and_pass(
     img: &Image,
     srcs: &[Option<InPlace>],
     mut w: File,
-    mut ring: Option<Started>,
+    mut ring: Option<Ring>,
     err: &Mutex<Option<String>>,
     n: usize,
 ) -> u64 {

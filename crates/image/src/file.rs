@@ -283,10 +283,10 @@ impl<W: Write> Writer<W> {
         if kind == kind::PAGES {
             let head = payload.get(..PagesHeader::SIZE).ok_or_else(|| io::Error::other("a page record without its header"))?;
             self.pagemap.extend_from_slice(head);
-            if let Some(f) = self.in_parent(head)?.filter(|f| f.2 == h && flags & rflags::REF == 0) {
-                // Same window, same checksum: the same bytes, if the parent's record says so
-                // byte for byte (a checksum is no proof).
-                let m = self.parent.as_ref().ok_or_else(|| io::Error::other("a page reference without a parent image"))?;
+            let found = self.in_parent(head)?.filter(|f| f.2 == h && flags & rflags::REF == 0);
+            // Same window, same checksum: the same bytes, if the parent's record says so byte
+            // for byte (a checksum is no proof). `found` comes from the parent map.
+            if let (Some(f), Some(m)) = (found, &self.parent) {
                 if m.stored_is(f, payload, &mut self.theirs)? {
                     return self.put_ref(head, f, raw_len);
                 }
