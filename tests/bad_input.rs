@@ -296,6 +296,10 @@ enum Mutation {
 
 fn apply(b: &mut Vec<u8>, m: &Mutation) {
     let n = b.len();
+    if n == 0 {
+        // A truncation to nothing left no byte for a later mutation to touch.
+        return;
+    }
     match *m {
         Mutation::Flip(i, x) => b[i % n] ^= x.max(1),
         Mutation::Truncate(k) => b.truncate(k % n),
