@@ -62,6 +62,21 @@ fn base_image_restores_and_inspects() {
     let o = command(users()[0], limitless()).args(["inspect", "--json"]).arg(&img).output().expect("inspect");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect --json prints JSON");
     assert_eq!(v["threads"].as_array().map(|a| a.len()), Some(2));
+    assert!(v["memory"].get("list").is_none(), "areas are listed only when asked: {}", v["memory"]);
+    // --areas: one row per area, in address order, adding up to the totals.
+    let o = command(users()[0], limitless()).args(["inspect", "--json", "--no-verify", "--areas"]).arg(&img).output().expect("inspect");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect --areas --json prints JSON");
+    let list = v["memory"]["list"].as_array().expect("memory.list with --areas");
+    assert_eq!(Some(list.len() as u64), v["memory"]["areas"].as_u64());
+    let sum = |k: &str| list.iter().map(|a| a[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(Some(sum("stored_bytes")), v["memory"]["stored_bytes"].as_u64());
+    assert_eq!(Some(sum("mapped_bytes")), v["memory"]["mapped_bytes"].as_u64());
+    let start = |a: &serde_json::Value| u64::from_str_radix(a["start"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+    assert!(list.windows(2).all(|w| start(&w[0]) < start(&w[1])), "areas out of order");
+    assert!(list.iter().any(|a| a["kind"] == "stack" && a["name"] == "[stack]" && a["prot"] == "rw-"), "{list:?}");
+    let o = command(users()[0], limitless()).args(["inspect", "--areas"]).arg(&img).output().expect("inspect");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.lines().filter(|l| l.contains(" mapped ") && l.trim_start().starts_with("0x")).count(), list.len(), "{text}");
     for u in users() {
         restores_and_answers(u, &workdir("base-restore", u), &img);
     }

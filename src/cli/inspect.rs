@@ -3,7 +3,7 @@
 use crate::util::bytes;
 use anyhow::{anyhow, Result};
 use limitless_image::cpu;
-use limitless_image::file::{Fd, Image};
+use limitless_image::file::{Fd, Image, Vma};
 use limitless_image::format::*;
 use limitless_image::wire::unfixed;
 use serde::Serialize;
@@ -70,6 +70,24 @@ struct Memory {
     stored_bytes: u64,
     guard_bytes: u64,
     by_kind: BTreeMap<&'static str, KindRow>,
+    /// Every area, in address order (with `--areas` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    list: Option<Vec<AreaRow>>,
+}
+
+/// One memory area, for `--areas`.
+#[derive(Serialize)]
+struct AreaRow {
+    start: String,
+    end: String,
+    /// `r`, `w`, `x` or `-` each.
+    prot: String,
+    kind: &'static str,
+    /// The file, `[heap]`, `[stack]` or nothing.
+    name: String,
+    mapped_bytes: u64,
+    stored_bytes: u64,
+    guard_bytes: u64,
 }
 
 #[derive(Serialize, Default)]
@@ -133,7 +151,21 @@ fn socket(f: &Fd) -> String {
     format!("{kind}{addr}, {}", sock::name(f.info.aux))
 }
 
-fn report(path: &Path, img: &Image, verified: bool) -> Report {
+fn area_row(v: &Vma) -> AreaRow {
+    let bit = |b: u32, c: char| if v.info.prot & b != 0 { c } else { '-' };
+    AreaRow {
+        start: format!("{:#x}", v.info.start),
+        end: format!("{:#x}", v.info.end),
+        prot: [bit(libc::PROT_READ as u32, 'r'), bit(libc::PROT_WRITE as u32, 'w'), bit(libc::PROT_EXEC as u32, 'x')].iter().collect(),
+        kind: vma_kind::name(v.info.kind),
+        name: String::from_utf8_lossy(&v.name).into_owned(),
+        mapped_bytes: v.info.end - v.info.start,
+        stored_bytes: v.info.pages * PAGE,
+        guard_bytes: v.guards.iter().map(|g| g.end - g.start).sum(),
+    }
+}
+
+fn report(path: &Path, img: &Image, verified: bool, areas: bool) -> Report {
     let p = &img.process;
     let mut by_kind: BTreeMap<&'static str, KindRow> = BTreeMap::new();
     let (mut mapped, mut stored) = (0, 0);
@@ -183,7 +215,14 @@ fn report(path: &Path, img: &Image, verified: bool) -> Report {
                 rseq: t.rseq_len != 0,
             })
             .collect(),
-        memory: Memory { areas: img.vmas.len(), mapped_bytes: mapped, stored_bytes: stored, guard_bytes: guards, by_kind },
+        memory: Memory {
+            areas: img.vmas.len(),
+            mapped_bytes: mapped,
+            stored_bytes: stored,
+            guard_bytes: guards,
+            by_kind,
+            list: areas.then(|| img.vmas.iter().map(area_row).collect()),
+        },
         files: img
             .fds
             .iter()
@@ -216,14 +255,14 @@ fn report(path: &Path, img: &Image, verified: bool) -> Report {
     }
 }
 
-/// Prints what `image` holds.
-pub fn run(image: &Path, json: bool, verify: bool) -> Result<()> {
+/// Prints what `image` holds; with `areas`, every memory area too.
+pub fn run(image: &Path, json: bool, verify: bool, areas: bool) -> Result<()> {
     let mut img = Image::open(image).map_err(|e| anyhow!("{}: {e}", image.display()))?;
     if verify {
         img.attach_parents().map_err(|e| anyhow!("{}: {e}", image.display()))?;
         img.verify_pages().map_err(|e| anyhow!("{}: {e}", image.display()))?;
     }
-    let r = report(image, &img, verify);
+    let r = report(image, &img, verify, areas);
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -259,6 +298,19 @@ pub fn run(image: &Path, json: bool, verify: bool) -> Result<()> {
             row.areas,
             bytes(row.mapped_bytes),
             bytes(row.stored_bytes)
+        );
+    }
+    for a in r.memory.list.iter().flatten() {
+        println!(
+            "          {:>14}-{:<14} {} {:<13} {:>11} mapped {:>11} stored{} {}",
+            a.start,
+            a.end,
+            a.prot,
+            a.kind,
+            bytes(a.mapped_bytes),
+            bytes(a.stored_bytes),
+            if a.guard_bytes > 0 { format!(", guard pages over {}", bytes(a.guard_bytes)) } else { String::new() },
+            a.name
         );
     }
     println!("files     {}", r.files.len());

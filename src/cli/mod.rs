@@ -162,6 +162,10 @@ enum Cmd {
         /// Skip checking the page data checksums (faster on large images).
         #[arg(long)]
         no_verify: bool,
+        /// List every memory area too: addresses, protection, kind, file, bytes mapped and
+        /// bytes stored (what makes an image as large as it is).
+        #[arg(long)]
+        areas: bool,
         /// The image.
         image: PathBuf,
     },
@@ -262,7 +266,7 @@ pub fn main() -> i32 {
             Ok(c) => restore_cmd(socket, c, image),
             Err(e) => fail(e),
         },
-        Cmd::Inspect { json, no_verify, image } => match inspect::run(&image, json, !no_verify) {
+        Cmd::Inspect { json, no_verify, areas, image } => match inspect::run(&image, json, !no_verify, areas) {
             Ok(()) => 0,
             Err(e) => fail(format!("{e:#}")),
         },
