@@ -94,10 +94,12 @@ fn cplusplus_threads_iostreams_and_exceptions() {
 fn nodejs_timers_promises_and_the_thread_pool() {
     let node = need("node", "apt install nodejs");
     let script = shared_copy("rt_node.js");
-    // Checkpointed once its event loop has run (after the first thread-pool round trip): a
-    // checkpoint right at startup, before the loop's first iteration, has been seen to
-    // hang after the restore about once in 20-40 runs (docs/coverage.md, known bug).
-    stop_and_restore_prog("node", &node, &[script.to_str().unwrap()], "", "round 0");
+    // Checkpointed at startup, while OpenSSL 3 sets itself up on the main thread and the
+    // first pbkdf2 runs in the thread pool: both take read-write locks for writing, and a
+    // restore must hand them back to their holders under their new thread ids (about one
+    // restore in fifteen hung here before the agent did; tests/programs/rwlocks.c is the
+    // deterministic case).
+    stop_and_restore_prog("node", &node, &[script.to_str().unwrap()], "", "READY");
 }
 
 #[test]

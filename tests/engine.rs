@@ -40,6 +40,38 @@ fn pthread_self_tls_pthread_kill_and_join_keep_working() {
 }
 
 #[test]
+fn read_write_locks_held_for_writing_across_two_restores_keep_working() {
+    // Each holder's tid changes at each restore; glibc names a lock's writer by tid. After
+    // two restores the locks still name the first run's tids.
+    let prog = program("rwlocks");
+    let want = reference(&prog, &[], "go\n");
+    each_user("rwlocks", |u, d| {
+        let mut r = launch(u, d, &prog, &[]);
+        r.expect_out("READY");
+        let mut out = String::new();
+        for step in 0..2 {
+            // A restored program prints nothing before its input comes: wait for its socket.
+            let t = std::time::Instant::now();
+            while !r.socket.exists() {
+                assert!(t.elapsed() < Duration::from_secs(30), "step {step}: no socket {}; stderr: {}", r.socket.display(), r.err.text());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let img = d.join(format!("image-{step}"));
+            dump_ok(u, &r, &img, false);
+            let (st, o, e) = r.finish();
+            assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "step {step}: {e}");
+            out += &o;
+            r = restore(u, d, &img);
+        }
+        r.send("go\n");
+        let (st, o, e) = r.finish();
+        assert_eq!(st.code(), Some(0), "after two restores: {e}");
+        out += &o;
+        assert_eq!(lines(&out), lines(&want));
+    });
+}
+
+#[test]
 fn chain_of_six_checkpoints_and_restores() {
     let prog = program("ticker");
     let args = ["250"];

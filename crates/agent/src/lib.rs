@@ -28,6 +28,7 @@ mod scan;
 mod scratch;
 mod snapshot;
 mod stream;
+mod tids;
 mod track;
 mod wrappers;
 

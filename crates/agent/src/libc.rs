@@ -38,6 +38,15 @@ pub struct Next {
     pub clock_nanosleep: AtomicUsize,
     pub sem_wait: AtomicUsize,
     pub sem_timedwait: AtomicUsize,
+    pub rwlock_rdlock: AtomicUsize,
+    pub rwlock_tryrdlock: AtomicUsize,
+    pub rwlock_timedrdlock: AtomicUsize,
+    pub rwlock_clockrdlock: AtomicUsize,
+    pub rwlock_wrlock: AtomicUsize,
+    pub rwlock_trywrlock: AtomicUsize,
+    pub rwlock_timedwrlock: AtomicUsize,
+    pub rwlock_clockwrlock: AtomicUsize,
+    pub rwlock_unlock: AtomicUsize,
 }
 
 pub static NEXT: Next = Next {
@@ -55,6 +64,15 @@ pub static NEXT: Next = Next {
     clock_nanosleep: AtomicUsize::new(0),
     sem_wait: AtomicUsize::new(0),
     sem_timedwait: AtomicUsize::new(0),
+    rwlock_rdlock: AtomicUsize::new(0),
+    rwlock_tryrdlock: AtomicUsize::new(0),
+    rwlock_timedrdlock: AtomicUsize::new(0),
+    rwlock_clockrdlock: AtomicUsize::new(0),
+    rwlock_wrlock: AtomicUsize::new(0),
+    rwlock_trywrlock: AtomicUsize::new(0),
+    rwlock_timedwrlock: AtomicUsize::new(0),
+    rwlock_clockwrlock: AtomicUsize::new(0),
+    rwlock_unlock: AtomicUsize::new(0),
 };
 
 /// Looks up the next definition of `name` (NUL-terminated), caching it in `slot`.
@@ -88,6 +106,15 @@ pub fn init(sv: &mut Saved) {
         (&n.clock_nanosleep, b"clock_nanosleep\0"),
         (&n.sem_wait, b"sem_wait\0"),
         (&n.sem_timedwait, b"sem_timedwait\0"),
+        (&n.rwlock_rdlock, b"pthread_rwlock_rdlock\0"),
+        (&n.rwlock_tryrdlock, b"pthread_rwlock_tryrdlock\0"),
+        (&n.rwlock_timedrdlock, b"pthread_rwlock_timedrdlock\0"),
+        (&n.rwlock_clockrdlock, b"pthread_rwlock_clockrdlock\0"),
+        (&n.rwlock_wrlock, b"pthread_rwlock_wrlock\0"),
+        (&n.rwlock_trywrlock, b"pthread_rwlock_trywrlock\0"),
+        (&n.rwlock_timedwrlock, b"pthread_rwlock_timedwrlock\0"),
+        (&n.rwlock_clockwrlock, b"pthread_rwlock_clockwrlock\0"),
+        (&n.rwlock_unlock, b"pthread_rwlock_unlock\0"),
     ] {
         next(slot, name);
     }

@@ -8,13 +8,16 @@
 //! - sleeps and semaphore waits interrupted by a checkpoint carry on instead of returning
 //!   `EINTR` (`nanosleep`, `clock_nanosleep`, `sleep`, `usleep`, `sem_wait`,
 //!   `sem_timedwait`). Other blocking calls are restarted by the kernel (`SA_RESTART`) or
-//!   return `EINTR` as POSIX allows (see docs/engine.md).
+//!   return `EINTR` as POSIX allows (see docs/engine.md);
+//! - a read-write lock held for writing across a restore still works for the thread that
+//!   holds it (`pthread_rwlock_*`): glibc names the writer by tid, which the restore changed.
 //!
 //! These run on the program's own threads, never while a checkpoint is freezing them, so
 //! calling the next definition through libc is fine.
 
-use crate::global::{ACTIVE, CTL_FD, EPOCH, SIG};
+use crate::global::{ACTIVE, CTL_FD, EPOCH, RESTORES, SIG};
 use crate::libc::{next, set_errno, NEXT};
+use core::sync::atomic::AtomicI32;
 use core::sync::atomic::Ordering;
 use limitless_sys as sys;
 
@@ -362,6 +365,62 @@ pub unsafe extern "C" fn sem_timedwait(sem: *mut u8, abs: *const sys::Timespec) 
         return r;
     }
 }
+
+/// Byte offset of the writer's tid in glibc's `pthread_rwlock_t` on x86-64 (`__cur_writer`
+/// since glibc 2.25, `__writer` before: the same place and meaning).
+const RWLOCK_WRITER: usize = 24;
+
+/// After a restore, hands a read-write lock that the calling thread held for writing at the
+/// checkpoint back to it under its new tid. glibc decides with `__cur_writer == own tid`
+/// whether an unlock releases the write lock (else it is taken as a reader's unlock, which
+/// leaves the lock held for ever) and whether a lock call is the holder's own (`EDEADLK`,
+/// which OpenSSL 3 relies on, instead of waiting for ever). Only the holder writes the
+/// field, and it is the caller here; a writer tid that belongs to a live thread of this
+/// process is left alone.
+///
+/// # Safety
+/// `lock` must be null or point at a `pthread_rwlock_t`.
+unsafe fn adopt_rwlock(lock: *mut u8) {
+    if RESTORES.load(Ordering::Relaxed) == 0 || lock.is_null() {
+        return;
+    }
+    // SAFETY: the field is an aligned `int` inside the caller's lock; glibc reads and
+    // writes it with relaxed atomics.
+    let writer = unsafe { &*(lock.add(RWLOCK_WRITER) as *const AtomicI32) };
+    let w = writer.load(Ordering::Relaxed);
+    if w <= 0 {
+        return;
+    }
+    let me = sys::gettid();
+    if w != me && crate::tids::was_mine(w) && sys::tgkill(sys::getpid(), w, 0).is_err() {
+        writer.store(me, Ordering::Relaxed);
+    }
+}
+
+macro_rules! rwlock_wrapper {
+    ($name:ident, $slot:ident, $sym:literal $(, $a:ident: $t:ty)*) => {
+        #[doc = concat!("`", $sym, "(3)`: see [`adopt_rwlock`].")]
+        ///
+        /// # Safety
+        /// As for the libc function.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(lock: *mut u8 $(, $a: $t)*) -> i32 {
+            // SAFETY: the caller passes a lock, as libc requires.
+            unsafe { adopt_rwlock(lock) };
+            call_next!($slot, $sym, fn(*mut u8 $(, $t)*) -> i32, lock $(, $a)*)
+        }
+    };
+}
+
+rwlock_wrapper!(pthread_rwlock_rdlock, rwlock_rdlock, "pthread_rwlock_rdlock");
+rwlock_wrapper!(pthread_rwlock_tryrdlock, rwlock_tryrdlock, "pthread_rwlock_tryrdlock");
+rwlock_wrapper!(pthread_rwlock_timedrdlock, rwlock_timedrdlock, "pthread_rwlock_timedrdlock", abs: *const sys::Timespec);
+rwlock_wrapper!(pthread_rwlock_clockrdlock, rwlock_clockrdlock, "pthread_rwlock_clockrdlock", clock: i32, abs: *const sys::Timespec);
+rwlock_wrapper!(pthread_rwlock_wrlock, rwlock_wrlock, "pthread_rwlock_wrlock");
+rwlock_wrapper!(pthread_rwlock_trywrlock, rwlock_trywrlock, "pthread_rwlock_trywrlock");
+rwlock_wrapper!(pthread_rwlock_timedwrlock, rwlock_timedwrlock, "pthread_rwlock_timedwrlock", abs: *const sys::Timespec);
+rwlock_wrapper!(pthread_rwlock_clockwrlock, rwlock_clockwrlock, "pthread_rwlock_clockwrlock", clock: i32, abs: *const sys::Timespec);
+rwlock_wrapper!(pthread_rwlock_unlock, rwlock_unlock, "pthread_rwlock_unlock");
 
 fn errno() -> i32 {
     crate::libc::get_errno()
