@@ -27,7 +27,7 @@ use super::supervisor::Inner;
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::ctl::{ckpt_flags, msg, Checkpoint};
 use limitless_image::file::{read_stream, Finished, Image, ParentMap, Writer};
-use limitless_image::format::{kind, rflags};
+use limitless_image::format::{kind, rflags, RecordHeader};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Write};
@@ -363,7 +363,10 @@ impl Inner {
         if let Some(m) = parent {
             w.set_parents(m);
         }
-        let reader = BufReader::with_capacity(1 << 20, File::from(pr));
+        // Small: it serves record headers and small records. A page record's payload
+        // (1 MiB) is mostly read past it, straight from the pipe, instead of being copied
+        // through it.
+        let reader = BufReader::with_capacity(64 << 10, File::from(pr));
         let mut records = 0u64;
         let mut written: Vec<std::path::PathBuf> = Vec::new();
         let mut carrier = super::carry::Carrier::default();
@@ -371,7 +374,7 @@ impl Inner {
         // to the agent's stream breaking off.
         let mut write_err: Option<String> = None;
         let mut exec_files = ExecFiles::default();
-        let streamed = read_stream(reader, |h, payload| {
+        let streamed = read_stream_ahead(reader, |h, payload| {
             records += 1;
             if h.kind == kind::PAGES && h.flags == rflags::REF {
                 // A window the agent's dirty tracking found unchanged since the parent.
@@ -491,6 +494,27 @@ fn parent_map(path: &Path) -> Result<(ParentMap, PathBuf, [u8; 32])> {
     let named = img.trailer.trailer_hash;
     let m = ParentMap::of(img, &abs).map_err(|e| anyhow!("cannot use {} as the parent image: {e}", path.display()))?;
     Ok((m, abs, named))
+}
+
+/// [`read_stream`] on a thread of its own, with `f` called here for each record: reading
+/// the pipe then overlaps with checksumming, compressing and writing the image. One thread
+/// doing all of it was the bottleneck of a large checkpoint (busy nearly all of a 1 GiB
+/// checkpoint into tmpfs, while the agent was busy less than half of it). At most four
+/// records wait between the two.
+fn read_stream_ahead<R: std::io::Read + Send + 'static>(
+    r: R,
+    mut f: impl FnMut(RecordHeader, Vec<u8>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(4);
+    let reader = std::thread::Builder::new()
+        .name("limitless-read".into())
+        .spawn(move || read_stream(r, |h, p| tx.send((h, p)).map_err(|_| std::io::Error::other("the image writer stopped"))))?;
+    for (h, p) in rx.iter() {
+        // On an error the receiver goes; the reader then stops at its next record and
+        // closes the pipe, as this thread closing it did before.
+        f(h, p)?;
+    }
+    reader.join().unwrap_or_else(|_| Err(std::io::Error::other("the image stream reader panicked")))
 }
 
 /// Checks the written image reads back, renames it into place and makes the rename durable.
