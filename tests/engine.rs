@@ -46,23 +46,9 @@ fn read_write_locks_held_for_writing_across_two_restores_keep_working() {
     let prog = program("rwlocks");
     let want = reference(&prog, &[], "go\n");
     each_user("rwlocks", |u, d| {
-        let mut r = launch(u, d, &prog, &[]);
+        let r = launch(u, d, &prog, &[]);
         r.expect_out("READY");
-        let mut out = String::new();
-        for step in 0..2 {
-            // A restored program prints nothing before its input comes: wait for its socket.
-            let t = std::time::Instant::now();
-            while !r.socket.exists() {
-                assert!(t.elapsed() < Duration::from_secs(30), "step {step}: no socket {}; stderr: {}", r.socket.display(), r.err.text());
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let img = d.join(format!("image-{step}"));
-            dump_ok(u, &r, &img, false);
-            let (st, o, e) = r.finish();
-            assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "step {step}: {e}");
-            out += &o;
-            r = restore(u, d, &img);
-        }
+        let (mut r, mut out) = stop_restore_steps(u, d, r, 2, |r, _| r.wait_socket());
         r.send("go\n");
         let (st, o, e) = r.finish();
         assert_eq!(st.code(), Some(0), "after two restores: {e}");
@@ -77,18 +63,9 @@ fn chain_of_six_checkpoints_and_restores() {
     let args = ["250"];
     let want = reference(&prog, &args, "");
     each_user("chain", |u, d| {
-        let mut out = String::new();
-        let mut r = launch(u, d, &prog, &args);
+        let r = launch(u, d, &prog, &args);
         r.expect_out("READY");
-        for step in 0..6 {
-            std::thread::sleep(Duration::from_millis(250));
-            let img = d.join(format!("image-{step}"));
-            dump_ok(u, &r, &img, false);
-            let (st, o, e) = r.finish();
-            assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "step {step}: {e}");
-            out += &o;
-            r = restore(u, d, &img);
-        }
+        let (r, mut out) = stop_restore_steps(u, d, r, 6, |_, _| std::thread::sleep(Duration::from_millis(250)));
         let (st, o, e) = r.finish();
         assert_eq!(st.code(), Some(0), "last step: {e}");
         out += &o;

@@ -195,6 +195,16 @@ impl Running {
         );
     }
 
+    /// Waits (at most 30 s) until its control socket exists: for a restored program that
+    /// prints nothing before it is dumped again.
+    pub fn wait_socket(&self) {
+        let t = Instant::now();
+        while !self.socket.exists() {
+            assert!(t.elapsed() < Duration::from_secs(30), "no socket {}; stderr: {}", self.socket.display(), self.err.text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for the exit (at most 60 s); returns the status, stdout and stderr.
     pub fn finish(mut self) -> (ExitStatus, String, String) {
         self.stdin = None;
@@ -335,6 +345,23 @@ pub fn launch_and_stop(user: User, dir: &Path, prog: &Path, args: &[&str], marke
     let (st, out, err) = r.finish();
     assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "launch should exit 75 after the checkpoint; stderr: {err}");
     out
+}
+
+/// Dumps the program of `r` (stopping it) and restores it from that image, `steps` times,
+/// calling `before(&r, step)` before each dump; returns the last restored program and what
+/// the stopped ones printed.
+pub fn stop_restore_steps(user: User, dir: &Path, mut r: Running, steps: usize, before: impl Fn(&Running, usize)) -> (Running, String) {
+    let mut out = String::new();
+    for step in 0..steps {
+        before(&r, step);
+        let img = dir.join(format!("image-{step}"));
+        dump_ok(user, &r, &img, false);
+        let (st, o, e) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "step {step}: {e}");
+        out += &o;
+        r = restore(user, dir, &img);
+    }
+    (r, out)
 }
 
 /// As [`stop_and_restore`] for any program, dumping once `marker` appears in its output.
