@@ -171,14 +171,10 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
     // format 1.4 on), or (None) through the ring.
     let mut srcs: Vec<Option<InPlace>> = Vec::with_capacity(img.pages.len());
     for p in &img.pages {
-        let at = match img.pages_at(p).map_err(|e| anyhow!("{e}"))? {
-            PagesAt::Here(off) => image_fd.map(|fd| (fd, off)),
-            PagesAt::Parent(k, off) => parent_fds.get(k).map(|&fd| (fd, off)),
+        srcs.push(match img.pages_at(p).map_err(|e| anyhow!("{e}"))? {
+            PagesAt::Here(data_off, sum) => image_fd.map(|fd| InPlace { fd, data_off, sum }),
+            PagesAt::Parent(k, data_off, sum) => parent_fds.get(k).map(|&fd| InPlace { fd, data_off, sum }),
             PagesAt::Packed => None,
-        };
-        srcs.push(match at {
-            Some((fd, data_off)) => Some(InPlace { fd, data_off, sum: img.restorer_sum(p).map_err(|e| anyhow!("{e}"))? }),
-            None => None,
         });
     }
     // The records this process reads itself (compressed, or from a stream) reach the

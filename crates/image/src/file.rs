@@ -470,10 +470,12 @@ pub struct FileDataRecord {
 /// Where a page record's pages can be read in place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PagesAt {
-    /// In this image's file, at this offset.
-    Here(u64),
-    /// In attached parent image `.0` (as in [`Image::parents`]), at offset `.1`.
-    Parent(usize, u64),
+    /// In this image's file, at offset `.0`, with the checksum the restorer checks itself
+    /// (`.1`, see [`Image::pages_at`]).
+    Here(u64, Option<[u8; 16]>),
+    /// In attached parent image `.0` (as in [`Image::parents`]), at offset `.1`, with the
+    /// checksum `.2` as for `Here`.
+    Parent(usize, u64, Option<[u8; 16]>),
     /// Only through [`Image::check_pages`] (compressed).
     Packed,
 }
@@ -799,15 +801,23 @@ impl Image {
         Ok(())
     }
 
-    /// Where the pages of record `p` can be read in place, if they can.
+    /// Where the pages of record `p` can be read in place, if they can, and the checksum
+    /// the restorer then checks itself: the XXH3-128 ([`page_sum`]) of the payload (pages
+    /// header, then pages) of the record holding its data, or `None` where that image
+    /// predates format 1.4 (its BLAKE3 must be checked by the caller).
     pub fn pages_at(&self, p: &PageRecord) -> Result<PagesAt, ImageError> {
         let skip = (RecordHeader::SIZE + PagesHeader::SIZE) as u64;
         let (k, img, q) = self.holder(p)?;
         let e = &img.index[q.index];
+        let sum = (img.header.minor >= PAGE_SUM_MINOR).then(|| {
+            let mut sum = [0u8; 16];
+            sum.copy_from_slice(&e.hash[..16]);
+            sum
+        });
         Ok(match k {
             _ if e.flags != 0 => PagesAt::Packed,
-            Some(k) => PagesAt::Parent(k, e.offset + skip),
-            None => PagesAt::Here(e.offset + skip),
+            Some(k) => PagesAt::Parent(k, e.offset + skip, sum),
+            None => PagesAt::Here(e.offset + skip, sum),
         })
     }
 
@@ -821,24 +831,10 @@ impl Image {
         Ok((None, self, *p))
     }
 
-    /// The checksum the restorer checks itself of page record `p`, read in place: the
-    /// XXH3-128 ([`page_sum`]) of the payload (pages header, then pages) of the record
-    /// holding its data. `None` where that image predates format 1.4 (its BLAKE3 must be
-    /// checked here) or the record is not stored raw.
-    pub fn restorer_sum(&self, p: &PageRecord) -> Result<Option<[u8; 16]>, ImageError> {
-        let (_, img, q) = self.holder(p)?;
-        let e = &img.index[q.index];
-        if e.flags != 0 || img.header.minor < PAGE_SUM_MINOR {
-            return Ok(None);
-        }
-        let mut sum = [0u8; 16];
-        sum.copy_from_slice(&e.hash[..16]);
-        Ok(Some(sum))
-    }
-
     /// Checks the headers of page record `p` (of the record holding its data: its record
     /// header against the index, its pages header against the page map) but not its data,
-    /// for a record whose data the restorer checks ([`restorer_sum`](Self::restorer_sum)).
+    /// for a record whose data the restorer checks (the sum [`pages_at`](Self::pages_at)
+    /// gives).
     /// Returns the page bytes.
     pub fn check_pages_head(&self, p: &PageRecord) -> Result<u64, ImageError> {
         let (_, img, q) = self.holder(p)?;
@@ -1790,15 +1786,19 @@ mod tests {
         let want = img.read_pages(&p).unwrap().len() as u64;
         let e = img.index[p.index];
         assert_eq!(img.check_pages_head(&p).unwrap(), want);
-        assert_eq!(img.restorer_sum(&p).unwrap().map(|s| s.to_vec()), Some(e.hash[..16].to_vec()));
+        let sum = |i: &Image, p: &PageRecord| match i.pages_at(p).unwrap() {
+            PagesAt::Here(_, s) | PagesAt::Parent(_, _, s) => s,
+            PagesAt::Packed => panic!("a raw record"),
+        };
+        assert_eq!(sum(&img, &p).map(|s| s.to_vec()), Some(e.hash[..16].to_vec()));
         // Through a delta's reference, the parent's record is the one checked.
         let mut delta = Image::open(&delta_path).unwrap();
         delta.attach_parents().unwrap();
         assert_eq!(delta.check_pages_head(&delta.pages[0]).unwrap(), want);
-        assert_eq!(delta.restorer_sum(&delta.pages[0]).unwrap(), img.restorer_sum(&p).unwrap());
+        assert_eq!(sum(&delta, &delta.pages[0]), sum(&img, &p));
         // Every byte of the record header and pages header flipped in the file: caught
         // when the image is opened or by the header check (the pages are the restorer's
-        // to check, against `restorer_sum`).
+        // to check, against the sum `pages_at` gives).
         let bad = dir.join("bad");
         for i in e.offset as usize..e.offset as usize + RecordHeader::SIZE + PagesHeader::SIZE {
             let mut b = good.clone();
@@ -1813,7 +1813,7 @@ mod tests {
         let g = [GuardRange { start: 0x1c000, end: 0x1e000 }];
         std::fs::write(&bad, synthetic_as(3, 7, &g, None, |_| {})).unwrap();
         let old = Image::open(&bad).unwrap();
-        assert_eq!(old.restorer_sum(&old.pages[0]).unwrap(), None);
+        assert_eq!(sum(&old, &old.pages[0]), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
