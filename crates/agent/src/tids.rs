@@ -78,6 +78,7 @@ pub fn was_mine(tid: i32) -> bool {
     // SAFETY: the current table is read-only while the program's threads run (module
     // documentation); they were created after it was written.
     let t = unsafe { &(*TABLES.ptr())[cur] };
-    let fs = sys::get_fs_base();
-    t.rows[..t.n.min(MAX_THREADS)].iter().any(|r| r.fs_base == fs && r.tids.contains(&tid))
+    // The calling thread's TLS base costs a system call: asked only for a row with `tid`.
+    let mut fs = None;
+    t.rows[..t.n.min(MAX_THREADS)].iter().filter(|r| r.tids.contains(&tid)).any(|r| r.fs_base == *fs.get_or_insert_with(sys::get_fs_base))
 }

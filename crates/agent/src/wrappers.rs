@@ -388,11 +388,13 @@ unsafe fn adopt_rwlock(lock: *mut u8) {
     // writes it with relaxed atomics.
     let writer = unsafe { &*(lock.add(RWLOCK_WRITER) as *const AtomicI32) };
     let w = writer.load(Ordering::Relaxed);
-    if w <= 0 {
+    // The table first: it answers without a system call for a writer that is no earlier
+    // tid of any restored thread (a lock held by a thread of this run, say).
+    if !crate::tids::was_mine(w) {
         return;
     }
     let me = sys::gettid();
-    if w != me && crate::tids::was_mine(w) && sys::tgkill(sys::getpid(), w, 0).is_err() {
+    if w != me && sys::tgkill(sys::getpid(), w, 0).is_err() {
         writer.store(me, Ordering::Relaxed);
     }
 }
