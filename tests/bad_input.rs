@@ -44,8 +44,13 @@ fn restore_must_fail(user: User, dir: &Path, image: &Path, want: &str) {
     assert!(lines[0].contains(want), "`{}` does not mention `{want}`", lines[0]);
 }
 
+/// `limitless inspect ARGS IMAGE`, as the first test user.
+fn inspect(args: &[&str], image: &Path) -> std::process::Output {
+    command(users()[0], limitless()).arg("inspect").args(args).arg(image).output().expect("run limitless inspect")
+}
+
 fn inspect_fails(image: &Path) -> String {
-    let o = command(users()[0], limitless()).arg("inspect").arg(image).output().expect("inspect");
+    let o = inspect(&[], image);
     assert_eq!(o.status.code(), Some(125), "inspect must fail on {}", image.display());
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -55,16 +60,16 @@ fn inspect_fails(image: &Path) -> String {
 #[test]
 fn base_image_restores_and_inspects() {
     let img = base_image();
-    let o = command(users()[0], limitless()).arg("inspect").arg(&img).output().expect("inspect");
+    let o = inspect(&[], &img);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("checksums verified") && text.contains("threads   2"), "{text}");
-    let o = command(users()[0], limitless()).args(["inspect", "--json"]).arg(&img).output().expect("inspect");
+    let o = inspect(&["--json"], &img);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect --json prints JSON");
     assert_eq!(v["threads"].as_array().map(|a| a.len()), Some(2));
     assert!(v["memory"].get("list").is_none(), "areas are listed only when asked: {}", v["memory"]);
     // --areas: one row per area, in address order, adding up to the totals.
-    let o = command(users()[0], limitless()).args(["inspect", "--json", "--no-verify", "--areas"]).arg(&img).output().expect("inspect");
+    let o = inspect(&["--json", "--no-verify", "--areas"], &img);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect --areas --json prints JSON");
     let list = v["memory"]["list"].as_array().expect("memory.list with --areas");
     assert_eq!(Some(list.len() as u64), v["memory"]["areas"].as_u64());
@@ -74,7 +79,7 @@ fn base_image_restores_and_inspects() {
     let start = |a: &serde_json::Value| u64::from_str_radix(a["start"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
     assert!(list.windows(2).all(|w| start(&w[0]) < start(&w[1])), "areas out of order");
     assert!(list.iter().any(|a| a["kind"] == "stack" && a["name"] == "[stack]" && a["prot"] == "rw-"), "{list:?}");
-    let o = command(users()[0], limitless()).args(["inspect", "--areas"]).arg(&img).output().expect("inspect");
+    let o = inspect(&["--areas"], &img);
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(text.lines().filter(|l| l.contains(" mapped ") && l.trim_start().starts_with("0x")).count(), list.len(), "{text}");
     for u in users() {
@@ -98,7 +103,7 @@ fn an_image_in_format_1_3_still_restores() {
     let d = workdir("format-1-3", User::Root);
     let old = d.join("old.img");
     rewrite_as(&base_image(), &old, 3, |_, _| {}).unwrap();
-    let o = command(users()[0], limitless()).arg("inspect").arg(&old).output().expect("inspect");
+    let o = inspect(&[], &old);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && text.contains("format 1.3, checksums verified"), "{text}");
     let parsed = Image::open(&old).unwrap();
