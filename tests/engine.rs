@@ -7,6 +7,9 @@
 mod common;
 
 use common::*;
+use std::fs;
+use std::os::unix::fs::FileTypeExt;
+use std::process::Command;
 use std::time::Duration;
 
 #[test]
@@ -168,6 +171,7 @@ fn what_cannot_be_checkpointed_fails_clearly_and_the_program_runs_on() {
             ("bpf", "BPF"),
             ("child", "child process"),
             ("traced", "traced (ptrace)"),
+            ("output", "is not a regular file"),
         ] {
             if arg == "bpf" && u != User::Root {
                 eprintln!("NOTE: BPF objects need root here (kernel.unprivileged_bpf_disabled); the bpf case runs as root only");
@@ -176,6 +180,12 @@ fn what_cannot_be_checkpointed_fails_clearly_and_the_program_runs_on() {
             let mut r = launch(u, d, &prog, &[arg]);
             r.expect_out("READY");
             let img = d.join(format!("{arg}.img"));
+            if arg == "output" {
+                // A path that names no file is refused, not replaced (`-o /dev/null` once
+                // replaced the device node): a FIFO here.
+                let st = Command::new("mkfifo").arg(&img).status().expect("mkfifo");
+                assert!(st.success());
+            }
             let mut c = command(u, limitless());
             c.arg("dump").arg("--socket").arg(&r.socket).arg("--output").arg(&img).arg("--freeze-timeout").arg("500ms");
             let o = c.output().expect("dump");
@@ -183,7 +193,11 @@ fn what_cannot_be_checkpointed_fails_clearly_and_the_program_runs_on() {
             assert_eq!(o.status.code(), Some(125), "{err}");
             assert_eq!(err.lines().count(), 1, "{err}");
             assert!(err.contains(want), "`{err}` should say `{want}`");
-            assert!(!img.exists(), "no image after a failed checkpoint");
+            if arg == "output" {
+                assert!(fs::symlink_metadata(&img).expect("the FIFO").file_type().is_fifo(), "the FIFO was replaced");
+            } else {
+                assert!(!img.exists(), "no image after a failed checkpoint");
+            }
             r.send("go\n");
             let (st, out, e) = r.finish();
             assert_eq!(st.code(), Some(0), "{e}");

@@ -225,6 +225,11 @@ impl Inner {
                 if !dir.is_dir() {
                     bail!("the directory {} does not exist", dir.display());
                 }
+                // The image replaces what is at the path by a rename; that must not be a
+                // device (`-o /dev/null` would replace the device node), pipe or directory.
+                if fs::metadata(&req.output).is_ok_and(|m| !m.is_file()) {
+                    bail!("{} exists and is not a regular file; give the path of an image file to write", req.output.display());
+                }
                 let tmp = tmp_path(&req.output);
                 let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
                 Dest::File { tmp, file }
