@@ -286,127 +286,191 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
     Ok((sup, RestoreStats { total_ms: t0.elapsed().as_secs_f64() * 1000.0, data_bytes, threads }))
 }
 
-/// Ring slots: enough for both restorer threads to work while the supervisor fills more.
-const RING_SLOTS: u32 = 8;
+/// The slots each checking worker holds at most: one it fills while the writer passes on
+/// the other.
+const SLOTS_PER_WORKER: u32 = 2;
+/// Ring slots: enough for up to four workers, plus four for both restorer threads to work on
+/// while the workers fill more.
+const RING_SLOTS: u32 = 4 * SLOTS_PER_WORKER + 4;
 
 /// The ring through which the supervisor passes the pages of the records it reads itself:
 /// `RING_SLOTS` slots of [`RING_SLOT_LEN`] bytes in a memfd, each holding one record's
 /// pages from one page in, and a pipe on which the restorer returns each slot it has
-/// copied out.
+/// copied out. The memfd is mapped here too ([`Slots`]), so that a worker checks (and
+/// decompresses) a record's pages straight into a slot.
 struct Ring {
     memfd: File,
+    slots: Slots,
+    free: FreeSlots,
+}
+
+/// The ring's memfd, mapped shared and writable.
+struct Slots(*mut u8);
+
+// SAFETY: shared memory that lives as long as this; which thread may write which slot is
+// settled by who holds its number (see `slot`).
+unsafe impl Sync for Slots {}
+// SAFETY: as for Sync; nothing in it is tied to the thread that made it.
+unsafe impl Send for Slots {}
+
+/// The slots not in use, and the pipe the restorer hands slots back on.
+struct FreeSlots {
     release_r: File,
     /// Slots not handed out yet.
-    free: Vec<u32>,
+    unused: Vec<u32>,
 }
 
 impl Ring {
     /// A new ring, and the write end of its release pipe (for the restorer).
     fn new() -> Result<(Ring, OwnedFd)> {
+        use rustix::mm::{MapFlags, ProtFlags};
         let memfd = File::from(rustix::fs::memfd_create("limitless-ring", rustix::fs::MemfdFlags::CLOEXEC)?);
-        memfd.set_len(RING_SLOTS as u64 * RING_SLOT_LEN)?;
+        let len = RING_SLOTS as u64 * RING_SLOT_LEN;
+        memfd.set_len(len)?;
+        // SAFETY: a new shared mapping of our own memfd at an address the kernel picks (it
+        // cannot replace any other mapping); it is unmapped only when `Slots` drops.
+        let map = unsafe {
+            rustix::mm::mmap(std::ptr::null_mut(), len as usize, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED, &memfd, 0)
+        }?;
         let (r, w) = super::stdio::pipe()?;
-        Ok((Ring { memfd, release_r: File::from(r), free: (0..RING_SLOTS).rev().collect() }, w))
-    }
-
-    /// Puts `pages` (the pages of check `k`) into a free slot, waiting for one, and tells
-    /// the restorer through `w`. False if the restorer stopped.
-    fn pass(&mut self, k: usize, pages: &[u8], w: &mut File) -> bool {
-        use std::os::unix::fs::FileExt;
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                let mut b = [0u8; 4];
-                match self.release_r.read_exact(&mut b) {
-                    Ok(()) => u32::from_le_bytes(b),
-                    Err(_) => return false,
-                }
-            }
-        };
-        if slot >= RING_SLOTS || pages.len() as u64 > RING_SLOT_LEN - PAGE {
-            return false;
-        }
-        let at = slot as u64 * RING_SLOT_LEN + PAGE;
-        let token = (slot as u64) << 32 | k as u64;
-        self.memfd.write_all_at(pages, at).is_ok() && w.write_all(&token.to_le_bytes()).is_ok()
+        let free = FreeSlots { release_r: File::from(r), unused: (0..RING_SLOTS).rev().collect() };
+        Ok((Ring { memfd, slots: Slots(map.cast()), free }, w))
     }
 }
+
+impl Slots {
+    /// Slot `slot`'s room for pages.
+    ///
+    /// # Safety
+    /// The caller holds `slot`: it took the number from [`FreeSlots::take`] (through the
+    /// writer) and has not passed it on, so no other thread touches that slot meanwhile
+    /// (the restorer only reads a slot it has been passed, until it hands it back).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slot(&self, slot: u32) -> &mut [u8] {
+        assert!(slot < RING_SLOTS);
+        let at = (slot as u64 * RING_SLOT_LEN + PAGE) as usize;
+        // SAFETY: inside the mapping (slot < RING_SLOTS); exclusive as the caller promises.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), (RING_SLOT_LEN - PAGE) as usize) }
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `Ring::new`, of this length; no slot is borrowed any
+        // more (a borrow of a slot borrows this).
+        let _ = unsafe { rustix::mm::munmap(self.0.cast(), (RING_SLOTS as u64 * RING_SLOT_LEN) as usize) };
+    }
+}
+
+impl FreeSlots {
+    /// A free slot, waiting for the restorer to hand one back; `None` if it stopped.
+    fn take(&mut self) -> Option<u32> {
+        if let Some(s) = self.unused.pop() {
+            return Some(s);
+        }
+        let mut b = [0u8; 4];
+        self.release_r.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b)).filter(|&s| s < RING_SLOTS)
+    }
+}
+
+/// What a checking worker sends the writer for a record: the check's result (the page
+/// bytes) and the slot it put the pages in, if it used one.
+type Checked = (Result<u64, String>, Option<u32>);
 
 /// Checks every page record of `img` on `n` threads and passes, in order, the pages of
 /// those the restorer does not read in place (`srcs[i]` is `None`) through `ring`, with a
 /// token for each in `w`; then the two end tokens and the go-ahead byte. Records are
-/// handed out round-robin; each worker checks its share in order and hands back a buffer
-/// per record, so the writer takes them in image order. Checking (hashing,
+/// handed out round-robin; each worker checks its share in order, putting the pages of a
+/// record the restorer does not read in place straight into a ring slot it holds, so the
+/// writer takes them in image order and only sends tokens. Checking (hashing,
 /// decompressing) thus uses every core while the restorer reads.
 /// Returns the page bytes checked; on a bad record, says why in `err`.
-fn check_and_pass(
-    img: &Image,
-    srcs: &[Option<InPlace>],
-    mut w: File,
-    mut ring: Option<Ring>,
-    err: &Mutex<Option<String>>,
-    n: usize,
-) -> u64 {
+fn check_and_pass(img: &Image, srcs: &[Option<InPlace>], mut w: File, ring: Option<Ring>, err: &Mutex<Option<String>>, n: usize) -> u64 {
     let fail = |e: String| *err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-    std::thread::scope(|s| {
-        let mut results = Vec::new();
-        let mut free = Vec::new();
+    let (map, mut free) = match ring {
+        Some(Ring { slots, free, .. }) => (Some(slots), Some(free)),
+        None => (None, None),
+    };
+    let map = map.as_ref();
+    let total = std::thread::scope(|s| {
+        let (mut results, mut slots) = (Vec::new(), Vec::new());
         for k in 0..n {
-            let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<(Result<u64, String>, Vec<u8>)>(2);
-            let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-            for _ in 0..2 {
-                let _ = free_tx.send(Vec::new());
+            let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Checked>(SLOTS_PER_WORKER as usize);
+            let (slot_tx, slot_rx) = std::sync::mpsc::channel::<u32>();
+            for _ in 0..SLOTS_PER_WORKER {
+                if let Some(slot) = free.as_mut().and_then(FreeSlots::take) {
+                    let _ = slot_tx.send(slot);
+                }
             }
             s.spawn(move || {
+                let (mut buf, mut scratch) = (Vec::new(), Vec::new());
                 for (p, src) in img.pages.iter().zip(srcs).skip(k).step_by(n) {
-                    let Ok(mut buf) = free_rx.recv() else { return };
-                    // Pages the restorer reads in place need only their headers checked
-                    // where it checks their sums itself (format 1.4 on).
-                    let r = match src {
-                        Some(InPlace { sum: Some(_), .. }) => img.check_pages_head(p),
-                        _ => img.check_pages(p, &mut buf),
+                    let (r, slot) = match (src, map) {
+                        // Pages the restorer reads in place need only their headers checked
+                        // where it checks their sums itself (format 1.4 on).
+                        (Some(InPlace { sum: Some(_), .. }), _) => (img.check_pages_head(p), None),
+                        (Some(_), _) => {
+                            scratch.resize((RING_SLOT_LEN - PAGE) as usize, 0);
+                            (img.check_pages(p, &mut buf, &mut scratch), None)
+                        }
+                        (None, Some(map)) => {
+                            // The writer stopped.
+                            let Ok(slot) = slot_rx.recv() else { return };
+                            // SAFETY: this worker holds `slot` until it sends it on below.
+                            (img.check_pages(p, &mut buf, unsafe { map.slot(slot) }), Some(slot))
+                        }
+                        (None, None) => return,
                     };
-                    let r = r.map_err(|e| e.to_string());
                     // The writer stopped (a bad record, a restorer that stopped reading).
-                    if done_tx.send((r, buf)).is_err() {
+                    if done_tx.send((r.map_err(|e| e.to_string()), slot)).is_err() {
                         return;
                     }
                 }
             });
             results.push(done_rx);
-            free.push(free_tx);
+            slots.push(slot_tx);
         }
         let mut total = 0u64;
         for (i, src) in srcs.iter().enumerate().take(img.pages.len()) {
-            let Ok((r, buf)) = results[i % n].recv() else {
+            let Ok((r, slot)) = results[i % n].recv() else {
                 fail("a page check stopped".into());
                 return total;
             };
-            match r {
-                Ok(len) if src.is_none() => {
-                    let passed = ring.as_mut().is_some_and(|r| r.pass(i, &buf[buf.len() - len as usize..], &mut w));
+            match (r, slot, free.as_mut()) {
+                (Ok(len), Some(slot), Some(free)) => {
+                    let token = (slot as u64) << 32 | i as u64;
                     // A restorer that stopped reading has failed and says why itself.
-                    if !passed {
+                    if w.write_all(&token.to_le_bytes()).is_err() {
                         return total;
+                    }
+                    // The worker gets another slot for its next record.
+                    match free.take() {
+                        Some(s) => drop(slots[i % n].send(s)),
+                        None => return total,
                     }
                     total += len;
                 }
-                Ok(len) => total += len,
-                Err(e) => {
+                (Ok(len), None, _) if src.is_some() => total += len,
+                (Ok(_), ..) => {
+                    fail("the page check and the ring disagree".into());
+                    return total;
+                }
+                (Err(e), ..) => {
                     fail(e);
                     return total;
                 }
             }
-            let _ = free[i % n].send(buf);
         }
         let mut tail = [TOKEN_END.to_le_bytes(), TOKEN_END.to_le_bytes()].concat();
         tail.push(VERIFIED);
         let _ = w.write_all(&tail);
-        if let Some(mut r) = ring {
-            // The restorer still returns the last slots: keep the pipe open (a write to a
-            // closed one would kill it) until it closes its end as it finishes.
-            let _ = std::io::copy(&mut r.release_r, &mut std::io::sink());
-        }
         total
-    })
+    });
+    if let Some(mut f) = free {
+        // The restorer still returns the last slots: keep the pipe open (a write to a
+        // closed one would kill it) until it closes its end as it finishes.
+        let _ = std::io::copy(&mut f.release_r, &mut std::io::sink());
+    }
+    total
 }

@@ -476,7 +476,7 @@ pub enum PagesAt {
     /// In attached parent image `.0` (as in [`Image::parents`]), at offset `.1`, with the
     /// checksum `.2` as for `Here`.
     Parent(usize, u64, Option<[u8; 16]>),
-    /// Only through [`Image::check_pages`] (compressed).
+    /// Only through [`Image::check_pages`] (compressed, or in a stream).
     Packed,
 }
 
@@ -718,34 +718,42 @@ impl Image {
     /// Reads the page data of page record `p` (the pages only, after its header), checking
     /// the record's hash first.
     pub fn read_pages(&self, p: &PageRecord) -> Result<Vec<u8>, ImageError> {
-        let mut buf = Vec::new();
-        self.check_pages(p, &mut buf)?;
-        Ok(buf.split_off(RecordHeader::SIZE + PagesHeader::SIZE))
+        let mut pages = vec![0; p.header.count as usize * PAGE as usize];
+        self.check_pages(p, &mut Vec::new(), &mut pages)?;
+        Ok(pages)
     }
 
-    /// Checks page record `p` (record header, hash, pages header) without keeping its
-    /// data, reading through `buf` (reused between calls, so that checking a large image
-    /// does not allocate and fault in a fresh buffer per record). Returns the page bytes.
-    pub fn check_pages(&self, p: &PageRecord, buf: &mut Vec<u8>) -> Result<u64, ImageError> {
+    /// Checks page record `p` (record header, hash, pages header) and puts its pages in
+    /// `out`, which must hold them (`p.header.count` pages), decompressing them straight
+    /// there if the record is compressed. The record's bytes are read through `buf`
+    /// (reused between calls, so that checking a large image does not allocate and fault
+    /// in a fresh buffer per record). Returns the page bytes.
+    pub fn check_pages(&self, p: &PageRecord, buf: &mut Vec<u8>, out: &mut [u8]) -> Result<u64, ImageError> {
         self.read_record_into(p.index, buf)?;
         self.check_pages_header(p, buf)?;
         let head = RecordHeader::SIZE + PagesHeader::SIZE;
         let e = &self.index[p.index];
         if e.flags & rflags::REF != 0 {
-            return self.check_ref(p, buf);
+            let r = buf.get(head..).and_then(PageRef::decode).ok_or_else(|| corrupt(format!("page reference {}", p.index)))?;
+            let (k, q) = self.resolve_ref(p, &r)?;
+            return self.ancestors[k].check_pages(&q, buf, out);
         }
+        // `raw_len` was checked against the header's page count.
+        let want = e.raw_len as usize - PagesHeader::SIZE;
+        let out = out.get_mut(..want).ok_or_else(|| corrupt(format!("page record {} holds more pages than asked for", p.index)))?;
         if e.flags & rflags::ZSTD != 0 {
-            // `raw_len` was checked against the header's page count.
-            let want = e.raw_len as usize - PagesHeader::SIZE;
-            let pages = zstd::bulk::decompress(&buf[head..], want)
+            let n = zstd::bulk::decompress_to_buffer(&buf[head..], out)
                 .map_err(|err| corrupt(format!("page record {} does not decompress ({err})", p.index)))?;
-            if pages.len() != want {
-                return Err(corrupt(format!("page record {} decompresses to {} bytes, not {want}", p.index, pages.len())));
+            if n != want {
+                return Err(corrupt(format!("page record {} decompresses to {n} bytes, not {want}", p.index)));
             }
-            buf.truncate(head);
-            buf.extend_from_slice(&pages);
+        } else {
+            let pages = buf.get(head..).filter(|b| b.len() == want);
+            out.copy_from_slice(
+                pages.ok_or_else(|| corrupt(format!("page record {} has {} bytes of pages, not {want}", p.index, buf.len() - head)))?,
+            );
         }
-        Ok((buf.len() - head) as u64)
+        Ok(want as u64)
     }
 
     /// Checks that the pages header in record bytes `b` is the one the page map gave.
@@ -865,23 +873,14 @@ impl Image {
         }
     }
 
-    /// Reads the pages a `REF` record names (from a parent image) into `buf`, after the
-    /// record header and pages header, as [`check_pages`](Self::check_pages) does.
-    fn check_ref(&self, p: &PageRecord, buf: &mut Vec<u8>) -> Result<u64, ImageError> {
-        let head = RecordHeader::SIZE + PagesHeader::SIZE;
-        let r = buf.get(head..).and_then(PageRef::decode).ok_or_else(|| corrupt(format!("page reference {}", p.index)))?;
-        let (k, q) = self.resolve_ref(p, &r)?;
-        self.ancestors[k].check_pages(&q, buf)
-    }
-
     /// Checks the hash of every page and file data record (what `inspect` and `restore`
     /// verify).
     pub fn verify_pages(&self) -> Result<(), ImageError> {
         // One buffer for all records: a record is at most a window (1 MiB) and its headers,
         // so it stays in the cache while its checksum is computed.
-        let mut buf = Vec::new();
+        let (mut buf, mut pages) = (Vec::new(), vec![0; (WINDOW_PAGES * PAGE) as usize]);
         for p in &self.pages {
-            self.check_pages(p, &mut buf)?;
+            self.check_pages(p, &mut buf, &mut pages)?;
         }
         for d in &self.file_data {
             self.read_file_data(d)?;
