@@ -288,10 +288,13 @@ fn compress_ab(prog: &Path, dir: &Path, n: usize) {
 /// label.
 type RowSpec = (u64, &'static str, After, Compress, &'static str);
 
+/// A row's medians: label, image bytes, checkpoint ms, restore ms.
+type Summary = (&'static str, u64, f64, f64);
+
 /// Measures `spec` in `rounds` rounds with images in `dir` (each round: the references,
 /// then every row once, so that the rows compared, and each row and its reference, are
-/// measured close together in time) and prints the table.
-fn table(prog: &Path, dir: &Path, spec: &[RowSpec], rounds: usize) {
+/// measured close together in time), prints the table and returns each row's medians.
+fn table(prog: &Path, dir: &Path, spec: &[RowSpec], rounds: usize) -> Vec<Summary> {
     let mut runs: Vec<Vec<Run>> = spec.iter().map(|_| Vec::new()).collect();
     let (mut dds, mut cats, mut news) = (Vec::new(), Vec::new(), Vec::new());
     for _round in 0..rounds {
@@ -316,6 +319,7 @@ fn table(prog: &Path, dir: &Path, spec: &[RowSpec], rounds: usize) {
         "{:<30} {:>10} {:>14} {:>10} {:>12} {:>11} {:>8} {:>12} {:>9} {:>11}",
         "process", "image", "checkpoint ms", "frozen ms", "seen gap ms", "restore ms", "ckpt/dd", "restore/cat", "snapshot", "compressed"
     );
+    let mut out = Vec::new();
     for (r, runs) in spec.iter().zip(runs) {
         let (label, mib) = (r.4, r.0);
         let ck = median(runs.iter().map(|r| r.checkpoint_ms).collect());
@@ -341,7 +345,28 @@ fn table(prog: &Path, dir: &Path, spec: &[RowSpec], rounds: usize) {
             // Records stored compressed, of all, in each run.
             runs.iter().map(|r| format!("{}", r.compressed.0)).collect::<Vec<_>>().join("/") + &format!(" of {}", runs[0].compressed.1),
         );
+        out.push((label, runs[0].image_bytes, ck, rs));
     }
+    out
+}
+
+/// Our rows beside DMTCP's published figures (stock, then with its socket fix), as the
+/// speed issue quotes them: measured on another 2-core machine, so a guide, not a
+/// comparison in one run.
+fn against_dmtcp(rows: &[Summary]) {
+    let row = |label: &str| *rows.iter().find(|r| r.0 == label).unwrap_or_else(|| panic!("no row {label}"));
+    let (_, small, small_ck, small_rs) = row("stop, 1 MiB random");
+    let (_, _, big_ck, big_rs) = row("stop, 1 GiB random");
+    let (_, _, zip_ck, _) = row("stop, 1 GiB random, zstd idle");
+    println!("\nbeside DMTCP's figures from the speed issue (stock / with its socket fix; another 2-core machine):");
+    println!(
+        "  1 MiB program: checkpoint {small_ck:.1} ms (DMTCP 430 / 39 ms), restore {small_rs:.1} ms (210 / 28 ms), image {} KiB (23.4 MiB)",
+        small.div_ceil(1024)
+    );
+    println!(
+        "  1 GiB random, uncompressed: checkpoint {big_ck:.1} ms to a durable image (970 / 600 ms), restore {big_rs:.1} ms (930 / 540 ms)"
+    );
+    println!("  1 GiB random, compression asked for: checkpoint {zip_ck:.1} ms (`--compress`; DMTCP's default gzip: 40 s)");
 }
 
 fn main() {
@@ -371,7 +396,8 @@ fn main() {
         (1024, "text", After::Resume, Off, "leave-running, 1 GiB text"),
         (1024, "text", After::Resume, Idle, "leave-running, 1 GiB text, zstd idle"),
     ];
-    table(&prog, &dir, &rows_spec, 3);
+    let rows = table(&prog, &dir, &rows_spec, 3);
+    against_dmtcp(&rows);
     compress_ab(&prog, &dir, 7);
     // Compression pays only where the disk is slower than the checkpoint's stream.
     match std::env::var_os("LIMITLESS_BENCH_SLOW_DIR") {
