@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use limitless_image::cpu;
 use limitless_image::file::{rewrite, rewrite_as, rewrite_process, Image};
+use limitless_image::format::rflags;
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -182,6 +183,30 @@ fn corrupted_bytes_are_detected_everywhere() {
         let p = d.join("last-page.img");
         std::fs::write(&p, &b).unwrap();
         restore_must_fail(u, &d, &p, "checksum");
+    }
+}
+
+#[test]
+fn corrupted_compressed_page_data_is_refused_before_the_program_runs() {
+    // Compressed records do not reach the restorer in place: the supervisor checks and
+    // decompresses them into the ring's slots. A bad one must stop the restore there too.
+    let prog = program("churn");
+    for u in users() {
+        let d = workdir("corrupt-zstd", u);
+        let img = d.join("z.img");
+        launch_and_stop(u, &d, &prog, &["8", "6", "200", "text"], "iteration 1", &img, &["--compress=all"]);
+        let good = std::fs::read(&img).unwrap();
+        let parsed = Image::open(&img).unwrap();
+        let zipped: Vec<_> = parsed.pages.iter().map(|p| parsed.index[p.index]).filter(|e| e.flags & rflags::ZSTD != 0).collect();
+        assert!(zipped.len() >= 4, "only {} page records compressed", zipped.len());
+        // A flipped bit in the middle of one compressed record, and in the last one.
+        for (k, e) in [zipped[zipped.len() / 2], zipped[zipped.len() - 1]].into_iter().enumerate() {
+            let mut b = good.clone();
+            b[(e.offset + 32 + e.stored_len / 2) as usize] ^= 1;
+            let p = d.join(format!("z{k}.img"));
+            std::fs::write(&p, &b).unwrap();
+            restore_must_fail(u, &d, &p, "checksum");
+        }
     }
 }
 
