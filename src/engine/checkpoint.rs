@@ -27,7 +27,7 @@ use super::supervisor::Inner;
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::ctl::{ckpt_flags, msg, Checkpoint};
 use limitless_image::file::{read_stream, Finished, Image, ParentMap, Writer};
-use limitless_image::format::{kind, rflags, RecordHeader};
+use limitless_image::format::{kind, page_sum, rflags, RecordHeader};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Write};
@@ -379,7 +379,7 @@ impl Inner {
         // to the agent's stream breaking off.
         let mut write_err: Option<String> = None;
         let mut exec_files = ExecFiles::default();
-        let streamed = read_stream_ahead(reader, |h, payload| {
+        let streamed = read_stream_ahead(reader, |h, payload, sum| {
             records += 1;
             if h.kind == kind::PAGES && h.flags == rflags::REF {
                 // A window the agent's dirty tracking found unchanged since the parent.
@@ -387,7 +387,7 @@ impl Inner {
                 return w.unchanged(&payload).inspect_err(|e| write_err = Some(e.to_string()));
             }
             if h.kind == kind::PAGES {
-                return squeeze.pages(&mut w, payload).inspect_err(|e| write_err = Some(e.to_string()));
+                return squeeze.pages(&mut w, payload, sum).inspect_err(|e| write_err = Some(e.to_string()));
             }
             squeeze.flush(&mut w).inspect_err(|e| write_err = Some(e.to_string()))?;
             if records == 20 {
@@ -504,20 +504,25 @@ fn parent_map(path: &Path) -> Result<(ParentMap, PathBuf, [u8; 32])> {
 /// [`read_stream`] on a thread of its own, with `f` called here for each record: reading
 /// the pipe then overlaps with checksumming, compressing and writing the image. One thread
 /// doing all of it was the bottleneck of a large checkpoint (busy nearly all of a 1 GiB
-/// checkpoint into tmpfs, while the agent was busy less than half of it). At most four
-/// records wait between the two.
+/// checkpoint into tmpfs, while the agent was busy less than half of it). The reading
+/// thread also computes each page record's [`page_sum`] while its bytes are in its cache
+/// and passes it to `f`: the writing thread, which copies the bytes into the page cache,
+/// was still the busier of the two. At most four records wait between the two.
 fn read_stream_ahead<R: std::io::Read + Send + 'static>(
     r: R,
-    mut f: impl FnMut(RecordHeader, Vec<u8>) -> std::io::Result<()>,
+    mut f: impl FnMut(RecordHeader, Vec<u8>, Option<[u8; 32]>) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let (tx, rx) = std::sync::mpsc::sync_channel(4);
-    let reader = std::thread::Builder::new()
-        .name("limitless-read".into())
-        .spawn(move || read_stream(r, |h, p| tx.send((h, p)).map_err(|_| std::io::Error::other("the image writer stopped"))))?;
-    for (h, p) in rx.iter() {
+    let reader = std::thread::Builder::new().name("limitless-read".into()).spawn(move || {
+        read_stream(r, |h, p| {
+            let sum = (h.kind == kind::PAGES && h.flags == 0).then(|| page_sum(&p));
+            tx.send((h, p, sum)).map_err(|_| std::io::Error::other("the image writer stopped"))
+        })
+    })?;
+    for (h, p, sum) in rx.iter() {
         // On an error the receiver goes; the reader then stops at its next record and
         // closes the pipe, as this thread closing it did before.
-        f(h, p)?;
+        f(h, p, sum)?;
     }
     reader.join().unwrap_or_else(|_| Err(std::io::Error::other("the image stream reader panicked")))
 }

@@ -163,11 +163,17 @@ impl Compressor {
         self
     }
 
-    /// Writes the PAGES record `payload` (pages header, then pages), or queues it.
-    pub fn pages<W: Write>(&mut self, w: &mut Writer<W>, payload: Vec<u8>) -> io::Result<()> {
+    /// Writes the PAGES record `payload` (pages header, then pages), or queues it. `sum`,
+    /// if given, is its [`page_sum`](limitless_image::format::page_sum), for a record
+    /// written raw at once.
+    pub fn pages<W: Write>(&mut self, w: &mut Writer<W>, payload: Vec<u8>, sum: Option<[u8; 32]>) -> io::Result<()> {
+        let raw_now = |w: &mut Writer<W>, payload: &[u8]| match sum {
+            Some(s) => w.plain_pages(payload, s),
+            None => w.plain(kind::PAGES, payload),
+        };
         if self.mode == Compress::Off {
             self.raw += 1;
-            return w.plain(kind::PAGES, &payload);
+            return raw_now(w, &payload);
         }
         self.collect(w, false)?;
         // While the disk is behind, compressing costs no time: wait for a worker as `All`
@@ -183,7 +189,7 @@ impl Compressor {
         if !worth {
             if self.queue.is_empty() {
                 self.raw += 1;
-                return w.plain(kind::PAGES, &payload);
+                return raw_now(w, &payload);
             }
             self.queue.push_back(Slot::Raw(payload));
         } else {
@@ -314,7 +320,7 @@ mod tests {
                     }
                 });
                 want.push((text, rec.clone()));
-                c.pages(&mut w, rec).unwrap();
+                c.pages(&mut w, rec, None).unwrap();
             }
             c.flush(&mut w).unwrap();
         }

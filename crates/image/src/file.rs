@@ -276,10 +276,24 @@ impl<W: Write> Writer<W> {
     /// length when `flags` says it is compressed, else `payload.len()`). A `PAGEMAP` record
     /// or `PARENTS` record is not copied: [`finish`](Self::finish) writes the image's own.
     pub fn record(&mut self, kind: u32, flags: u32, raw_len: u64, payload: &[u8]) -> io::Result<()> {
+        self.record_summed(kind, flags, raw_len, payload, record_sum(self.minor, kind, payload))
+    }
+
+    /// Appends an uncompressed page record (`payload`: pages header, then pages) whose
+    /// [`page_sum`] the caller has computed already (on another thread, while the bytes were
+    /// in its cache). An image of a format before XXH3 page sums still gets its BLAKE3
+    /// computed here.
+    pub fn plain_pages(&mut self, payload: &[u8], sum: [u8; 32]) -> io::Result<()> {
+        debug_assert_eq!(sum, page_sum(payload), "a page record's precomputed sum is wrong");
+        let h = if self.minor >= PAGE_SUM_MINOR { sum } else { record_sum(self.minor, kind::PAGES, payload) };
+        self.record_summed(kind::PAGES, 0, payload.len() as u64, payload, h)
+    }
+
+    /// [`record`](Self::record), with the record's checksum `h` given.
+    fn record_summed(&mut self, kind: u32, flags: u32, raw_len: u64, payload: &[u8], h: [u8; 32]) -> io::Result<()> {
         if kind == kind::PAGEMAP || kind == kind::PARENTS {
             return Ok(());
         }
-        let h = record_sum(self.minor, kind, payload);
         if kind == kind::PAGES {
             let head = payload.get(..PagesHeader::SIZE).ok_or_else(|| io::Error::other("a page record without its header"))?;
             self.pagemap.extend_from_slice(head);
