@@ -213,6 +213,33 @@ fn reported_ms(report: &str, label: &str) -> f64 {
 }
 
 #[test]
+fn snapshot_image_is_of_one_instant_while_every_page_is_rewritten() {
+    // The snapshot child puts the pages into the pipe by reference (vmsplice) while the
+    // program runs on and rewrites every page: the image must still hold each page as it
+    // was at the snapshot, which the restored copy checks page by page as it goes on.
+    let prog = program("genpages");
+    each_user("genpages", |u, d| {
+        let r = launch(u, d, &prog, &["128", "4000"]);
+        r.expect_out("gen 20");
+        let img = d.join("image");
+        let (ok, report) = dump(u, &r.socket, &img, true);
+        assert!(ok, "dump failed: {report}");
+        assert!(report.contains("still running (snapshot)"), "the checkpoint was not a snapshot: {report}");
+        let (st, out, err) = r.finish();
+        assert_eq!(st.code(), Some(0), "original: {out}{err}");
+        assert_eq!(out.lines().last(), Some("done"), "original: {out}");
+        let (st2, out2, err2) = restore(u, d, &img).finish();
+        assert!(
+            !out2.contains("BAD"),
+            "the image mixes pages from different moments: {}",
+            out2.lines().find(|l| l.contains("BAD")).unwrap_or("")
+        );
+        assert_eq!(st2.code(), Some(0), "copy: {err2}");
+        assert_eq!(out2.lines().last(), Some("done"), "copy: {out2}");
+    });
+}
+
+#[test]
 fn snapshot_checkpoint_while_the_program_changes_memory_and_prints() {
     let prog = program("snapwork");
     let want = reference(&prog, &["1500"], "");

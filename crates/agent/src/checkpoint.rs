@@ -592,9 +592,11 @@ fn write_all(
                 }
             });
         }
-        // SAFETY: the runs are present pages of readable areas (the program is frozen), or
-        // the scratch buffer just filled.
-        unsafe { out.pages(&w.hdr, &runs[..nr])? };
+        // SAFETY: the runs are present pages of readable private areas, which stay as they
+        // are until the supervisor has read them (the program stays frozen until the image
+        // is durable, or this is the snapshot child), so they may go by reference; or the
+        // scratch buffer just filled, which is reused for the next window: copied.
+        unsafe { out.pages(&w.hdr, &runs[..nr], !area.via_mem)? };
     }
     let end = EndInfo {
         records: out.records + 1,

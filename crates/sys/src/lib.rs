@@ -544,6 +544,17 @@ pub unsafe fn writev(fd: i32, iov: &[Iovec]) -> Result<usize> {
     unsafe { sc!(nr::WRITEV, fd, iov.as_ptr(), iov.len()) }
 }
 
+/// `vmsplice(2)`: puts references to the pages of `iov` into the pipe `fd` instead of
+/// copying them; whoever reads the pipe later reads those pages as they are then.
+///
+/// # Safety
+/// Every iovec must describe readable memory, and the pages must not change until the
+/// reader has read them (or the caller does not mind what it reads).
+pub unsafe fn vmsplice(fd: i32, iov: &[Iovec], flags: u32) -> Result<usize> {
+    // SAFETY: forwarded to the caller.
+    unsafe { sc!(nr::VMSPLICE, fd, iov.as_ptr(), iov.len(), flags) }
+}
+
 /// `openat(2)` with a NUL-terminated path.
 pub fn openat(dirfd: i32, path: &[u8], flags: i32, mode: u32) -> Result<i32> {
     if path.last() != Some(&0) {

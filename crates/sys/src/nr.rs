@@ -17,6 +17,7 @@ pub const RT_SIGRETURN: usize = 15;
 pub const IOCTL: usize = 16;
 pub const PREAD64: usize = 17;
 pub const WRITEV: usize = 20;
+pub const VMSPLICE: usize = 278;
 pub const SCHED_YIELD: usize = 24;
 pub const MREMAP: usize = 25;
 pub const MADVISE: usize = 28;
