@@ -292,6 +292,7 @@ const SLOTS_PER_WORKER: u32 = 2;
 /// Ring slots: enough for up to four workers, plus four for both restorer threads to work on
 /// while the workers fill more.
 const RING_SLOTS: u32 = 4 * SLOTS_PER_WORKER + 4;
+const _: () = assert!(RING_SLOTS <= 32, "FreeSlots::lent has a bit per slot");
 
 /// The ring through which the supervisor passes the pages of the records it reads itself:
 /// `RING_SLOTS` slots of [`RING_SLOT_LEN`] bytes in a memfd, each holding one record's
@@ -318,6 +319,9 @@ struct FreeSlots {
     release_r: File,
     /// Slots not handed out yet.
     unused: Vec<u32>,
+    /// The slots passed to the restorer and not handed back yet (one bit each): a number it
+    /// hands back is taken only once, so no two workers ever get the same slot.
+    lent: u32,
 }
 
 impl Ring {
@@ -333,7 +337,7 @@ impl Ring {
             rustix::mm::mmap(std::ptr::null_mut(), len as usize, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED, &memfd, 0)
         }?;
         let (r, w) = super::stdio::pipe()?;
-        let free = FreeSlots { release_r: File::from(r), unused: (0..RING_SLOTS).rev().collect() };
+        let free = FreeSlots { release_r: File::from(r), unused: (0..RING_SLOTS).rev().collect(), lent: 0 };
         Ok((Ring { memfd, slots: Slots(map.cast()), free }, w))
     }
 }
@@ -363,14 +367,25 @@ impl Drop for Slots {
 }
 
 impl FreeSlots {
-    /// A free slot, waiting for the restorer to hand one back; `None` if it stopped.
+    /// A free slot, waiting for the restorer to hand one back; `None` if it stopped (or
+    /// handed back a slot it did not have).
     fn take(&mut self) -> Option<u32> {
         if let Some(s) = self.unused.pop() {
             return Some(s);
         }
         let mut b = [0u8; 4];
         self.release_r.read_exact(&mut b).ok()?;
-        Some(u32::from_le_bytes(b)).filter(|&s| s < RING_SLOTS)
+        let s = u32::from_le_bytes(b);
+        if s >= RING_SLOTS || self.lent & 1 << s == 0 {
+            return None;
+        }
+        self.lent &= !(1 << s);
+        Some(s)
+    }
+
+    /// Notes that `slot` went to the restorer.
+    fn lend(&mut self, slot: u32) {
+        self.lent |= 1 << slot;
     }
 }
 
@@ -439,6 +454,7 @@ fn check_and_pass(img: &Image, srcs: &[Option<InPlace>], mut w: File, ring: Opti
             };
             match (r, slot, free.as_mut()) {
                 (Ok(len), Some(slot), Some(free)) => {
+                    free.lend(slot);
                     let token = (slot as u64) << 32 | i as u64;
                     // A restorer that stopped reading has failed and says why itself.
                     if w.write_all(&token.to_le_bytes()).is_err() {
