@@ -419,21 +419,18 @@ fn check_and_pass(img: &Image, srcs: &[Option<InPlace>], mut w: File, ring: Opti
                 }
             }
             s.spawn(move || {
-                let (mut buf, mut scratch) = (Vec::new(), Vec::new());
+                let mut buf = Vec::new();
                 for (p, src) in img.pages.iter().zip(srcs).skip(k).step_by(n) {
                     let (r, slot) = match (src, map) {
                         // Pages the restorer reads in place need only their headers checked
                         // where it checks their sums itself (format 1.4 on).
                         (Some(InPlace { sum: Some(_), .. }), _) => (img.check_pages_head(p), None),
-                        (Some(_), _) => {
-                            scratch.resize((RING_SLOT_LEN - PAGE) as usize, 0);
-                            (img.check_pages(p, &mut buf, &mut scratch), None)
-                        }
+                        (Some(_), _) => (img.check_pages(p, &mut buf, None), None),
                         (None, Some(map)) => {
                             // The writer stopped.
                             let Ok(slot) = slot_rx.recv() else { return };
                             // SAFETY: this worker holds `slot` until it sends it on below.
-                            (img.check_pages(p, &mut buf, unsafe { map.slot(slot) }), Some(slot))
+                            (img.check_pages(p, &mut buf, Some(unsafe { map.slot(slot) })), Some(slot))
                         }
                         (None, None) => return,
                     };

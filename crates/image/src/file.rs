@@ -733,16 +733,16 @@ impl Image {
     /// the record's hash first.
     pub fn read_pages(&self, p: &PageRecord) -> Result<Vec<u8>, ImageError> {
         let mut pages = vec![0; p.header.count as usize * PAGE as usize];
-        self.check_pages(p, &mut Vec::new(), &mut pages)?;
+        self.check_pages(p, &mut Vec::new(), Some(&mut pages))?;
         Ok(pages)
     }
 
     /// Checks page record `p` (record header, hash, pages header) and puts its pages in
-    /// `out`, which must hold them (`p.header.count` pages), decompressing them straight
-    /// there if the record is compressed. The record's bytes are read through `buf`
-    /// (reused between calls, so that checking a large image does not allocate and fault
-    /// in a fresh buffer per record). Returns the page bytes.
-    pub fn check_pages(&self, p: &PageRecord, buf: &mut Vec<u8>, out: &mut [u8]) -> Result<u64, ImageError> {
+    /// `out` if given, which must hold them (`p.header.count` pages), decompressing them
+    /// straight there if the record is compressed. The record's bytes are read through
+    /// `buf` (reused between calls, so that checking a large image does not allocate and
+    /// fault in a fresh buffer per record). Returns the page bytes.
+    pub fn check_pages(&self, p: &PageRecord, buf: &mut Vec<u8>, out: Option<&mut [u8]>) -> Result<u64, ImageError> {
         self.read_record_into(p.index, buf)?;
         self.check_pages_header(p, buf)?;
         let head = RecordHeader::SIZE + PagesHeader::SIZE;
@@ -754,7 +754,16 @@ impl Image {
         }
         // `raw_len` was checked against the header's page count.
         let want = e.raw_len as usize - PagesHeader::SIZE;
-        let out = out.get_mut(..want).ok_or_else(|| corrupt(format!("page record {} holds more pages than asked for", p.index)))?;
+        let mut room = Vec::new();
+        let out = match out {
+            Some(o) => o.get_mut(..want).ok_or_else(|| corrupt(format!("page record {} holds more pages than asked for", p.index)))?,
+            // Compressed pages are checked by decompressing them; raw ones need no room.
+            None if e.flags & rflags::ZSTD != 0 => {
+                room.resize(want, 0);
+                &mut room[..]
+            }
+            None => &mut [][..],
+        };
         if e.flags & rflags::ZSTD != 0 {
             let n = zstd::bulk::decompress_to_buffer(&buf[head..], out)
                 .map_err(|err| corrupt(format!("page record {} does not decompress ({err})", p.index)))?;
@@ -763,9 +772,11 @@ impl Image {
             }
         } else {
             let pages = buf.get(head..).filter(|b| b.len() == want);
-            out.copy_from_slice(
-                pages.ok_or_else(|| corrupt(format!("page record {} has {} bytes of pages, not {want}", p.index, buf.len() - head)))?,
-            );
+            let pages =
+                pages.ok_or_else(|| corrupt(format!("page record {} has {} bytes of pages, not {want}", p.index, buf.len() - head)))?;
+            if !out.is_empty() {
+                out.copy_from_slice(pages);
+            }
         }
         Ok(want as u64)
     }
@@ -892,9 +903,9 @@ impl Image {
     pub fn verify_pages(&self) -> Result<(), ImageError> {
         // One buffer for all records: a record is at most a window (1 MiB) and its headers,
         // so it stays in the cache while its checksum is computed.
-        let (mut buf, mut pages) = (Vec::new(), vec![0; (WINDOW_PAGES * PAGE) as usize]);
+        let mut buf = Vec::new();
         for p in &self.pages {
-            self.check_pages(p, &mut buf, &mut pages)?;
+            self.check_pages(p, &mut buf, None)?;
         }
         for d in &self.file_data {
             self.read_file_data(d)?;
