@@ -327,7 +327,8 @@ fn launch(socket: Option<PathBuf>, carry: crate::engine::carry::Carry, prog: Vec
 /// What to checkpoint to (`limitless dump`).
 #[derive(clap::Args, Debug)]
 struct DumpArgs {
-    /// Where to write the image.
+    /// Where to write the image: a file path (an existing file there is replaced once the
+    /// new image is complete; a device, FIFO or directory is refused).
     #[arg(long, short, value_name = "IMAGE")]
     output: PathBuf,
     /// Keep the program running after the checkpoint.
