@@ -754,17 +754,18 @@ impl Image {
         }
         // `raw_len` was checked against the header's page count.
         let want = e.raw_len as usize - PagesHeader::SIZE;
-        let mut room = Vec::new();
         let out = match out {
-            Some(o) => o.get_mut(..want).ok_or_else(|| corrupt(format!("page record {} holds more pages than asked for", p.index)))?,
-            // Compressed pages are checked by decompressing them; raw ones need no room.
-            None if e.flags & rflags::ZSTD != 0 => {
-                room.resize(want, 0);
-                &mut room[..]
-            }
-            None => &mut [][..],
+            Some(o) => Some(o.get_mut(..want).ok_or_else(|| corrupt(format!("page record {} holds more pages than asked for", p.index)))?),
+            None => None,
         };
         if e.flags & rflags::ZSTD != 0 {
+            // Compressed pages are checked by decompressing them, into room of their own if
+            // the caller keeps none.
+            let mut room = Vec::new();
+            let out = out.unwrap_or_else(|| {
+                room.resize(want, 0);
+                &mut room[..]
+            });
             let n = zstd::bulk::decompress_to_buffer(&buf[head..], out)
                 .map_err(|err| corrupt(format!("page record {} does not decompress ({err})", p.index)))?;
             if n != want {
@@ -774,8 +775,8 @@ impl Image {
             let pages = buf.get(head..).filter(|b| b.len() == want);
             let pages =
                 pages.ok_or_else(|| corrupt(format!("page record {} has {} bytes of pages, not {want}", p.index, buf.len() - head)))?;
-            if !out.is_empty() {
-                out.copy_from_slice(pages);
+            if let Some(o) = out {
+                o.copy_from_slice(pages);
             }
         }
         Ok(want as u64)
