@@ -384,7 +384,7 @@ impl Inner {
             if h.kind == kind::PAGES && h.flags == rflags::REF {
                 // A window the agent's dirty tracking found unchanged since the parent.
                 squeeze.flush(&mut w).inspect_err(|e| write_err = Some(e.to_string()))?;
-                return w.unchanged(&payload).inspect_err(|e| write_err = Some(e.to_string()));
+                return w.unchanged(&payload).map(|()| Some(payload)).inspect_err(|e| write_err = Some(e.to_string()));
             }
             if h.kind == kind::PAGES {
                 return squeeze.pages(&mut w, payload, sum).inspect_err(|e| write_err = Some(e.to_string()));
@@ -411,7 +411,7 @@ impl Inner {
                     w.plain(kind::STDIN, &stdin).inspect_err(|e| write_err = Some(e.to_string()))?;
                 }
             }
-            w.plain(h.kind, &payload).inspect_err(|e| write_err = Some(e.to_string()))
+            w.plain(h.kind, &payload).map(|()| Some(payload)).inspect_err(|e| write_err = Some(e.to_string()))
         });
         stats.carried_bytes = carrier.bytes;
         stats.page_records = squeeze.compressed + squeeze.raw;
@@ -508,21 +508,33 @@ fn parent_map(path: &Path) -> Result<(ParentMap, PathBuf, [u8; 32])> {
 /// thread also computes each page record's [`page_sum`] while its bytes are in its cache
 /// and passes it to `f`: the writing thread, which copies the bytes into the page cache,
 /// was still the busier of the two. At most four records wait between the two.
+///
+/// `f` returns the payload's buffer when it is done with it (not queued for compression);
+/// the reader reads later records into those buffers rather than new ones.
 fn read_stream_ahead<R: std::io::Read + Send + 'static>(
     r: R,
-    mut f: impl FnMut(RecordHeader, Vec<u8>, Option<[u8; 32]>) -> std::io::Result<()>,
+    mut f: impl FnMut(RecordHeader, Vec<u8>, Option<[u8; 32]>) -> std::io::Result<Option<Vec<u8>>>,
 ) -> std::io::Result<()> {
     let (tx, rx) = std::sync::mpsc::sync_channel(4);
+    // Buffers handed back; no more can be in it than records in flight.
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let reader = std::thread::Builder::new().name("limitless-read".into()).spawn(move || {
-        read_stream(r, |h, p| {
-            let sum = (h.kind == kind::PAGES && h.flags == 0).then(|| page_sum(&p));
-            tx.send((h, p, sum)).map_err(|_| std::io::Error::other("the image writer stopped"))
-        })
+        read_stream(
+            r,
+            || back_rx.try_recv().unwrap_or_default(),
+            |h, p| {
+                let sum = (h.kind == kind::PAGES && h.flags == 0).then(|| page_sum(&p));
+                tx.send((h, p, sum)).map_err(|_| std::io::Error::other("the image writer stopped"))
+            },
+        )
     })?;
     for (h, p, sum) in rx.iter() {
         // On an error the receiver goes; the reader then stops at its next record and
         // closes the pipe, as this thread closing it did before.
-        f(h, p, sum)?;
+        if let Some(b) = f(h, p, sum)? {
+            // The reader may have ended (after `END`): then the buffer just goes.
+            let _ = back_tx.send(b);
+        }
     }
     reader.join().unwrap_or_else(|_| Err(std::io::Error::other("the image stream reader panicked")))
 }

@@ -165,15 +165,18 @@ impl Compressor {
 
     /// Writes the PAGES record `payload` (pages header, then pages), or queues it. `sum`,
     /// if given, is its [`page_sum`](limitless_image::format::page_sum), for a record
-    /// written raw at once.
-    pub fn pages<W: Write>(&mut self, w: &mut Writer<W>, payload: Vec<u8>, sum: Option<[u8; 32]>) -> io::Result<()> {
-        let raw_now = |w: &mut Writer<W>, payload: &[u8]| match sum {
-            Some(s) => w.plain_pages(payload, s),
-            None => w.plain(kind::PAGES, payload),
+    /// written raw at once. Returns `payload` if it was written at once, for reuse.
+    pub fn pages<W: Write>(&mut self, w: &mut Writer<W>, payload: Vec<u8>, sum: Option<[u8; 32]>) -> io::Result<Option<Vec<u8>>> {
+        let raw_now = |w: &mut Writer<W>, payload: Vec<u8>| {
+            match sum {
+                Some(s) => w.plain_pages(&payload, s),
+                None => w.plain(kind::PAGES, &payload),
+            }
+            .map(|()| Some(payload))
         };
         if self.mode == Compress::Off {
             self.raw += 1;
-            return raw_now(w, &payload);
+            return raw_now(w, payload);
         }
         self.collect(w, false)?;
         // While the disk is behind, compressing costs no time: wait for a worker as `All`
@@ -189,7 +192,7 @@ impl Compressor {
         if !worth {
             if self.queue.is_empty() {
                 self.raw += 1;
-                return raw_now(w, &payload);
+                return raw_now(w, payload);
             }
             self.queue.push_back(Slot::Raw(payload));
         } else {
@@ -210,7 +213,7 @@ impl Compressor {
         while self.queue.len() > HELD {
             self.collect(w, true)?;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Writes every queued record, waiting for the workers.

@@ -1561,8 +1561,15 @@ pub fn rewrite_as(src: &Path, dst: &Path, minor: u16, mut f: impl FnMut(u32, &mu
 }
 
 /// Reads a whole stream of records as the agent writes them (header + payload each),
-/// calling `f` for each; stops after `END`.
-pub fn read_stream<R: Read>(mut r: R, mut f: impl FnMut(RecordHeader, Vec<u8>) -> io::Result<()>) -> io::Result<()> {
+/// calling `f` for each; stops after `END`. Each payload is read into a buffer from
+/// `buf` (`Vec::new` will do), so that a caller can hand used buffers back instead of
+/// having a new one allocated and cleared for every record: reading 1 GiB spent about a
+/// fifth of its time clearing fresh buffers.
+pub fn read_stream<R: Read>(
+    mut r: R,
+    mut buf: impl FnMut() -> Vec<u8>,
+    mut f: impl FnMut(RecordHeader, Vec<u8>) -> io::Result<()>,
+) -> io::Result<()> {
     loop {
         let mut hb = [0u8; RecordHeader::SIZE];
         r.read_exact(&mut hb)?;
@@ -1581,7 +1588,9 @@ pub fn read_stream<R: Read>(mut r: R, mut f: impl FnMut(RecordHeader, Vec<u8>) -
         if h.stored_len > max || (h.flags != 0 && !unchanged) || (h.raw_len != h.stored_len && !unchanged) || !known {
             return Err(io::Error::other(format!("the agent sent a bad record (kind {}, {} bytes)", h.kind, h.stored_len)));
         }
-        let mut payload = vec![0u8; h.stored_len as usize];
+        let mut payload = buf();
+        // Only bytes beyond what the buffer already held are cleared.
+        payload.resize(h.stored_len as usize, 0);
         r.read_exact(&mut payload)?;
         let end = h.kind == kind::END;
         f(h, payload)?;
