@@ -53,7 +53,7 @@ struct Run {
 }
 
 fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Compress) -> Run {
-    let opts = Options { socket: None, carry: Default::default() };
+    let opts = Options { socket: None, carry: Default::default(), track: false };
     let mut args = vec![mib.to_string().into(), kind.into()];
     if after == After::Resume {
         args.push("tick".into());
@@ -93,7 +93,7 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Co
         sup.wait().expect("wait");
     }
     // Restore from a cold-ish page cache is not what we measure: the image was just written.
-    let (sup2, rs) = restore(&img, &Options { socket: None, carry: Default::default() }).expect("restore");
+    let (sup2, rs) = restore(&img, &Options { socket: None, carry: Default::default(), track: false }).expect("restore");
     sup2.inner.kill();
     let _ = sup2.wait();
     let _ = std::fs::remove_file(&img);
@@ -119,7 +119,7 @@ fn incremental(dir: &Path, track: bool) -> (u64, f64, u64, f64, f64, f64, u64) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/churn.c");
     let churn = dir.join("churn");
     assert!(Command::new("gcc").args(["-O2", "-o"]).arg(&churn).arg(&src).status().expect("gcc").success());
-    let opts = Options { socket: None, carry: Default::default() };
+    let opts = Options { socket: None, carry: Default::default(), track: false };
     let sup = Supervisor::launch(&churn, &["1024".into(), "100000".into(), "300".into()], &opts).expect("launch");
     assert!(sup.wait_ready(Duration::from_secs(30)), "agent did not start");
     let t = Instant::now();
@@ -257,7 +257,7 @@ fn overhead(dir: &Path, n: usize) -> (f64, f64, f64, f64) {
         pw.push(t.elapsed().as_secs_f64() * 1000.0);
         pc.push(children_cpu_ms() - c);
         let (t, c) = (Instant::now(), children_cpu_ms());
-        let opts = Options { socket: None, carry: Default::default() };
+        let opts = Options { socket: None, carry: Default::default(), track: false };
         let sup = Supervisor::launch(&prog, &args.map(Into::into), &opts).expect("launch");
         sup.wait().expect("wait");
         ew.push(t.elapsed().as_secs_f64() * 1000.0);

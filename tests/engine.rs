@@ -447,6 +447,52 @@ fn deltas_with_dirty_tracking_see_every_kind_of_change() {
     });
 }
 
+/// `restore --track`: the restorer arms dirty tracking from the image, so a delta on top
+/// of it finds the memory the program has not written since without reading it, and the
+/// deltas restore exactly (the program checks all of its memory). Without `--track` the
+/// same delta reads everything.
+#[test]
+fn a_delta_on_top_of_the_image_a_program_was_restored_from_uses_dirty_tracking() {
+    let prog = program("wpedge");
+    let args = ["16", "250"];
+    let want = reference(&prog, &args, "");
+    each_user("track-restored", |u, d| {
+        let full = d.join("full");
+        let out1 = launch_and_stop(u, d, &prog, &args, "iteration 1 checksum", &full, &[]);
+        // Untracked: a copy restored without --track.
+        let plain = restore(u, d, &full);
+        plain.expect_out("iteration 2 checksum");
+        let said = dump_delta(u, &plain, &d.join("untracked"), Some(&full), false);
+        assert!(!said.contains("without reading it"), "a restore without --track tracked: {said}");
+        let (st, _, err) = plain.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err}");
+        let r = restore_with(u, None, d, &full, &["--track"]);
+        r.expect_out("iteration 3 checksum");
+        let (b, c) = (d.join("b"), d.join("c"));
+        let said_b = dump_delta(u, &r, &b, Some(&full), true);
+        r.expect_out("iteration 5 checksum");
+        let said_c = dump_delta(u, &r, &c, Some(&b), false);
+        let (st, out2, err2) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err2}");
+        for (name, said) in [("the delta on the restored image", &said_b), ("the delta after it", &said_c)] {
+            // About 10 MiB of the 16 MiB area is never changed.
+            assert!(
+                said.contains("MiB found unchanged without reading it"),
+                "{name} did not use dirty tracking (it needs UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN, Linux 6.7+): {said}"
+            );
+        }
+        let (st3, out3, err3) = restore(u, d, &c).finish();
+        assert_eq!(st3.code(), Some(0), "restored program failed; stderr: {err3}");
+        assert_eq!(lines(&(out1 + &out2 + &out3)), lines(&want), "output differs from an uninterrupted run");
+        // The leave-running delta on the restored image restores as a copy that ends as the
+        // program did.
+        let (st4, out4, err4) = restore(u, d, &b).finish();
+        assert_eq!(st4.code(), Some(0), "restored copy failed; stderr: {err4}");
+        let (copy, all) = (lines(&out4), lines(&want));
+        assert!(!copy.is_empty() && all.ends_with(&copy), "the copy from delta b printed {copy:?}, not the end of {all:?}");
+    });
+}
+
 #[test]
 fn a_self_contained_image_restores_without_the_program_file() {
     let orig = program("ticker");

@@ -454,7 +454,7 @@ fn an_image_streams_into_the_store_and_back_and_a_tampered_chunk_stops_the_resto
     let srv = Server::start("stream");
     let s = open(&srv, "r", Some(KEY)).unwrap();
     let key = "images/c/1.0.img";
-    let opts = Options { socket: None, carry: Default::default() };
+    let opts = Options { socket: None, carry: Default::default(), track: false };
     let stream_of = |s: &dyn Store| match s.open_image(key).unwrap() {
         ImageAt::Stream(src) => src,
         _ => panic!("the S3 store does not stream images"),

@@ -112,6 +112,8 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
     let opts = Options {
         socket: None,
         carry: crate::engine::carry::Carry { dirs: spec.carry.iter().map(Into::into).collect(), written: spec.carry_written },
+        // Every step stores a whole image, never a delta: tracking would only cost faults.
+        track: false,
     };
     let mut restored_from: Option<String> = None;
     let (mut sup, mut history) = if a.step == 0 {

@@ -96,7 +96,7 @@ impl Link {
                 msg::HELLO => AgentMsg::Hello(Hello::decode(body).ok_or_else(|| io::Error::other("short HELLO"))?),
                 msg::FROZEN => AgentMsg::Frozen(Frozen::decode(body).ok_or_else(|| io::Error::other("short FROZEN"))?),
                 msg::DONE => AgentMsg::Done(Done::decode(body).ok_or_else(|| io::Error::other("short DONE"))?),
-                msg::RESTORED => AgentMsg::Restored(Restored::decode(body).ok_or_else(|| io::Error::other("short RESTORED"))?),
+                msg::RESTORED => AgentMsg::Restored(restored(body).ok_or_else(|| io::Error::other("short RESTORED"))?),
                 msg::RELEASED => AgentMsg::Released(Released::decode(body).ok_or_else(|| io::Error::other("short RELEASED"))?),
                 msg::NOTE => AgentMsg::Note(String::from_utf8_lossy(body).into_owned()),
                 msg::FAILED => AgentMsg::Failed(String::from_utf8_lossy(body).into_owned()),
@@ -109,4 +109,13 @@ impl Link {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
     }
+}
+
+/// Decodes `RESTORED`: agents before version 2 send it without `epoch` (then 0).
+fn restored(body: &[u8]) -> Option<Restored> {
+    const OLD: usize = 16;
+    let mut b = [0u8; Restored::SIZE];
+    let n = body.len().min(Restored::SIZE);
+    b[..n].copy_from_slice(&body[..n]);
+    (body.len() >= OLD).then(|| Restored::decode(&b)).flatten()
 }

@@ -27,6 +27,15 @@ pub struct PlanFds {
     pub release_fd: i32,
     /// Slots in the ring.
     pub ring_slots: u32,
+    /// Start the agent's dirty tracking from the image ([`pvf::TRACK`]).
+    pub track: bool,
+}
+
+/// Whether the restorer registers area `v` for dirty tracking: the kinds the agent tracks,
+/// accessible, and not much larger than the pages it holds (write-protecting installs page
+/// tables over all of it), as the agent's own tracking chooses.
+fn tracked(v: &limitless_image::format::VmaInfo) -> bool {
+    matches!(v.kind, vma_kind::ANON | vma_kind::HEAP | vma_kind::STACK) && v.prot != 0 && v.end - v.start <= 16 * v.pages * PAGE + (4 << 20)
 }
 
 /// Free ranges of the restored address space, largest first.
@@ -147,6 +156,9 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
         if x.kind == vma_kind::STACK {
             flags |= pvf::GROWSDOWN;
         }
+        if fds.track && tracked(x) {
+            flags |= pvf::TRACK;
+        }
         if x.flags & limitless_image::format::vflags::DONTFORK != 0 {
             flags |= pvf::DONTFORK;
         }
@@ -167,7 +179,18 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
     let vmas_off = gaps_off + (gaps.len() * PlanGap::SIZE) as u64;
     let runs_off = vmas_off + (vmas.len() * PlanVma::SIZE) as u64;
     let checks_off = runs_off + (runs.len() * PlanRun::SIZE) as u64;
-    let plan_len = checks_off + (checks.len() * PlanCheck::SIZE) as u64;
+    // The baseline: every window of the tracked areas.
+    let mut track: Vec<PlanTrack> = Vec::new();
+    if fds.track {
+        for p in &img.pages {
+            if let Some(v) = area_of(p.header.start).map(|k| &img.vmas[k].info).filter(|v| tracked(v)) {
+                track.push(PlanTrack { hdr: p.header, area_start: v.start });
+            }
+        }
+        track.sort_by_key(|t| t.hdr.start);
+    }
+    let track_off = checks_off + (checks.len() * PlanCheck::SIZE) as u64;
+    let plan_len = track_off + (track.len() * PlanTrack::SIZE) as u64;
     let p = &img.process;
     let leader_fs = img.threads.iter().find(|t| t.role == role::MAIN).map_or(0, |t| t.fs_base);
     let h = PlanHeader {
@@ -200,6 +223,8 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
         release_fd: fds.release_fd,
         ring_slots: fds.ring_slots,
         reserved2: 0,
+        n_track: track.len() as u64,
+        track_off,
     };
     let mut out = vec![0u8; plan_len as usize];
     h.put(&mut out);
@@ -219,6 +244,10 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
     for c in &checks {
         c.put(&mut out[o..]);
         o += PlanCheck::SIZE;
+    }
+    for t in &track {
+        t.put(&mut out[o..]);
+        o += PlanTrack::SIZE;
     }
     out
 }

@@ -34,10 +34,10 @@ use limitless_image::file::{Image, PagesAt, Source};
 use limitless_image::format::{file_kind, vma_kind, PAGE};
 use limitless_image::plan::{RESTORER_FAILED, RING_SLOT_LEN, TOKEN_END, VERIFIED};
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -79,7 +79,9 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
         Ok(f)
     })
     .map_err(|e| anyhow!("{}: {e}", image.display()))?;
-    restore_image(img, Some(file), parents, opts, t0)
+    // Dirty tracking needs the image's own path: a later delta names its parent by path.
+    let base = fs::canonicalize(image).ok().filter(|_| opts.track);
+    restore_image(img, Some(file), parents, base, opts, t0)
 }
 
 /// Restores the image read through `src` (`name` says which, in messages) and supervises
@@ -87,13 +89,21 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
 pub fn restore_stream(src: Box<dyn Source>, name: &str, opts: &Options) -> Result<(Supervisor, RestoreStats)> {
     let t0 = Instant::now();
     let img = Image::from_source(src).map_err(|e| anyhow!("{name}: {e}"))?;
-    restore_image(img, None, Vec::new(), opts, t0)
+    restore_image(img, None, Vec::new(), None, opts, t0)
 }
 
 /// Restores `img`; the restorer reads its pages in place from `file` and the `parents`
 /// files (a delta image), or from the data pipe: compressed records, and all of them
-/// when there is no file.
-fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Options, t0: Instant) -> Result<(Supervisor, RestoreStats)> {
+/// when there is no file. With `base` (the image file's canonical path), dirty tracking
+/// starts from the image.
+fn restore_image(
+    img: Image,
+    file: Option<File>,
+    parents: Vec<File>,
+    base: Option<PathBuf>,
+    opts: &Options,
+    t0: Instant,
+) -> Result<(Supervisor, RestoreStats)> {
     let files: EngineFiles = embedded::unpack()?;
     check_here(&img)?;
     let img = Arc::new(img);
@@ -202,6 +212,8 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
         ring_fd,
         release_fd,
         ring_slots: if ring.is_some() { RING_SLOTS } else { 0 },
+        // An agent before version 2 would not take the tracking over (nor its descriptor).
+        track: base.is_some() && img.process.agent_version >= 2,
     };
     let plan = plan::build(&img, |i| vma_fd[i], |i| srcs[i], &pfds);
     let memfd = rustix::fs::memfd_create("limitless-plan", rustix::fs::MemfdFlags::CLOEXEC)?;
@@ -282,7 +294,13 @@ fn restore_image(img: Image, file: Option<File>, parents: Vec<File>, opts: &Opti
     tracing::debug!("restore: program restored at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
     let data_bytes = checker.join().unwrap_or(0);
     drop(errtext);
-    let threads = sup.inner.state.lock().map(|s| s.restored.map_or(0, |r| r.threads)).unwrap_or(0);
+    let restored = sup.inner.state.lock().map(|s| s.restored).unwrap_or(None);
+    let threads = restored.map_or(0, |r| r.threads);
+    // A delta on top of exactly this image may use the tracking the restorer armed.
+    if let (Some(path), Some(r)) = (base, restored.filter(|r| r.epoch != 0)) {
+        tracing::debug!("restore: dirty tracking from the image, epoch {}", r.epoch);
+        *sup.inner.tracked.lock().unwrap_or_else(|e| e.into_inner()) = Some((path, img.trailer.trailer_hash, r.epoch));
+    }
     Ok((sup, RestoreStats { total_ms: t0.elapsed().as_secs_f64() * 1000.0, data_bytes, threads }))
 }
 

@@ -26,6 +26,11 @@ pub struct Options {
     pub socket: Option<PathBuf>,
     /// Files every checkpoint carries in the image.
     pub carry: super::carry::Carry,
+    /// After a restore from an image file, start the agent's dirty tracking from it, so
+    /// that a delta on top of that image (`dump --parent`) need not read memory the
+    /// program has not written since. Each first write to a page then costs a minor
+    /// fault.
+    pub track: bool,
 }
 
 /// What the agent has told us outside of a checkpoint.

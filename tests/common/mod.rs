@@ -257,11 +257,16 @@ pub fn restore(user: User, dir: &Path, image: &Path) -> Running {
 
 /// [`restore`], through `wrapper` if given.
 pub fn restore_via(user: User, wrapper: Option<&Path>, dir: &Path, image: &Path) -> Running {
+    restore_with(user, wrapper, dir, image, &[])
+}
+
+/// [`restore_via`] with more arguments before the image.
+pub fn restore_with(user: User, wrapper: Option<&Path>, dir: &Path, image: &Path, args: &[&str]) -> Running {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let socket = dir.join(format!("restore-{n}.sock"));
     let mut c = limitless_via(user, wrapper);
-    c.arg("restore").arg("--socket").arg(&socket).arg(image).current_dir(dir);
+    c.arg("restore").arg("--socket").arg(&socket).args(args).arg(image).current_dir(dir);
     Running::spawn(c, socket)
 }
 

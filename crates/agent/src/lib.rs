@@ -36,8 +36,9 @@ use core::sync::atomic::Ordering;
 use global::*;
 use limitless_sys as sys;
 
-/// Version of the agent, reported in `HELLO` and recorded in images.
-pub const AGENT_VERSION: u32 = 1;
+/// Version of the agent, reported in `HELLO` and recorded in images. 2: takes over the
+/// dirty tracking a restorer armed (`RestartArgs` version 2) and reports its epoch.
+pub const AGENT_VERSION: u32 = 2;
 
 /// The environment variable the supervisor sets:
 /// `LIMITLESS_AGENT=fd=NNNNN,pid=NNNNNNNNNN,sig=NN` (fixed widths, so the agent can update

@@ -44,6 +44,12 @@ pub unsafe extern "C" fn limitless_restart(args: *const RestartArgs) -> ! {
     if a.magic != RESTART_MAGIC || a.version < 1 {
         fatal(b"bad arguments from the restorer");
     }
+    // Dirty tracking: none survives in the image; the restorer may have armed it anew.
+    if a.version >= 2 {
+        crate::track::adopt(a.track_uffd, a.track, a.n_track);
+    } else {
+        crate::track::forget();
+    }
     // SAFETY: the leader is the only thread; it owns all agent state.
     let sv = unsafe { saved() };
     sv.gap_start = a.gap_start as usize;
@@ -115,8 +121,6 @@ pub unsafe extern "C" fn limitless_restart(args: *const RestartArgs) -> ! {
 
 /// The restored manager, returning from its suspend point.
 pub fn continue_manager() {
-    // Dirty tracking does not survive: its descriptor and baseline are not in the image.
-    crate::track::forget();
     let mi = MANAGER_SLOT.load(Ordering::Acquire);
     // SAFETY: the manager's slot was filled before the checkpoint.
     freeze::restore_thread(unsafe { &*SLOTS[mi].info.get() });
@@ -149,7 +153,7 @@ pub fn continue_manager() {
         sv.gap_len = 0;
     }
     let restore_ns = sys::monotonic_ns().saturating_sub(sv.restart_started_ns);
-    let r = Restored { pid: sys::getpid() as u32, threads: expected + 1, restore_ns };
+    let r = Restored { pid: sys::getpid() as u32, threads: expected + 1, restore_ns, epoch: crate::track::epoch() };
     let _ = ctl::send_wire(msg::RESTORED, &r);
     freeze::thaw();
 }

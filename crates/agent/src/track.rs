@@ -22,8 +22,9 @@
 //! with that very header, and fails the checkpoint if there is none.
 //!
 //! The baseline (each tracked window's header and its area's offset) lives in a mapping of
-//! its own that the memory scan leaves out. A restored process starts untracked: the
-//! descriptor and the mapping are not in the image ([`forget`]). The descriptor is checked
+//! its own that the memory scan leaves out. The descriptor and the mapping are not in the
+//! image ([`forget`]): a restored process starts untracked, unless the restorer armed
+//! tracking from the image itself ([`adopt`]). The descriptor is checked
 //! at each checkpoint (a userfaultfd, with the inode it had): if the program closed it,
 //! its registrations went with it, and tracking ends. Areas much larger than
 //! what they hold are not registered (write-protecting installs page tables over the whole
@@ -33,6 +34,7 @@ use crate::global::Shared;
 use crate::scan::{Area, Scan};
 use crate::scratch::Scratch;
 use limitless_image::format::{vma_kind, PagesHeader, PAGE};
+use limitless_image::plan::PlanTrack;
 use limitless_sys as sys;
 
 /// One baseline window.
@@ -103,6 +105,53 @@ pub fn hole() -> (u64, u64) {
 pub fn forget() {
     // SAFETY: the restored manager is the only thread using TRACK.
     unsafe { *TRACK.ptr() = Track { uffd: -1, ino: 0, epoch: 0, last: 0, base: 0, cap: 0, n: 0 } };
+}
+
+/// A restored process whose restorer armed tracking (`RestartArgs` version 2): `uffd`
+/// has every tracked area registered and protected since just after the page data went
+/// in, and `wins` holds `n` [`PlanTrack`] entries (address order): the image's windows in
+/// those areas, which is exactly what that memory held. They become the baseline of a new
+/// epoch, so a delta on top of the restored image may skip what is not written since.
+/// Runs in the restart's leader, alone, before any checkpoint. Returns the epoch (0: none).
+pub fn adopt(uffd: i32, wins: u64, n: u64) -> u64 {
+    forget();
+    if uffd < 0 || !is_uffd(uffd) {
+        return 0;
+    }
+    // SAFETY: as in `forget`.
+    let t = unsafe { &mut *TRACK.ptr() };
+    t.uffd = uffd;
+    t.ino = ino(uffd).unwrap_or(0);
+    let cap = (n as usize).max(1);
+    // SAFETY: a fresh private anonymous mapping at an address the kernel chooses.
+    let Ok(m) = (unsafe { sys::mmap(0, map_len(cap), sys::PROT_READ | sys::PROT_WRITE, sys::MAP_PRIVATE | sys::MAP_ANONYMOUS, -1, 0) })
+    else {
+        // Tracking goes on without a baseline (the next checkpoint makes one).
+        return 0;
+    };
+    // SAFETY: the mapping holds `cap` windows and belongs to TRACK alone.
+    let nb = unsafe { core::slice::from_raw_parts_mut(m as *mut BaseWin, cap) };
+    for (i, b) in nb.iter_mut().enumerate().take(n as usize) {
+        // SAFETY: the restorer passes `n` entries at `wins`, in its gap, which stays mapped
+        // until the restart is over.
+        let raw = unsafe { core::slice::from_raw_parts((wins as usize + i * PlanTrack::SIZE) as *const u8, PlanTrack::SIZE) };
+        let w = <PlanTrack as limitless_image::wire::Wire>::get(raw);
+        // As `origin` computes it at the next checkpoint: the offset of an anonymous area
+        // reads 0 in /proc/self/maps.
+        *b = BaseWin { hdr: w.hdr, origin: 0u64.wrapping_sub(w.area_start) };
+    }
+    t.last = 1;
+    t.epoch = 1;
+    t.base = m;
+    t.cap = cap;
+    t.n = n as usize;
+    t.epoch
+}
+
+/// The current baseline's epoch (0: none).
+pub fn epoch() -> u64 {
+    // SAFETY: as in `fd`.
+    unsafe { (*TRACK.ptr()).epoch }
 }
 
 fn ino(fd: i32) -> Option<u64> {

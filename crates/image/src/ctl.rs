@@ -152,6 +152,9 @@ wire! {
         pub pid: u32,
         pub threads: u32,
         pub restore_ns: u64,
+        /// The dirty-tracking epoch whose baseline is the restored image (0: not tracking),
+        /// for a later `Checkpoint::parent_epoch`. Agents before version 2 do not send it.
+        pub epoch: u64,
     }
 }
 

@@ -12,7 +12,7 @@ use crate::wire;
 /// `b"LMTLPLAN"`.
 pub const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"LMTLPLAN");
 /// Version of the plan layout (the restorer and supervisor always come from one build).
-pub const PLAN_VERSION: u32 = 6;
+pub const PLAN_VERSION: u32 = 7;
 /// Most gap candidates in a plan.
 pub const MAX_GAPS: u32 = 32;
 
@@ -63,6 +63,11 @@ wire! {
         pub ring_slots: u32,
         /// Reserved (0).
         pub reserved2: u32,
+        /// Dirty tracking from the restored image on ([`pvf::TRACK`]): the image's windows
+        /// in those areas ([`PlanTrack`]), in address order, that the agent takes as its
+        /// baseline.
+        pub n_track: u64,
+        pub track_off: u64,
     }
 }
 
@@ -113,6 +118,10 @@ pub mod pvf {
     /// Anonymous: it may be filled with `UFFDIO_COPY` (into fresh pages, which the kernel
     /// then need not clear).
     pub const COPY: u32 = 16;
+    /// Once its page data is in, register the area for asynchronous write-protection and
+    /// protect it, so that the agent's dirty tracking starts from the image: a later delta
+    /// on top of this image need not read what the program has not written since.
+    pub const TRACK: u32 = 32;
 }
 
 /// Page run flags.
@@ -181,11 +190,20 @@ wire! {
     }
 }
 
+wire! {
+    /// One window of the dirty-tracking baseline: its pages header as in the image, and
+    /// the start of the area it lies in.
+    pub struct PlanTrack {
+        pub hdr: crate::format::PagesHeader,
+        pub area_start: u64,
+    }
+}
+
 /// `b"LMTLRARG"`.
 pub const RESTART_MAGIC: u64 = u64::from_le_bytes(*b"LMTLRARG");
 /// Version of [`RestartArgs`]. The agent in an image may be older than the restorer, so
 /// this layout only grows at the end.
-pub const RESTART_VERSION: u32 = 1;
+pub const RESTART_VERSION: u32 = 2;
 
 /// What the restorer hands to the agent's restart entry (in memory, by pointer).
 #[repr(C)]
@@ -201,6 +219,13 @@ pub struct RestartArgs {
     pub started_ns: u64,
     /// Bytes of page data the restorer read.
     pub data_bytes: u64,
+    /// From version 2: the userfaultfd the [`pvf::TRACK`] areas are registered with and
+    /// write-protected (-1: none), and where the plan's `n_track` [`PlanTrack`] entries are
+    /// (in the gap; the agent copies them before it unmaps the gap).
+    pub track_uffd: i32,
+    pub reserved: u32,
+    pub track: u64,
+    pub n_track: u64,
 }
 
 /// Exit status of a restorer that failed before the program ran.

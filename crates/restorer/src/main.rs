@@ -256,6 +256,9 @@ unsafe extern "C" fn stage1(s: *const Stage1) -> ! {
             }
         }
     }
+    // 8. Dirty tracking from here on, if asked (after our fds are gone: its descriptor
+    // must not be among them).
+    let (track_uffd, track, n_track) = arm_tracking(s, &h);
     let args = s.args as *mut RestartArgs;
     // SAFETY: `s.args` points at free, writable space in the gap.
     unsafe {
@@ -267,6 +270,10 @@ unsafe extern "C" fn stage1(s: *const Stage1) -> ! {
             gap_len: s.gap_len as u64,
             started_ns: s.started_ns,
             data_bytes: bytes,
+            track_uffd,
+            reserved: 0,
+            track,
+            n_track,
         })
     };
     if h.err_fd >= 0 && h.err_fd >= h.close_from && h.err_fd <= h.close_to {
@@ -292,6 +299,54 @@ unsafe extern "C" fn stage1(s: *const Stage1) -> ! {
             in("rdi") args,
             options(noreturn),
         )
+    }
+}
+
+/// The lowest descriptor number the tracking userfaultfd goes to, out of the program's way
+/// (where the agent puts its own).
+const TRACK_FD_FLOOR: usize = 900;
+
+/// Registers the [`pvf::TRACK`] areas with a new userfaultfd for asynchronous
+/// write-protection and protects them: from now on the kernel notes every page written,
+/// by the program or by the agent's restart. Returns the descriptor and where the plan's
+/// baseline windows are, or (-1, 0, 0): then nothing stays registered and the restored
+/// process starts untracked, as it would without the plan asking.
+fn arm_tracking(s: &Stage1, h: &PlanHeader) -> (i32, u64, u64) {
+    const NONE: (i32, u64, u64) = (-1, 0, 0);
+    let end = (h.n_track as u128) * PlanTrack::SIZE as u128 + h.track_off as u128;
+    let any = (0..h.n_vmas as u64).any(|i| entry::<PlanVma>(s, h.vmas_off, i).flags & pvf::TRACK != 0);
+    if !any || end > s.plan_len as u128 {
+        return NONE;
+    }
+    let Ok(uffd) = sys::userfaultfd_api(
+        sys::O_CLOEXEC as usize | sys::O_NONBLOCK as usize,
+        sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED,
+    ) else {
+        return NONE;
+    };
+    for i in 0..h.n_vmas as u64 {
+        let v: PlanVma = entry(s, h.vmas_off, i);
+        if v.flags & pvf::TRACK == 0 {
+            continue;
+        }
+        // SAFETY: write-protect mode only: no fault in the area waits for a handler (the
+        // kernel resolves them itself, WP_ASYNC). The area is one this restorer mapped.
+        let registered = unsafe { sys::uffd_register(uffd, v.start, v.len, sys::UFFDIO_REGISTER_MODE_WP) }.is_ok();
+        let mut wp = sys::UffdioWriteprotect { start: v.start, len: v.len, mode: sys::UFFDIO_WRITEPROTECT_MODE_WP };
+        // SAFETY: UFFDIO_WRITEPROTECT reads the structure passed; the protection is
+        // asynchronous, so later writes proceed (the kernel only notes them).
+        if !registered || unsafe { sys::ioctl(uffd, sys::UFFDIO_WRITEPROTECT, &mut wp as *mut sys::UffdioWriteprotect as usize) }.is_err() {
+            // An area registered but not protected would hide writes: none at all then
+            // (closing unregisters every area).
+            let _ = sys::close(uffd);
+            return NONE;
+        }
+    }
+    let high = sys::fcntl(uffd, sys::F_DUPFD_CLOEXEC, TRACK_FD_FLOOR);
+    let _ = sys::close(uffd);
+    match high {
+        Ok(fd) => (fd as i32, (s.plan as u64) + h.track_off, h.n_track),
+        Err(_) => NONE,
     }
 }
 
