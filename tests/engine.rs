@@ -378,7 +378,8 @@ fn a_chain_of_ten_delta_images_stores_only_changes_and_restores_identically() {
 /// Where userfaultfd is refused (Docker's default seccomp profile, here a seccomp filter
 /// around `limitless`): the checkpoint takes deltas by content hashes instead of dirty
 /// tracking, and the restorer fills memory with `pread` instead of `UFFDIO_COPY`; a
-/// 64 MiB program restores exactly from a leave-running delta.
+/// 64 MiB program restores exactly from a leave-running delta (`restore --track` then
+/// warns that it cannot track).
 #[test]
 fn where_userfaultfd_is_refused_deltas_and_restore_fall_back_and_stay_exact() {
     let wrap = program("nouffd");
@@ -394,9 +395,11 @@ fn where_userfaultfd_is_refused_deltas_and_restore_fall_back_and_stay_exact() {
         assert!(!said.contains("unchanged without reading"), "dirty tracking without userfaultfd? {said}");
         let (st, out1, err1) = r.finish();
         assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err1}");
-        let (st2, out2, err2) = restore_via(u, Some(&wrap), d, &delta).finish();
+        // `--track` cannot start tracking here: the restore goes on, and says so.
+        let (st2, out2, err2) = restore_with(u, Some(&wrap), d, &delta, &["--track"]).finish();
         assert_eq!(st2.code(), Some(0), "restored program failed; stderr: {err2}");
         assert_eq!(lines(&(out1 + &out2)), lines(&want), "output differs from an uninterrupted run");
+        assert!(err2.contains("--track could not start dirty tracking"), "no word that --track did nothing: {err2}");
     });
 }
 

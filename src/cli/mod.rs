@@ -432,6 +432,13 @@ fn restore_cmd(socket: Option<PathBuf>, carry: crate::engine::carry::Carry, trac
     match restore::restore(&image, &opts) {
         Ok((sup, stats)) => {
             tracing::info!("restored {} thread(s) in {:.1} ms ({} of page data)", stats.threads, stats.total_ms, bytes(stats.data_bytes));
+            if track && !stats.tracked {
+                eprintln!(
+                    "limitless: warning: --track could not start dirty tracking (it needs userfaultfd write-protection, Linux 6.7+, \
+                     and an image taken by this version); a delta on top of {} will read all memory",
+                    image.display()
+                );
+            }
             sup.wait().unwrap_or_else(fail)
         }
         Err(e) => fail(format!("{e:#}")),

@@ -51,6 +51,8 @@ pub struct RestoreStats {
     pub data_bytes: u64,
     /// Threads restored (the agent's included).
     pub threads: u32,
+    /// Dirty tracking started from the image ([`Options::track`]).
+    pub tracked: bool,
 }
 
 /// Validates `img` for this machine and writes back the files it carries (`--carry`).
@@ -297,11 +299,13 @@ fn restore_image(
     let restored = sup.inner.state.lock().map(|s| s.restored).unwrap_or(None);
     let threads = restored.map_or(0, |r| r.threads);
     // A delta on top of exactly this image may use the tracking the restorer armed.
+    let mut tracked = false;
     if let (Some(path), Some(r)) = (base, restored.filter(|r| r.epoch != 0)) {
         tracing::debug!("restore: dirty tracking from the image, epoch {}", r.epoch);
         *sup.inner.tracked.lock().unwrap_or_else(|e| e.into_inner()) = Some((path, img.trailer.trailer_hash, r.epoch));
+        tracked = true;
     }
-    Ok((sup, RestoreStats { total_ms: t0.elapsed().as_secs_f64() * 1000.0, data_bytes, threads }))
+    Ok((sup, RestoreStats { total_ms: t0.elapsed().as_secs_f64() * 1000.0, data_bytes, threads, tracked }))
 }
 
 /// The slots each checking worker holds at most: one it fills while the writer passes on
