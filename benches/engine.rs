@@ -108,14 +108,25 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Co
     }
 }
 
+/// How the delta of [`incremental`] finds what changed.
+#[derive(Clone, Copy, PartialEq)]
+enum Delta {
+    /// Dirty tracking armed by the full leave-running checkpoint.
+    Tracked,
+    /// Content hashes alone (`LIMITLESS_TRACK=0`).
+    Hashed,
+    /// The full image stops the program, which is restored with tracking from that image
+    /// (`restore --track`); the delta is taken from the restored program.
+    Restored,
+}
+
 /// Incremental checkpoints: `churn 1024` (it rewrites the same 1 % of its 1 GiB heap every
-/// 300 ms), a full leave-running image, then a delta on top of it a second later, with the
-/// agent's dirty tracking or (`track: false`, `LIMITLESS_TRACK=0`) by content hashes alone.
+/// 300 ms), a full image, then a delta on top of it a second later (see [`Delta`]).
 /// Returns (full bytes, full ms, delta bytes, delta ms, restore of the delta ms, delta frozen
 /// ms, pages found unchanged by tracking).
-fn incremental(dir: &Path, track: bool) -> (u64, f64, u64, f64, f64, f64, u64) {
+fn incremental(dir: &Path, how: Delta) -> (u64, f64, u64, f64, f64, f64, u64) {
     // Read by the supervisor (this process) at each checkpoint.
-    std::env::set_var("LIMITLESS_TRACK", if track { "1" } else { "0" });
+    std::env::set_var("LIMITLESS_TRACK", if how == Delta::Hashed { "0" } else { "1" });
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/churn.c");
     let churn = dir.join("churn");
     assert!(Command::new("gcc").args(["-O2", "-o"]).arg(&churn).arg(&src).status().expect("gcc").success());
@@ -137,7 +148,13 @@ fn incremental(dir: &Path, track: bool) -> (u64, f64, u64, f64, f64, f64, u64) {
         compress: Off,
         self_contained: false,
     };
-    let a = sup.inner.checkpoint(&req(&full, None)).expect("full checkpoint");
+    let (a, sup) = if how == Delta::Restored {
+        let a = sup.inner.checkpoint(&Request { after: After::Kill, ..req(&full, None) }).expect("full checkpoint");
+        let _ = sup.wait();
+        (a, restore(&full, &Options { track: true, ..opts.clone() }).expect("restore of the full image").0)
+    } else {
+        (sup.inner.checkpoint(&req(&full, None)).expect("full checkpoint"), sup)
+    };
     std::thread::sleep(Duration::from_secs(1));
     let b = sup.inner.checkpoint(&req(&delta, Some(full.clone()))).expect("delta checkpoint");
     sup.inner.kill();
@@ -424,13 +441,17 @@ fn main() {
         ),
     }
     settle();
-    let inc: Vec<_> = [true, false].into_iter().map(|t| (t, incremental(&dir, t))).collect();
+    let inc: Vec<_> = [Delta::Tracked, Delta::Hashed, Delta::Restored].into_iter().map(|t| (t, incremental(&dir, t))).collect();
     let (plain_wall, engine_wall, plain_cpu, engine_cpu) = overhead(&dir, OVERHEAD_RUNS);
     println!();
-    for (track, (full, full_ms, delta, delta_ms, delta_restore_ms, delta_frozen_ms, unchanged)) in inc {
+    for (how, (full, full_ms, delta, delta_ms, delta_restore_ms, delta_frozen_ms, unchanged)) in inc {
         println!(
             "incremental{}, churn 1 GiB (1 % rewritten): full image {} in {full_ms:.1} ms; a delta 1 s later {} ({:.2} % of the full) in {delta_ms:.1} ms, frozen {delta_frozen_ms:.1} ms, {} found unchanged by dirty tracking; restore of the delta {delta_restore_ms:.1} ms",
-            if track { "" } else { " (LIMITLESS_TRACK=0: hashes only)" },
+            match how {
+                Delta::Tracked => "",
+                Delta::Hashed => " (LIMITLESS_TRACK=0: hashes only)",
+                Delta::Restored => " (after restore --track of the full image)",
+            },
             limitless::util::bytes(full),
             limitless::util::bytes(delta),
             delta as f64 * 100.0 / full as f64,
