@@ -430,12 +430,21 @@ fn check_and_pass(img: &Image, srcs: &[Option<InPlace>], mut w: File, ring: Opti
         None => (None, None),
     };
     let map = map.as_ref();
+    // Each worker's staged records not passed on yet: it holds a slot for each of the next
+    // ones, up to SLOTS_PER_WORKER, and gets no slot it will not use (taking one may wait
+    // for the restorer to hand one back).
+    let mut left: Vec<u32> = vec![0; n];
+    for (i, src) in srcs.iter().enumerate().take(img.pages.len()) {
+        if src.is_none() {
+            left[i % n] += 1;
+        }
+    }
     let total = std::thread::scope(|s| {
         let (mut results, mut slots) = (Vec::new(), Vec::new());
-        for k in 0..n {
+        for (k, &l) in left.iter().enumerate() {
             let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Checked>(SLOTS_PER_WORKER as usize);
             let (slot_tx, slot_rx) = std::sync::mpsc::channel::<u32>();
-            for _ in 0..SLOTS_PER_WORKER {
+            for _ in 0..SLOTS_PER_WORKER.min(l) {
                 if let Some(slot) = free.as_mut().and_then(FreeSlots::take) {
                     let _ = slot_tx.send(slot);
                 }
@@ -479,10 +488,13 @@ fn check_and_pass(img: &Image, srcs: &[Option<InPlace>], mut w: File, ring: Opti
                     if w.write_all(&token.to_le_bytes()).is_err() {
                         return total;
                     }
-                    // The worker gets another slot for its next record.
-                    match free.take() {
-                        Some(s) => drop(slots[i % n].send(s)),
-                        None => return total,
+                    // The worker gets another slot if it has a record left to fill it.
+                    left[i % n] -= 1;
+                    if left[i % n] >= SLOTS_PER_WORKER {
+                        match free.take() {
+                            Some(s) => drop(slots[i % n].send(s)),
+                            None => return total,
+                        }
                     }
                     total += len;
                 }
