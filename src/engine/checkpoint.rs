@@ -379,7 +379,7 @@ impl Inner {
         // to the agent's stream breaking off.
         let mut write_err: Option<String> = None;
         let mut exec_files = ExecFiles::default();
-        let streamed = read_stream_ahead(reader, |h, payload, sum| {
+        let streamed = read_stream_ahead(reader, squeeze.wants_sums(), |h, payload, sum| {
             records += 1;
             if h.kind == kind::PAGES && h.flags == rflags::REF {
                 // A window the agent's dirty tracking found unchanged since the parent.
@@ -510,9 +510,11 @@ fn parent_map(path: &Path) -> Result<(ParentMap, PathBuf, [u8; 32])> {
 /// was still the busier of the two. At most four records wait between the two.
 ///
 /// `f` returns the payload's buffer when it is done with it (not queued for compression);
-/// the reader reads later records into those buffers rather than new ones.
+/// the reader reads later records into those buffers rather than new ones. Without `sums`
+/// the reader computes no checksum (`f` gets `None`).
 fn read_stream_ahead<R: std::io::Read + Send + 'static>(
     r: R,
+    sums: bool,
     mut f: impl FnMut(RecordHeader, Vec<u8>, Option<[u8; 32]>) -> std::io::Result<Option<Vec<u8>>>,
 ) -> std::io::Result<()> {
     let (tx, rx) = std::sync::mpsc::sync_channel(4);
@@ -523,7 +525,7 @@ fn read_stream_ahead<R: std::io::Read + Send + 'static>(
             r,
             || back_rx.try_recv().unwrap_or_default(),
             |h, p| {
-                let sum = (h.kind == kind::PAGES && h.flags == 0).then(|| page_sum(&p));
+                let sum = (sums && h.kind == kind::PAGES && h.flags == 0).then(|| page_sum(&p));
                 tx.send((h, p, sum)).map_err(|_| std::io::Error::other("the image writer stopped"))
             },
         )

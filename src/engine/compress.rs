@@ -157,6 +157,13 @@ impl Compressor {
         Compressor { mode, workers, pool: None, behind: None, queue: VecDeque::new(), next_seq: 0, busy: 0, compressed: 0, raw: 0 }
     }
 
+    /// Whether a page record's [`page_sum`](limitless_image::format::page_sum) is worth
+    /// computing ahead for [`pages`](Self::pages): not with `All`, where most records are
+    /// compressed and their sum goes unused (one that stays raw gets its sum as written).
+    pub fn wants_sums(&self) -> bool {
+        self.mode != Compress::All
+    }
+
     /// In `Idle` mode, compresses only while `behind` is set (see [`EarlyFlush::behind`](super::early::EarlyFlush::behind)).
     pub fn when_behind(mut self, behind: Arc<AtomicBool>) -> Compressor {
         self.behind = Some(behind);
