@@ -119,3 +119,21 @@ fn restored(body: &[u8]) -> Option<Restored> {
     b[..n].copy_from_slice(&body[..n]);
     (body.len() >= OLD).then(|| Restored::decode(&b)).flatten()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restored_from_an_older_agent_has_no_epoch() {
+        let new = Restored { pid: 7, threads: 3, restore_ns: 11, epoch: 5 };
+        let mut b = vec![0u8; Restored::SIZE];
+        new.put(&mut b);
+        let full = restored(&b).expect("a whole RESTORED");
+        assert_eq!((full.pid, full.threads, full.restore_ns, full.epoch), (7, 3, 11, 5));
+        // An agent before version 2 sends the first 16 bytes only.
+        let old = restored(&b[..16]).expect("an older agent's RESTORED");
+        assert_eq!((old.pid, old.threads, old.restore_ns, old.epoch), (7, 3, 11, 0));
+        assert!(restored(&b[..15]).is_none(), "a cut RESTORED was taken");
+    }
+}
