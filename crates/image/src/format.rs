@@ -32,7 +32,7 @@ pub const PAGE_SUM_MINOR: u16 = 4;
 /// two records apart: it compares their bytes.
 pub fn page_sum(payload: &[u8]) -> [u8; 32] {
     let mut h = [0u8; 32];
-    h[..16].copy_from_slice(&xxhash_rust::xxh3::xxh3_128(payload).to_le_bytes());
+    h[..16].copy_from_slice(&crate::xxh::xxh3_128(payload).to_le_bytes());
     h
 }
 

@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod ctl;
 pub mod format;
 pub mod plan;
+pub mod xxh;
 
 #[cfg(feature = "std")]
 pub mod file;

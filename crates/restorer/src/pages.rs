@@ -273,7 +273,7 @@ fn place_record(w: &Work, c: &PlanCheck, buf: usize) {
     if c.flags & pcf::VERIFY != 0 {
         // SAFETY: `c.len` bytes were just read into the buffer at `payload`.
         let bytes = unsafe { core::slice::from_raw_parts(payload as *const u8, c.len as usize) };
-        if xxhash_rust::xxh3::xxh3_128(bytes).to_le_bytes() != c.sum {
+        if limitless_image::xxh::xxh3_128(bytes).to_le_bytes() != c.sum {
             let first: PlanRun = entry(w.s, w.h.runs_off, c.first_run);
             report::fail_at("image is corrupt: page data fails its checksum (damaged, or changed while it was read), for", first.start);
         }
