@@ -281,6 +281,11 @@ mod tests {
                 assert_eq!(xxh3_128(d.as_ref()), want, "length {len}");
                 if len > MIDSIZE_MAX {
                     assert_eq!(long_scalar(d.as_ref()), want, "length {len}, plain code");
+                    #[cfg(target_arch = "x86_64")]
+                    if avx512::available() {
+                        // SAFETY: AVX-512F is there (checked).
+                        assert_eq!(unsafe { avx512::long(d.as_ref()) }, want, "length {len}, AVX-512 loop");
+                    }
                 }
             }
             n += 1;
