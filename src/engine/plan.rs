@@ -2,7 +2,7 @@
 //! restorer follows without parsing anything itself (see `limitless_image::plan`).
 
 use limitless_image::file::Image;
-use limitless_image::format::{role, vma_kind, PagesHeader, PAGE, USER_END};
+use limitless_image::format::{role, vma_kind, worth_tracking, PagesHeader, PAGE, USER_END};
 use limitless_image::plan::*;
 use limitless_image::wire::Wire;
 
@@ -29,13 +29,6 @@ pub struct PlanFds {
     pub ring_slots: u32,
     /// Start the agent's dirty tracking from the image ([`pvf::TRACK`]).
     pub track: bool,
-}
-
-/// Whether the restorer registers area `v` for dirty tracking: the kinds the agent tracks,
-/// accessible, and not much larger than the pages it holds (write-protecting installs page
-/// tables over all of it), as the agent's own tracking chooses.
-fn tracked(v: &limitless_image::format::VmaInfo) -> bool {
-    matches!(v.kind, vma_kind::ANON | vma_kind::HEAP | vma_kind::STACK) && v.prot != 0 && v.end - v.start <= 16 * v.pages * PAGE + (4 << 20)
 }
 
 /// Free ranges of the restored address space, largest first.
@@ -156,7 +149,7 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
         if x.kind == vma_kind::STACK {
             flags |= pvf::GROWSDOWN;
         }
-        if fds.track && tracked(x) {
+        if fds.track && worth_tracking(x) {
             flags |= pvf::TRACK;
         }
         if x.flags & limitless_image::format::vflags::DONTFORK != 0 {
@@ -183,7 +176,7 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
     let mut track: Vec<PlanTrack> = Vec::new();
     if fds.track {
         for p in &img.pages {
-            if let Some(v) = area_of(p.header.start).map(|k| &img.vmas[k].info).filter(|v| tracked(v)) {
+            if let Some(v) = area_of(p.header.start).map(|k| &img.vmas[k].info).filter(|v| worth_tracking(v)) {
                 track.push(PlanTrack { hdr: p.header, area_start: v.start });
             }
         }

@@ -33,8 +33,8 @@
 use crate::global::Shared;
 use crate::scan::{Area, Scan};
 use crate::scratch::Scratch;
-use limitless_image::format::{vma_kind, PagesHeader, PAGE};
-use limitless_image::plan::PlanTrack;
+use limitless_image::format::{vma_kind, worth_tracking, PagesHeader, PAGE};
+use limitless_image::plan::{PlanTrack, TRACK_FD_FLOOR};
 use limitless_sys as sys;
 
 /// One baseline window.
@@ -63,9 +63,6 @@ struct Track {
 }
 
 static TRACK: Shared<Track> = Shared::new(Track { uffd: -1, ino: 0, epoch: 0, last: 0, base: 0, cap: 0, n: 0 });
-
-/// The lowest descriptor number the userfaultfd is moved to, out of the program's way.
-const FD_FLOOR: usize = 900;
 
 /// Whether the agent tracks memory now, and what its checkpoints report.
 pub struct Outcome {
@@ -174,10 +171,6 @@ fn origin(a: &Area) -> u64 {
     a.pgoff.wrapping_sub(a.info.start)
 }
 
-fn tracked_kind(k: u32) -> bool {
-    k == vma_kind::ANON || k == vma_kind::HEAP || k == vma_kind::STACK
-}
-
 /// Runs while the program is frozen, after the memory scan: finds the windows unchanged
 /// since the parent (if the parent is this agent's baseline, `parent_epoch`), protects
 /// the written pages again, registers new areas if `arm`, and records the new baseline.
@@ -210,7 +203,7 @@ pub fn checkpoint(scan: &Scan, s: &mut Scratch, parent_epoch: u32, arm: bool) ->
     // previous checkpoint) and stays mapped until it is replaced further down.
     let base: &[BaseWin] = if use_base { unsafe { core::slice::from_raw_parts(t.base as *const BaseWin, t.n) } } else { &[] };
     for (ai, a) in scan.areas[..scan.n_areas].iter().enumerate() {
-        if !tracked_kind(a.info.kind) || !a.uffd_wp {
+        if !vma_kind::tracked(a.info.kind) || !a.uffd_wp {
             continue;
         }
         // This area's windows (they are in address order, grouped by area).
@@ -304,7 +297,7 @@ pub fn checkpoint(scan: &Scan, s: &mut Scratch, parent_epoch: u32, arm: bool) ->
     let mut n = 0;
     for w in wins {
         let a = &scan.areas[w.area as usize];
-        if tracked_kind(a.info.kind) {
+        if vma_kind::tracked(a.info.kind) {
             nb[n] = BaseWin { hdr: w.hdr, origin: origin(a) };
             n += 1;
         }
@@ -318,13 +311,7 @@ pub fn checkpoint(scan: &Scan, s: &mut Scratch, parent_epoch: u32, arm: bool) ->
 
 /// Opens the userfaultfd (asynchronous write-protection), at a high descriptor number.
 fn open() -> i32 {
-    let flags = sys::O_CLOEXEC as usize | sys::O_NONBLOCK as usize;
-    let Ok(fd) = sys::userfaultfd_api(flags, sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED) else {
-        return -1;
-    };
-    let high = sys::fcntl(fd, sys::F_DUPFD_CLOEXEC, FD_FLOOR);
-    let _ = sys::close(fd);
-    high.map_or(-1, |h| h as i32)
+    sys::uffd_wp_async(TRACK_FD_FLOOR).unwrap_or(-1)
 }
 
 /// Registers and write-protects the tracked kinds of areas that are not registered yet
@@ -335,16 +322,15 @@ fn register_new(scan: &Scan) {
     let uffd = unsafe { (*TRACK.ptr()).uffd };
     for a in scan.areas[..scan.n_areas].iter() {
         let len = a.info.end - a.info.start;
-        if !tracked_kind(a.info.kind) || a.uffd_wp || a.info.prot == 0 || len > 16 * a.info.pages * PAGE + (4 << 20) {
+        if a.uffd_wp || !worth_tracking(&a.info) {
             continue;
         }
         // SAFETY: write-protect mode only: no fault in the area waits for a handler.
         if unsafe { sys::uffd_register(uffd, a.info.start, len, sys::UFFDIO_REGISTER_MODE_WP) }.is_err() {
             continue;
         }
-        let mut wp = sys::UffdioWriteprotect { start: a.info.start, len, mode: sys::UFFDIO_WRITEPROTECT_MODE_WP };
-        // SAFETY: UFFDIO_WRITEPROTECT reads the structure passed; write-protection is
-        // asynchronous, so the program's writes proceed (the kernel only notes them).
-        let _ = unsafe { sys::ioctl(uffd, sys::UFFDIO_WRITEPROTECT, &mut wp as *mut sys::UffdioWriteprotect as usize) };
+        // SAFETY: the userfaultfd is asynchronous (`open`), so the program's writes
+        // proceed (the kernel only notes them).
+        let _ = unsafe { sys::uffd_writeprotect(uffd, a.info.start, len) };
     }
 }

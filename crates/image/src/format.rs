@@ -424,6 +424,12 @@ pub mod vma_kind {
     /// stay aliased.
     pub const SHM: u32 = 7;
 
+    /// Whether dirty tracking covers areas of kind `k`: anonymous memory, the heap and the
+    /// stack.
+    pub fn tracked(k: u32) -> bool {
+        k == ANON || k == HEAP || k == STACK
+    }
+
     /// A short name for a kind.
     pub fn name(k: u32) -> &'static str {
         match k {
@@ -470,6 +476,13 @@ wire! {
         /// Pages of this area stored in the image.
         pub pages: u64,
     }
+}
+
+/// Whether dirty tracking registers the area `v` (the agent at a checkpoint, the restorer
+/// after `restore --track`): a [tracked](vma_kind::tracked) kind, accessible, and not much
+/// larger than the pages it holds (write-protecting installs page tables over all of it).
+pub fn worth_tracking(v: &VmaInfo) -> bool {
+    vma_kind::tracked(v.kind) && v.prot != 0 && v.end - v.start <= 16 * v.pages * PAGE + (4 << 20)
 }
 
 wire! {

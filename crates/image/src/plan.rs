@@ -199,6 +199,10 @@ wire! {
     }
 }
 
+/// The lowest descriptor number of the dirty-tracking userfaultfd (the agent's, or the
+/// restorer's for `restore --track`), out of the program's way.
+pub const TRACK_FD_FLOOR: usize = 900;
+
 /// `b"LMTLRARG"`.
 pub const RESTART_MAGIC: u64 = u64::from_le_bytes(*b"LMTLRARG");
 /// Version of [`RestartArgs`]. The agent in an image may be older than the restorer, so

@@ -302,10 +302,6 @@ unsafe extern "C" fn stage1(s: *const Stage1) -> ! {
     }
 }
 
-/// The lowest descriptor number the tracking userfaultfd goes to, out of the program's way
-/// (where the agent puts its own).
-const TRACK_FD_FLOOR: usize = 900;
-
 /// Registers the [`pvf::TRACK`] areas with a new userfaultfd for asynchronous
 /// write-protection and protects them: from now on the kernel notes every page written,
 /// by the program or by the agent's restart. Returns the descriptor and where the plan's
@@ -318,10 +314,7 @@ fn arm_tracking(s: &Stage1, h: &PlanHeader) -> (i32, u64, u64) {
     if !any || end > s.plan_len as u128 {
         return NONE;
     }
-    let Ok(uffd) = sys::userfaultfd_api(
-        sys::O_CLOEXEC as usize | sys::O_NONBLOCK as usize,
-        sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED,
-    ) else {
+    let Ok(uffd) = sys::uffd_wp_async(TRACK_FD_FLOOR) else {
         return NONE;
     };
     for i in 0..h.n_vmas as u64 {
@@ -332,22 +325,16 @@ fn arm_tracking(s: &Stage1, h: &PlanHeader) -> (i32, u64, u64) {
         // SAFETY: write-protect mode only: no fault in the area waits for a handler (the
         // kernel resolves them itself, WP_ASYNC). The area is one this restorer mapped.
         let registered = unsafe { sys::uffd_register(uffd, v.start, v.len, sys::UFFDIO_REGISTER_MODE_WP) }.is_ok();
-        let mut wp = sys::UffdioWriteprotect { start: v.start, len: v.len, mode: sys::UFFDIO_WRITEPROTECT_MODE_WP };
-        // SAFETY: UFFDIO_WRITEPROTECT reads the structure passed; the protection is
-        // asynchronous, so later writes proceed (the kernel only notes them).
-        if !registered || unsafe { sys::ioctl(uffd, sys::UFFDIO_WRITEPROTECT, &mut wp as *mut sys::UffdioWriteprotect as usize) }.is_err() {
+        // SAFETY: the protection is asynchronous, so later writes proceed (the kernel only
+        // notes them).
+        if !registered || unsafe { sys::uffd_writeprotect(uffd, v.start, v.len) }.is_err() {
             // An area registered but not protected would hide writes: none at all then
             // (closing unregisters every area).
             let _ = sys::close(uffd);
             return NONE;
         }
     }
-    let high = sys::fcntl(uffd, sys::F_DUPFD_CLOEXEC, TRACK_FD_FLOOR);
-    let _ = sys::close(uffd);
-    match high {
-        Ok(fd) => (fd as i32, (s.plan as u64) + h.track_off, h.n_track),
-        Err(_) => NONE,
-    }
+    (uffd, (s.plan as u64) + h.track_off, h.n_track)
 }
 
 /// Top of the gap stack, as an offset from the gap start.

@@ -472,6 +472,28 @@ pub unsafe fn uffd_register(uffd: i32, start: u64, len: u64, mode: u64) -> Resul
     unsafe { ioctl(uffd, UFFDIO_REGISTER, &mut reg as *mut UffdioRegister as usize) }.map(|_| reg.ioctls)
 }
 
+/// A userfaultfd for asynchronous write-protection (`UFFD_FEATURE_WP_ASYNC`, with
+/// unpopulated pages protected too), close-on-exec and non-blocking, moved to the lowest
+/// free descriptor at or above `floor`.
+pub fn uffd_wp_async(floor: usize) -> Result<i32> {
+    let fd = userfaultfd_api(O_CLOEXEC as usize | O_NONBLOCK as usize, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)?;
+    let high = fcntl(fd, F_DUPFD_CLOEXEC, floor);
+    let _ = close(fd);
+    high.map(|h| h as i32)
+}
+
+/// `UFFDIO_WRITEPROTECT` of `start..start + len`: protects it.
+///
+/// # Safety
+/// A write to a protected page waits for a handler unless the range's registration is
+/// asynchronous ([`uffd_wp_async`]); the caller must allow that.
+pub unsafe fn uffd_writeprotect(uffd: i32, start: u64, len: u64) -> Result<()> {
+    let mut wp = UffdioWriteprotect { start, len, mode: UFFDIO_WRITEPROTECT_MODE_WP };
+    // SAFETY: UFFDIO_WRITEPROTECT reads the structure passed; the effect on the range is
+    // the caller's to allow.
+    unsafe { ioctl(uffd, UFFDIO_WRITEPROTECT, &mut wp as *mut UffdioWriteprotect as usize) }.map(|_| ())
+}
+
 /// `struct utsname`.
 #[repr(C)]
 pub struct Utsname {
