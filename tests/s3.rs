@@ -155,11 +155,23 @@ fn a_chain_of_five_steps_runs_through_s3_and_later_checkpoints_upload_only_chang
     let steps = rep["steps"].as_array().expect("report steps");
     let sent: Vec<u64> = steps.iter().filter_map(|s| s["stored_bytes"].as_u64()).collect();
     let imgs: Vec<u64> = steps.iter().filter_map(|s| s["image_bytes"].as_u64()).collect();
-    eprintln!("image bytes per checkpoint: {imgs:?}; bytes uploaded: {sent:?}");
+    let copied: Vec<u64> = steps.iter().filter_map(|s| s["copied_bytes"].as_u64()).collect();
+    eprintln!("image bytes per checkpoint: {imgs:?}; bytes uploaded: {sent:?}; bytes copied from the previous image unread: {copied:?}");
     assert!(steps.len() >= 5, "{} steps; stderr: {err}", steps.len());
     assert!(sent.len() >= 4, "checkpoints stored: {sent:?}");
     for (i, &s) in sent.iter().enumerate().skip(1) {
         assert!(s * 100 <= sent[0] * 3, "checkpoint {} uploaded {s} bytes, more than 3 % of the first ({})", i + 1, sent[0]);
+    }
+    // Each step after the first restores with dirty tracking armed, and its checkpoint
+    // takes the memory the program did not write (most of it) from the previous image's
+    // chunks without reading it.
+    assert_eq!(copied.len(), sent.len(), "{copied:?}");
+    for (i, (&c, &n)) in copied.iter().zip(&imgs).enumerate().skip(1) {
+        assert!(
+            c * 10 >= n * 9,
+            "checkpoint {} took only {c} of its {n} bytes from the previous image unread (dirty tracking needs Linux 6.7+ and userfaultfd)",
+            i + 1
+        );
     }
     // Objects in the store are sealed: the spec ends with the MAC marker.
     let chain = std::fs::read_dir(srv.root.join("bkt/chain/chains")).unwrap().next().unwrap().unwrap().path();
@@ -436,6 +448,61 @@ fn a_server_that_ignores_if_none_match_is_refused_or_used_in_the_weaker_mode_whe
 }
 
 /// Waits until `sup`'s program has written some output.
+/// A checkpoint streamed on top of an image in the store, of a program whose dirty
+/// tracking started at that image: the windows it did not write are taken from that
+/// image's chunks unread, and the new image, whole, restores to the same memory (the
+/// program checks all of it: its last checksum is the uninterrupted run's).
+#[test]
+fn a_checkpoint_on_top_of_a_stored_image_takes_unwritten_memory_from_its_chunks() {
+    use limitless::engine::checkpoint::{After, Request};
+    use limitless::engine::restore::restore_stream;
+    use limitless::engine::supervisor::{Options, Supervisor};
+    use limitless::store::ImageAt;
+    let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let srv = Server::start("ontop");
+    let s = open(&srv, "o", Some(KEY)).unwrap();
+    let prog = program("wpedge");
+    let args = ["16", "250"];
+    let want = reference(&prog, &args, "");
+    let opts = Options { socket: None, carry: Default::default(), track: false };
+    let sup = Supervisor::launch(&prog, &args.map(Into::into), &opts).unwrap();
+    assert!(sup.wait_ready(Duration::from_secs(30)), "the agent did not start");
+    wait_output(&sup, "wpedge");
+    let req = |after| Request {
+        output: PathBuf::new(),
+        after,
+        freeze_timeout: Duration::from_secs(10),
+        wait_idle: Duration::ZERO,
+        parent: None,
+        compress: Default::default(),
+        self_contained: false,
+    };
+    let (first, second) = ("images/w/1.0.img", "images/w/2.0.img");
+    let a = sup.inner.checkpoint_to(&req(After::Resume), s.image_sink(first, None).unwrap().unwrap()).unwrap();
+    assert_ne!(a.epoch, 0, "a leave-running checkpoint to the store did not arm dirty tracking (it needs Linux 6.7+)");
+    std::thread::sleep(Duration::from_millis(700));
+    let b = sup.inner.checkpoint_to(&req(After::Kill), s.image_sink(second, Some(first)).unwrap().unwrap()).unwrap();
+    let _ = sup.wait();
+    eprintln!(
+        "first image {} bytes, {:?} sent; on top of it: {} bytes, {:?} sent, {} copied unread, {} pages found unchanged",
+        a.image_bytes, a.sent_bytes, b.image_bytes, b.sent_bytes, b.copied_bytes, b.unchanged_pages
+    );
+    // About 10 MiB of its 16 MiB area is never written.
+    assert!(b.unchanged_pages * 4096 >= 8 << 20, "dirty tracking found only {} pages unchanged", b.unchanged_pages);
+    assert!(b.copied_bytes >= 8 << 20, "only {} bytes were taken from the first image's chunks", b.copied_bytes);
+    assert!(b.sent_bytes.unwrap() * 2 < a.sent_bytes.unwrap(), "the second image sent {:?} bytes", b.sent_bytes);
+    // Restored from the store, it runs to the end with the uninterrupted run's checksums.
+    let src = match s.open_image(second).unwrap() {
+        ImageAt::Stream(src) => src,
+        _ => panic!("the S3 store does not stream images"),
+    };
+    let (r, _) = restore_stream(src, second, &opts).unwrap();
+    let inner = r.inner.clone();
+    assert_eq!(r.wait().unwrap(), 0, "the restored program failed");
+    let last = String::from_utf8_lossy(&inner.out.last_line()).into_owned();
+    assert_eq!(last.trim_end(), want.lines().last().unwrap(), "the restored program ended otherwise than an uninterrupted run");
+}
+
 fn wait_output(sup: &limitless::engine::supervisor::Supervisor, what: &str) {
     let t = Instant::now();
     while sup.inner.out.bytes.load(std::sync::atomic::Ordering::Relaxed) == 0 {
@@ -473,7 +540,7 @@ fn an_image_streams_into_the_store_and_back_and_a_tampered_chunk_stops_the_resto
         compress: Default::default(),
         self_contained: false,
     };
-    let st = sup.inner.checkpoint_to(&req, s.image_sink(key).unwrap().expect("the S3 store takes a stream")).unwrap();
+    let st = sup.inner.checkpoint_to(&req, s.image_sink(key, None).unwrap().expect("the S3 store takes a stream")).unwrap();
     let _ = sup.wait();
     assert!(st.pages >= 32 * 256, "{} pages stored", st.pages);
     assert!(st.sent_bytes.unwrap() > 32 << 20, "sent {:?} bytes for 32 MiB of random memory", st.sent_bytes);

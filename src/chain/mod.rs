@@ -192,6 +192,10 @@ pub struct StepStats {
     /// held some of its chunks).
     #[serde(default)]
     pub stored_bytes: Option<u64>,
+    /// Bytes of that image's page data taken from the previous image unread, where dirty
+    /// tracking found the memory unchanged since the restore (a store that can).
+    #[serde(default)]
+    pub copied_bytes: Option<u64>,
     /// Checkpoints that failed and were retried (a socket open at that moment, ...).
     pub checkpoint_retries: u32,
 }

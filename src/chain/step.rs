@@ -112,8 +112,11 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
     let opts = Options {
         socket: None,
         carry: crate::engine::carry::Carry { dirs: spec.carry.iter().map(Into::into).collect(), written: spec.carry_written },
-        // Every step stores a whole image, never a delta: tracking would only cost faults.
-        track: false,
+        // Every step stores a whole image, never a delta. Where the store can take the
+        // memory unchanged since the previous image from that image's chunks, dirty
+        // tracking says which (at the cost of a fault at each page's first write);
+        // elsewhere it would only cost the faults.
+        track: store.takes_unchanged() && std::env::var_os("LIMITLESS_TRACK").is_none_or(|v| v != "0"),
     };
     let mut restored_from: Option<String> = None;
     let (mut sup, mut history) = if a.step == 0 {
@@ -146,7 +149,7 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
             }
             ImageAt::Stream(src) => {
                 check(trailer_hash(&*src)?)?;
-                restore_stream(src, &format!("{} in {}", key, store.describe()), &opts)?
+                restore_stream(src, &crate::store::image_name(store, key), &opts)?
             }
         };
         stats.restore_ms = Some(ms(t.elapsed()));
@@ -275,7 +278,10 @@ fn checkpoint(
     };
     // A store that takes a stream gets the image while it is written (no local copy);
     // otherwise it is written to a staging file and then stored.
-    let sink = match store.image_sink(&image_key) {
+    // The image the program was restored from is of use only if its dirty tracking
+    // started there (not where the userfaultfd was refused).
+    let tracked = sup.inner.tracked.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+    let sink = match store.image_sink(&image_key, restored_from.filter(|_| tracked)) {
         Ok(s) => s,
         Err(e) => {
             store_failed(&e);
@@ -315,6 +321,7 @@ fn checkpoint(
     failpoint::hit("store.image");
     if streamed {
         stats.stored_bytes = cs.sent_bytes;
+        stats.copied_bytes = Some(cs.copied_bytes);
     } else {
         match store.put_file(&image_key, &staging) {
             Ok(sent) => stats.stored_bytes = Some(sent),

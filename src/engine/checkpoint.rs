@@ -27,7 +27,7 @@ use super::supervisor::Inner;
 use anyhow::{anyhow, bail, Context, Result};
 use limitless_image::ctl::{ckpt_flags, msg, Checkpoint};
 use limitless_image::file::{read_stream, Finished, Image, ParentMap, Writer};
-use limitless_image::format::{kind, page_sum, rflags, RecordHeader};
+use limitless_image::format::{kind, page_sum, rflags, RecordHeader, FORMAT_MINOR};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Write};
@@ -104,6 +104,10 @@ pub struct Stats {
     /// Bytes of page data a delta image takes from its parents instead of storing them.
     #[serde(default)]
     pub referenced_bytes: u64,
+    /// Bytes of page data copied from the parent image, unread, where dirty tracking found
+    /// them unchanged (an image streamed to a store that already holds them).
+    #[serde(default)]
+    pub copied_bytes: u64,
     /// Page records written.
     #[serde(default)]
     pub page_records: u64,
@@ -133,6 +137,66 @@ pub trait ImageSink: Write + Send {
     /// Completes the image once every byte is written; returns the bytes sent. A sink
     /// dropped without `finish` abandons its image.
     fn finish(self: Box<Self>) -> Result<u64>;
+    /// This image's name: what a restore from it, or a checkpoint on top of it, calls it
+    /// (see [`crate::store::image_name`]). `None`: a sink that cannot be a parent.
+    fn name(&self) -> Option<PathBuf> {
+        None
+    }
+    /// The image (in the same store) that this one may take unchanged page records from,
+    /// read as far as its index, and its name; taken once. With it, and a program whose
+    /// dirty tracking started from that image, the agent sends only the windows written
+    /// since, and the others are copied from the parent ([`Writer::copy_from_parent`]):
+    /// the new image is still whole.
+    fn parent(&mut self) -> Option<(Image, PathBuf)> {
+        None
+    }
+    /// Appends the parent's bytes `off..off + len` without their passing through here, if
+    /// the store holds them as whole chunks (true); false: the caller writes them.
+    fn append_parent(&mut self, _off: u64, _len: u64) -> std::io::Result<bool> {
+        Ok(false)
+    }
+    /// Ends a chunk here: what is written next starts a new one, so that a page record
+    /// is made of whole chunks, which a later image can take again.
+    fn boundary(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What [`Inner::run_checkpoint`] writes to: an image file or a sink.
+trait ImageOut: Write {
+    /// See [`ImageSink::append_parent`].
+    fn append_parent(&mut self, _off: u64, _len: u64) -> std::io::Result<bool> {
+        Ok(false)
+    }
+    /// See [`ImageSink::boundary`].
+    fn boundary(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Whether [`boundary`](Self::boundary) means anything here.
+    fn chunked(&self) -> bool {
+        false
+    }
+}
+
+impl ImageOut for EarlyFlush {}
+
+impl ImageOut for Box<dyn ImageSink + '_> {
+    fn append_parent(&mut self, off: u64, len: u64) -> std::io::Result<bool> {
+        (**self).append_parent(off, len)
+    }
+    fn boundary(&mut self) -> std::io::Result<()> {
+        (**self).boundary()
+    }
+    fn chunked(&self) -> bool {
+        true
+    }
+}
+
+/// The parent of a new image: a delta refers to its records; in copy mode the image
+/// stays whole and takes unchanged windows from it.
+struct ParentUse {
+    map: ParentMap,
+    copy: bool,
 }
 
 /// A checkpoint failed because its image could not be written (a full disk, a store that
@@ -204,20 +268,42 @@ impl Inner {
             let rx = self.events.lock().unwrap_or_else(|e| e.into_inner());
             while rx.try_recv().is_ok() {}
         }
+        let mut sink = sink;
+        let sink_name = sink.as_ref().and_then(|s| s.name());
+        let in_store = sink.as_mut().and_then(|s| s.parent());
         let parent = match (&req.parent, &sink) {
             (None, _) => None,
             (Some(_), Some(_)) => bail!("a delta image (--parent) can only be written to a file"),
             (Some(p), None) => Some(parent_map(p)?),
         };
         // The agent may skip memory unchanged since the parent if the parent is the image
-        // its dirty tracking started from (same path, same contents).
-        let parent_epoch = match (&parent, &*self.tracked.lock().unwrap_or_else(|e| e.into_inner())) {
-            (Some((_, path, hash)), Some((tpath, thash, epoch))) if path == tpath && hash == thash => *epoch as u32,
+        // its dirty tracking started from (same name, same contents).
+        let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let epoch_from = |path: &Path, hash: &[u8; 32]| match &tracked {
+            Some((tpath, thash, epoch)) if path == tpath && hash == thash => *epoch as u32,
             _ => 0,
         };
-        let parent = parent.map(|(m, _, _)| m);
-        // Arm dirty tracking for a later delta: leave-running checkpoints to files.
-        let track = req.after == After::Resume && sink.is_none() && std::env::var_os("LIMITLESS_TRACK").is_none_or(|v| v != "0");
+        let (parent, parent_epoch) = match (parent, in_store) {
+            (Some((map, path, hash)), _) => (Some(ParentUse { map, copy: false }), epoch_from(&path, &hash)),
+            // A sink's parent is of use only for what tracking found unchanged, and only if
+            // it is whole and of this format (its records are copied as they are).
+            (None, Some((img, name))) => match epoch_from(&name, &img.trailer.trailer_hash) {
+                e if e != 0 && img.parents.is_empty() && img.header.minor == FORMAT_MINOR => match ParentMap::of(img, &name) {
+                    Ok(map) => (Some(ParentUse { map, copy: true }), e),
+                    Err(err) => {
+                        tracing::warn!("checkpoint: not taking unchanged memory from {}: {err}", name.display());
+                        (None, 0)
+                    }
+                },
+                _ => (None, 0),
+            },
+            (None, None) => (None, 0),
+        };
+        // Arm dirty tracking for a later checkpoint on top of this one: leave-running
+        // checkpoints to files, or to sinks that can be parents.
+        let track = req.after == After::Resume
+            && (sink.is_none() || sink_name.is_some())
+            && std::env::var_os("LIMITLESS_TRACK").is_none_or(|v| v != "0");
         let dest = match sink {
             Some(s) => Dest::Sink(s),
             None => {
@@ -282,9 +368,15 @@ impl Inner {
                         let _ = fs::remove_file(&tmp);
                     })
             }
-            Dest::Sink(s) => self
-                .run_checkpoint(req, s, pr, snapshot, Compressor::new(Compress::Off), None)
-                .and_then(|(stats, at, s, fin)| Ok((stats, at, fin, Some(s.finish()?)))),
+            Dest::Sink(s) => {
+                self.run_checkpoint(req, s, pr, snapshot, Compressor::new(Compress::Off), parent).and_then(|(stats, at, s, fin)| {
+                    let sent = s.finish()?;
+                    // A later checkpoint on top of this image may use the agent's tracking.
+                    *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) =
+                        sink_name.filter(|_| stats.epoch != 0).map(|p| (p, fin.trailer_hash, stats.epoch));
+                    Ok((stats, at, fin, Some(sent)))
+                })
+            }
         };
         match r {
             Ok((mut stats, frozen_at, fin, sent)) => {
@@ -292,6 +384,7 @@ impl Inner {
                 stats.trailer_hash = fin.trailer_hash.iter().map(|b| format!("{b:02x}")).collect();
                 stats.sent_bytes = sent;
                 stats.referenced_bytes = fin.referenced;
+                stats.copied_bytes = fin.copied;
                 match req.after {
                     After::Resume => self.release(true),
                     After::Kill => self.release(false),
@@ -327,14 +420,14 @@ impl Inner {
     /// Streams the image into `out`; returns the statistics, when the program froze, `out`
     /// and what was written. The program's input stays paused until
     /// [`release`](Self::release), so none is lost.
-    fn run_checkpoint<W: Write>(
+    fn run_checkpoint<W: ImageOut>(
         &self,
         req: &Request,
         out: W,
         pr: std::os::fd::OwnedFd,
         snapshot: bool,
         mut squeeze: Compressor,
-        parent: Option<ParentMap>,
+        parent: Option<ParentUse>,
     ) -> Result<(Stats, Instant, W, Finished)> {
         let mut stats = Stats::default();
         let wait = req.freeze_timeout + req.wait_idle + Duration::from_secs(10);
@@ -364,10 +457,23 @@ impl Inner {
             // The agent may let the program go once its copy-on-write child exists.
             self.link.send(msg::STDIO_SAVED, &[], None).context("cannot reach the agent")?;
         }
+        let chunked = out.chunked();
         let mut w = Writer::new(BufWriter::with_capacity(1 << 20, out), now_unix_ns())?;
-        if let Some(m) = parent {
-            w.set_parents(m);
+        let copy = parent.as_ref().is_some_and(|p| p.copy);
+        match parent {
+            Some(ParentUse { map, copy: true }) => w.copy_from_parent(map),
+            Some(ParentUse { map, copy: false }) => w.set_parents(map),
+            None => {}
         }
+        // In a store that keeps chunks, each page record is made of whole chunks, so that a
+        // later image can take it again without reading it (copy mode).
+        let boundary = |w: &mut Writer<BufWriter<W>>| -> std::io::Result<()> {
+            if chunked {
+                w.out_mut().flush()?;
+                w.out_mut().get_mut().boundary()?;
+            }
+            Ok(())
+        };
         // Small: it serves record headers and small records. A page record's payload
         // (1 MiB) is mostly read past it, straight from the pipe, instead of being copied
         // through it.
@@ -384,10 +490,19 @@ impl Inner {
             if h.kind == kind::PAGES && h.flags == rflags::REF {
                 // A window the agent's dirty tracking found unchanged since the parent.
                 squeeze.flush(&mut w).inspect_err(|e| write_err = Some(e.to_string()))?;
-                return w.unchanged(&payload).map(|()| Some(payload)).inspect_err(|e| write_err = Some(e.to_string()));
+                let r = if copy {
+                    w.unchanged_copied(&payload, |bw, off, len| {
+                        bw.flush()?;
+                        bw.get_mut().append_parent(off, len)
+                    })
+                } else {
+                    w.unchanged(&payload)
+                };
+                return r.map(|()| Some(payload)).inspect_err(|e| write_err = Some(e.to_string()));
             }
             if h.kind == kind::PAGES {
-                return squeeze.pages(&mut w, payload, sum).inspect_err(|e| write_err = Some(e.to_string()));
+                let r = boundary(&mut w).and_then(|()| squeeze.pages(&mut w, payload, sum)).and_then(|p| boundary(&mut w).map(|()| p));
+                return r.inspect_err(|e| write_err = Some(e.to_string()));
             }
             squeeze.flush(&mut w).inspect_err(|e| write_err = Some(e.to_string()))?;
             if records == 20 {

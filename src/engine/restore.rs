@@ -86,18 +86,20 @@ pub fn restore(image: &Path, opts: &Options) -> Result<(Supervisor, RestoreStats
     restore_image(img, Some(file), parents, base, opts, t0)
 }
 
-/// Restores the image read through `src` (`name` says which, in messages) and supervises
-/// it; the page data streams from `src` to the restorer.
+/// Restores the image read through `src` (`name` says which, in messages, and names it
+/// for dirty tracking, see [`crate::store::image_name`]) and supervises it; the page data
+/// streams from `src` to the restorer.
 pub fn restore_stream(src: Box<dyn Source>, name: &str, opts: &Options) -> Result<(Supervisor, RestoreStats)> {
     let t0 = Instant::now();
     let img = Image::from_source(src).map_err(|e| anyhow!("{name}: {e}"))?;
-    restore_image(img, None, Vec::new(), None, opts, t0)
+    let base = Some(PathBuf::from(name)).filter(|_| opts.track);
+    restore_image(img, None, Vec::new(), base, opts, t0)
 }
 
 /// Restores `img`; the restorer reads its pages in place from `file` and the `parents`
 /// files (a delta image), or from the data pipe: compressed records, and all of them
-/// when there is no file. With `base` (the image file's canonical path), dirty tracking
-/// starts from the image.
+/// when there is no file. With `base` (the image file's canonical path, or a stored
+/// image's name), dirty tracking starts from the image.
 fn restore_image(
     img: Image,
     file: Option<File>,

@@ -74,8 +74,16 @@ pub trait Store: Send + Sync {
     }
     /// A sink that stores an image at `key` while the engine writes it, with no local
     /// copy, for a store that can (`None`: write a file at `staging_path`, then `put_file`).
-    fn image_sink(&self, _key: &str) -> Result<Option<Box<dyn crate::engine::checkpoint::ImageSink + '_>>> {
+    /// With `parent` (an image in this store that the program was restored from, or last
+    /// checkpointed to), memory that dirty tracking finds unchanged since is taken from
+    /// that image's chunks, for a store that can.
+    fn image_sink(&self, _key: &str, _parent: Option<&str>) -> Result<Option<Box<dyn crate::engine::checkpoint::ImageSink + '_>>> {
         Ok(None)
+    }
+    /// Whether [`image_sink`](Self::image_sink) takes unchanged memory from a parent: only
+    /// then is it worth restoring a program with dirty tracking armed.
+    fn takes_unchanged(&self) -> bool {
+        false
     }
     /// The image at `key`, as a local file or, for a store that can, a reader that fetches
     /// its parts as they are read (so that a restore needs no local copy).
@@ -85,6 +93,13 @@ pub trait Store: Send + Sync {
             None => ImageAt::Missing,
         })
     }
+}
+
+/// What an image in a store is called in messages, and as the identity dirty tracking
+/// starts from (a restore from it, a checkpoint to it) and a later checkpoint names as its
+/// parent.
+pub fn image_name(store: &(impl Store + ?Sized), key: &str) -> String {
+    format!("{key} in {}", store.describe())
 }
 
 /// Checks that `key` is a relative path without `..`.

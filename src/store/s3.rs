@@ -458,8 +458,16 @@ impl Store for S3Store {
         Ok(self.chunk_list(key)?.map(|l| l.chunks.into_iter().map(|c| chunk_key(&c.h)).collect()))
     }
 
-    fn image_sink(&self, key: &str) -> Result<Option<Box<dyn ImageSink + '_>>> {
-        Ok(Some(Box::new(self.sink(key)?)))
+    fn image_sink(&self, key: &str, parent: Option<&str>) -> Result<Option<Box<dyn ImageSink + '_>>> {
+        let mut sink = self.sink(key)?;
+        // Without its parent the image is stored whole all the same, only slower.
+        sink.parent =
+            parent.and_then(|p| self.parent_chunks(p).inspect_err(|e| tracing::warn!("not taking unchanged chunks from {p}: {e:#}")).ok());
+        Ok(Some(Box::new(sink)))
+    }
+
+    fn takes_unchanged(&self) -> bool {
+        true
     }
 
     fn open_image(&self, key: &str) -> Result<ImageAt> {
@@ -486,6 +494,16 @@ pub struct ChunkSink<'a> {
     list: ChunkList,
     pending: VecDeque<JoinHandle<Result<u64>>>,
     sent: u64,
+    /// The image this one may take chunks from, if any.
+    parent: Option<ParentChunks>,
+}
+
+/// An image a [`ChunkSink`] may take whole chunks from: its chunk list, where each chunk
+/// starts, and the image itself (read as far as its index) until the checkpoint takes it.
+struct ParentChunks {
+    chunks: Vec<ChunkRef>,
+    starts: Vec<u64>,
+    image: Option<(limitless_image::file::Image, PathBuf)>,
 }
 
 impl S3Store {
@@ -498,7 +516,16 @@ impl S3Store {
             list: ChunkList { format: 1, bytes: 0, chunks: Vec::new() },
             pending: VecDeque::new(),
             sent: 0,
+            parent: None,
         })
+    }
+
+    /// The image at `key` as a parent a [`ChunkSink`] can take chunks from.
+    fn parent_chunks(&self, key: &str) -> Result<ParentChunks> {
+        let src = self.source(key)?.ok_or_else(|| anyhow!("there is no image {key}"))?;
+        let (chunks, starts) = (src.chunks.clone(), src.starts.clone());
+        let image = limitless_image::file::Image::from_source(Box::new(src)).map_err(|e| anyhow!("the image {key}: {e}"))?;
+        Ok(ParentChunks { chunks, starts, image: Some((image, PathBuf::from(super::image_name(self, key)))) })
     }
 
     fn source(&self, key: &str) -> Result<Option<ChunkSource>> {
@@ -572,6 +599,36 @@ impl Write for ChunkSink<'_> {
 }
 
 impl ImageSink for ChunkSink<'_> {
+    fn name(&self) -> Option<PathBuf> {
+        Some(PathBuf::from(super::image_name(self.store, &self.key)))
+    }
+
+    fn parent(&mut self) -> Option<(limitless_image::file::Image, PathBuf)> {
+        self.parent.as_mut().and_then(|p| p.image.take())
+    }
+
+    fn append_parent(&mut self, off: u64, len: u64) -> std::io::Result<bool> {
+        let Some(p) = &self.parent else { return Ok(false) };
+        let Ok(first) = p.starts.binary_search(&off) else { return Ok(false) };
+        let (mut end, mut n) = (first, 0);
+        while n < len && end < p.chunks.len() {
+            n += p.chunks[end].n;
+            end += 1;
+        }
+        if n != len {
+            return Ok(false);
+        }
+        let take = p.chunks[first..end].to_vec();
+        self.boundary()?;
+        self.list.bytes += len;
+        self.list.chunks.extend(take);
+        Ok(true)
+    }
+
+    fn boundary(&mut self) -> std::io::Result<()> {
+        self.cut(true).map_err(|e| std::io::Error::other(format!("{e:#}")))
+    }
+
     fn finish(mut self: Box<Self>) -> Result<u64> {
         self.cut(true)?;
         for h in std::mem::take(&mut self.pending) {

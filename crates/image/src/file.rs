@@ -143,6 +143,11 @@ pub struct Writer<W: Write> {
     referenced: u64,
     /// A parent's record, read to compare with one being written.
     theirs: Vec<u8>,
+    /// Copy mode ([`Writer::copy_from_parent`]): the image stays whole, and windows found
+    /// unchanged are copied from the parent's records instead of referred to.
+    copy: bool,
+    /// Raw bytes of page records the output took from the parent itself in copy mode.
+    copied: u64,
 }
 
 /// An image a delta image refers to.
@@ -224,6 +229,9 @@ pub struct Finished {
     pub trailer_hash: [u8; 32],
     /// Raw bytes of page records taken from parent images (a delta image).
     pub referenced: u64,
+    /// Raw bytes of page records the output took from the parent image itself, unread
+    /// here (copy mode).
+    pub copied: u64,
 }
 
 impl<W: Write> Writer<W> {
@@ -262,6 +270,8 @@ impl<W: Write> Writer<W> {
             parents_used: Vec::new(),
             referenced: 0,
             theirs: Vec::new(),
+            copy: false,
+            copied: 0,
         })
     }
 
@@ -270,6 +280,16 @@ impl<W: Write> Writer<W> {
     pub fn set_parents(&mut self, map: ParentMap) {
         self.parent_ids = vec![None; map.images.len()];
         self.parent = Some(map);
+    }
+
+    /// Makes the windows the agent found unchanged since `map`'s image copies of that
+    /// image's records ([`unchanged_copied`](Self::unchanged_copied)): the image stays whole
+    /// (no references, no parents list), and records sent in full are written as they are.
+    /// For an image store that keeps the parent's bytes and can take them again without
+    /// their passing through here.
+    pub fn copy_from_parent(&mut self, map: ParentMap) {
+        self.set_parents(map);
+        self.copy = true;
     }
 
     /// Appends a record whose payload is stored as given (`raw_len` is its decompressed
@@ -297,6 +317,9 @@ impl<W: Write> Writer<W> {
         if kind == kind::PAGES {
             let head = payload.get(..PagesHeader::SIZE).ok_or_else(|| io::Error::other("a page record without its header"))?;
             self.pagemap.extend_from_slice(head);
+            if self.copy {
+                return self.put(kind, flags, raw_len, payload, h);
+            }
             let found = self.in_parent(head)?.filter(|f| f.2 == h && flags & rflags::REF == 0);
             // Same window, same checksum: the same bytes, if the parent's record says so byte
             // for byte (a checksum is no proof). `found` comes from the parent map.
@@ -325,6 +348,43 @@ impl<W: Write> Writer<W> {
         };
         self.pagemap.extend_from_slice(head);
         self.put_ref(head, found, raw_len)
+    }
+
+    /// In copy mode ([`copy_from_parent`](Self::copy_from_parent)): appends the parent's
+    /// page record for the window `head`, which the agent found unchanged since the parent
+    /// (dirty-page tracking), byte for byte. `append(out, off, len)` may put the parent's
+    /// bytes `off..off + len` in the output itself (a store that holds them already) and
+    /// return true; otherwise they are read from the parent, checked and written here.
+    pub fn unchanged_copied(&mut self, head: &[u8], append: impl FnOnce(&mut W, u64, u64) -> io::Result<bool>) -> io::Result<()> {
+        let bad = |what: &str| io::Error::other(format!("the unchanged page window cannot be copied from the parent image: {what}"));
+        if !self.copy {
+            return Err(bad("not writing in copy mode"));
+        }
+        let Some((img, record, _)) = self.in_parent(head)? else {
+            return self.unchanged(head);
+        };
+        let m = self.parent.as_ref().ok_or_else(|| bad("no parent"))?;
+        let p = m.parent.clone().ok_or_else(|| bad("no parent"))?;
+        if img as usize + 1 != m.images.len() {
+            return Err(bad("the parent takes it from an earlier image"));
+        }
+        let e = usize::try_from(record).ok().and_then(|i| p.index.get(i)).copied().ok_or_else(|| bad("no such record"))?;
+        if e.kind != kind::PAGES || e.flags & rflags::REF != 0 || p.header.minor != self.minor {
+            return Err(bad("the record is a reference or of another format"));
+        }
+        let len = RecordHeader::SIZE as u64 + e.stored_len;
+        if append(&mut self.out, e.offset, len)? {
+            self.copied += e.raw_len;
+        } else {
+            self.theirs.resize(len as usize, 0);
+            p.src.read_exact_at(&mut self.theirs, e.offset)?;
+            p.check_record(record as usize, &self.theirs).map_err(|e| bad(&e.to_string()))?;
+            self.out.write_all(&self.theirs)?;
+        }
+        self.pagemap.extend_from_slice(head);
+        self.index.push(IndexEntry { offset: self.offset, ..e });
+        self.offset += len;
+        Ok(())
     }
 
     /// The parent map's page record with exactly the pages header `head`, if any:
@@ -376,6 +436,12 @@ impl<W: Write> Writer<W> {
     /// Appends an uncompressed record.
     pub fn plain(&mut self, kind: u32, payload: &[u8]) -> io::Result<()> {
         self.record(kind, 0, payload.len() as u64, payload)
+    }
+
+    /// The output, for what writes no bytes of its own (flushing it, or telling a store
+    /// that a chunk ends here): bytes written through it would be missing from the index.
+    pub fn out_mut(&mut self) -> &mut W {
+        &mut self.out
     }
 
     /// Records written so far.
@@ -430,7 +496,7 @@ impl<W: Write> Writer<W> {
         let tb = enc(&t);
         t.trailer_hash = hash(&[&tb[..Trailer::SIZE - 32]]);
         self.out.write_all(&enc(&t))?;
-        Ok((self.out, Finished { len: file_len, trailer_hash: t.trailer_hash, referenced: self.referenced }))
+        Ok((self.out, Finished { len: file_len, trailer_hash: t.trailer_hash, referenced: self.referenced, copied: self.copied }))
     }
 }
 
@@ -1780,6 +1846,66 @@ mod tests {
         assert_eq!(other.index[other.pages[0].index].flags, 0);
         assert!(other.parents.is_empty());
         assert_eq!(other.read_pages(&other.pages[0]).unwrap(), vec![9u8; 2 * PAGE as usize]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The parent's records written again in copy mode, each page record as unchanged
+    /// (`append` decides how), on top of the image at `parent_path`.
+    fn copied_from(parent_path: &Path, append: impl Fn(&mut Vec<u8>, u64, u64) -> io::Result<bool>) -> io::Result<(Vec<u8>, Finished)> {
+        let img = Image::open(parent_path).unwrap();
+        let mut w = Writer::with_minor(Vec::new(), 1, img.header.minor).unwrap();
+        w.copy_from_parent(ParentMap::of(Image::open(parent_path).unwrap(), parent_path).unwrap());
+        for (i, e) in img.index.iter().enumerate() {
+            match e.kind {
+                kind::PAGEMAP | kind::INDEX => {}
+                kind::PAGES => w.unchanged_copied(&img.read_record(i).unwrap()[..PagesHeader::SIZE], &append)?,
+                k => w.plain(k, &img.read_record(i).unwrap())?,
+            }
+        }
+        w.finish()
+    }
+
+    #[test]
+    fn copy_mode_writes_unchanged_windows_from_the_parent_byte_for_byte() {
+        let dir = std::env::temp_dir().join(format!("limitless-copy-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let parent_path = dir.join("parent");
+        let parent = synthetic();
+        std::fs::write(&parent_path, &parent).unwrap();
+        // Read from the parent here, or put in place by the output (a store holding the
+        // bytes): either way the very image the parent is, whole, with no references.
+        let (read, f) = copied_from(&parent_path, |_, _, _| Ok(false)).unwrap();
+        assert_eq!(read, parent);
+        assert_eq!((f.copied, f.referenced), (0, 0));
+        let (taken, f) = copied_from(&parent_path, |out, off, len| {
+            out.extend_from_slice(&parent[off as usize..(off + len) as usize]);
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(taken, parent);
+        assert_eq!(f.copied, PagesHeader::SIZE as u64 + 2 * PAGE);
+        let img = open_bytes(&taken).unwrap();
+        assert!(img.parents.is_empty());
+        assert_eq!(img.read_pages(&img.pages[0]).unwrap(), vec![7u8; 2 * PAGE as usize]);
+        // A parent record damaged since the parent was opened is not copied unchecked.
+        let img = Image::open(&parent_path).unwrap();
+        let e = img.index[img.pages[0].index];
+        let head = img.read_record(img.pages[0].index).unwrap()[..PagesHeader::SIZE].to_vec();
+        let mut w = Writer::with_minor(Vec::new(), 1, FORMAT_MINOR).unwrap();
+        w.copy_from_parent(ParentMap::of(img, &parent_path).unwrap());
+        let mut bad = parent.clone();
+        bad[(e.offset + e.stored_len) as usize] ^= 1;
+        std::fs::write(&parent_path, &bad).unwrap();
+        let r = w.unchanged_copied(&head, |_, _, _| Ok(false));
+        assert!(matches!(&r, Err(e) if e.to_string().contains("cannot be copied") && e.to_string().contains("checksum")), "{r:?}");
+        // Nor is a window the parent does not have, nor anything outside copy mode.
+        std::fs::write(&parent_path, &parent).unwrap();
+        let mut w = Writer::with_minor(Vec::new(), 1, FORMAT_MINOR).unwrap();
+        w.copy_from_parent(ParentMap::of(Image::open(&parent_path).unwrap(), &parent_path).unwrap());
+        let other = enc(&PagesHeader { start: 0x40000, npages: 16, ..PagesHeader::zeroed() });
+        assert!(w.unchanged_copied(&other, |_, _, _| Ok(false)).is_err());
+        let mut w = Writer::with_minor(Vec::new(), 1, FORMAT_MINOR).unwrap();
+        assert!(w.unchanged_copied(&head, |_, _, _| Ok(false)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
