@@ -522,7 +522,10 @@ impl S3Store {
 
     /// The image at `key` as a parent a [`ChunkSink`] can take chunks from.
     fn parent_chunks(&self, key: &str) -> Result<ParentChunks> {
-        let src = self.source(key)?.ok_or_else(|| anyhow!("there is no image {key}"))?;
+        let mut src = self.source(key)?.ok_or_else(|| anyhow!("there is no image {key}"))?;
+        // Only its metadata and index are read, and the odd record that is not whole
+        // chunks: no chunks fetched ahead.
+        src.ahead = 1;
         let (chunks, starts) = (src.chunks.clone(), src.starts.clone());
         let image = limitless_image::file::Image::from_source(Box::new(src)).map_err(|e| anyhow!("the image {key}: {e}"))?;
         Ok(ParentChunks { chunks, starts, image: Some((image, PathBuf::from(super::image_name(self, key)))) })
