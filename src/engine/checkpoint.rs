@@ -174,7 +174,7 @@ trait ImageOut: Write {
     }
     /// Whether [`boundary`](Self::boundary) means anything here.
     fn chunked(&self) -> bool {
-        false
+        true
     }
 }
 
@@ -359,27 +359,21 @@ impl Inner {
                         f.into_inner().sync_all().context("fsync of the image failed")?;
                         tracing::debug!("checkpoint: final fsync {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
                         finish_file(&tmp, &req.output)?;
-                        // A later delta on top of this image may use the agent's tracking.
-                        *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) =
-                            fs::canonicalize(&req.output).ok().filter(|_| stats.epoch != 0).map(|p| (p, fin.trailer_hash, stats.epoch));
-                        Ok((stats, at, fin, None))
+                        Ok((stats, at, fin, None, fs::canonicalize(&req.output).ok()))
                     })
                     .inspect_err(|_| {
                         let _ = fs::remove_file(&tmp);
                     })
             }
-            Dest::Sink(s) => {
-                self.run_checkpoint(req, s, pr, snapshot, Compressor::new(Compress::Off), parent).and_then(|(stats, at, s, fin)| {
-                    let sent = s.finish()?;
-                    // A later checkpoint on top of this image may use the agent's tracking.
-                    *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) =
-                        sink_name.filter(|_| stats.epoch != 0).map(|p| (p, fin.trailer_hash, stats.epoch));
-                    Ok((stats, at, fin, Some(sent)))
-                })
-            }
+            Dest::Sink(s) => self
+                .run_checkpoint(req, s, pr, snapshot, Compressor::new(Compress::Off), parent)
+                .and_then(|(stats, at, s, fin)| Ok((stats, at, fin, Some(s.finish()?), sink_name))),
         };
         match r {
-            Ok((mut stats, frozen_at, fin, sent)) => {
+            Ok((mut stats, frozen_at, fin, sent, name)) => {
+                // A later checkpoint on top of this image may use the agent's tracking.
+                *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) =
+                    name.filter(|_| stats.epoch != 0).map(|p| (p, fin.trailer_hash, stats.epoch));
                 stats.image_bytes = fin.len;
                 stats.trailer_hash = fin.trailer_hash.iter().map(|b| format!("{b:02x}")).collect();
                 stats.sent_bytes = sent;
