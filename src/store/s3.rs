@@ -461,8 +461,20 @@ impl Store for S3Store {
     fn image_sink(&self, key: &str, parent: Option<&str>) -> Result<Option<Box<dyn ImageSink + '_>>> {
         let mut sink = self.sink(key)?;
         // Without its parent the image is stored whole all the same, only slower.
-        sink.parent =
-            parent.and_then(|p| self.parent_chunks(p).inspect_err(|e| tracing::warn!("not taking unchanged chunks from {p}: {e:#}")).ok());
+        sink.parent = match parent.map(|p| (p, self.parent_chunks(p))) {
+            Some((_, Ok(Some(pc)))) => Some(pc),
+            Some((p, Ok(None))) => {
+                tracing::info!(
+                    "not taking unchanged chunks from {p}: its page records are not whole chunks (an image of an earlier version)"
+                );
+                None
+            }
+            Some((p, Err(e))) => {
+                tracing::warn!("not taking unchanged chunks from {p}: {e:#}");
+                None
+            }
+            None => None,
+        };
         Ok(Some(Box::new(sink)))
     }
 
@@ -520,15 +532,22 @@ impl S3Store {
         })
     }
 
-    /// The image at `key` as a parent a [`ChunkSink`] can take chunks from.
-    fn parent_chunks(&self, key: &str) -> Result<ParentChunks> {
+    /// The image at `key` as a parent a [`ChunkSink`] can take chunks from; `None` unless
+    /// each of its page records is made of whole chunks (an image stored before sinks ended
+    /// chunks there is not: copying its records would mean fetching them all).
+    fn parent_chunks(&self, key: &str) -> Result<Option<ParentChunks>> {
         let mut src = self.source(key)?.ok_or_else(|| anyhow!("there is no image {key}"))?;
-        // Only its metadata and index are read, and the odd record that is not whole
-        // chunks: no chunks fetched ahead.
+        // Only its metadata and index are read: no chunks fetched ahead.
         src.ahead = 1;
-        let (chunks, starts) = (src.chunks.clone(), src.starts.clone());
+        let (chunks, starts, len) = (src.chunks.clone(), src.starts.clone(), src.len);
         let image = limitless_image::file::Image::from_source(Box::new(src)).map_err(|e| anyhow!("the image {key}: {e}"))?;
-        Ok(ParentChunks { chunks, starts, image: Some((image, PathBuf::from(super::image_name(self, key)))) })
+        let edge = |off: u64| off == len || starts.binary_search(&off).is_ok();
+        let whole = image
+            .index
+            .iter()
+            .filter(|e| e.kind == limitless_image::format::kind::PAGES)
+            .all(|e| edge(e.offset) && edge(e.offset + limitless_image::format::RecordHeader::SIZE as u64 + e.stored_len));
+        Ok(whole.then(|| ParentChunks { chunks, starts, image: Some((image, PathBuf::from(super::image_name(self, key)))) }))
     }
 
     fn source(&self, key: &str) -> Result<Option<ChunkSource>> {
