@@ -6,7 +6,7 @@ use super::CostSample;
 use std::time::Duration;
 
 /// Assumed checkpoint-and-store speed before anything was measured (conservative).
-const DEFAULT_BYTES_PER_MS: f64 = 150_000.0; // 150 MB/s
+const DEFAULT_BYTES_PER_MS: f64 = 100_000.0; // 100 MB/s
 /// Fixed cost of a checkpoint before anything was measured.
 const DEFAULT_FIXED_MS: f64 = 60.0;
 /// Predictions are multiplied by this, and this much is added, for safety.
