@@ -94,6 +94,18 @@ pub struct CostSample {
     pub rss_bytes: u64,
     /// Checkpoint plus store time.
     pub ms: f64,
+    /// What the checkpoint had to read and store, estimated when it started: the resident
+    /// memory, less memory not written since a tracked restore (whose chunks the store
+    /// takes unread). Absent in manifests of earlier versions, meaning `rss_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_bytes: Option<u64>,
+}
+
+impl CostSample {
+    /// The bytes this checkpoint had to read and store.
+    pub fn send(&self) -> u64 {
+        self.send_bytes.unwrap_or(self.rss_bytes)
+    }
 }
 
 /// Where a step's image is.

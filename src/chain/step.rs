@@ -169,10 +169,19 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
         let ps = sup.proc_stats();
         stats.cpu_ms = stats.cpu_ms.max(ps.cpu_ms);
         stats.peak_rss_bytes = stats.peak_rss_bytes.max(ps.peak_rss_bytes);
-        let m = margin::margin(ps.rss_bytes, &history, a.margin_floor.saturating_sub(reserve))
-            + reserve
-            + Duration::from_millis(spec.wait_idle_ms);
-        let at = a.deadline.checked_sub(m).unwrap_or(UNIX_EPOCH);
+        let extra = reserve + Duration::from_millis(spec.wait_idle_ms);
+        let floor = a.margin_floor.saturating_sub(reserve);
+        let start_for = |send: u64| a.deadline.checked_sub(margin::margin(send, &history, floor) + extra).unwrap_or(UNIX_EPOCH);
+        // When storing all of the resident memory would have to start.
+        let mut at = start_for(ps.rss_bytes);
+        // With dirty tracking, only what the program wrote since its restore has to be
+        // read and stored. From that point on, the margin follows what it has written (a
+        // page-table walk of about 3 ms per GiB, in the last second or so of the step).
+        // Writes in the last moments can still outrun it: an attempt after one that died
+        // keeps the margin of storing everything.
+        if a.attempt == 0 && until(at).is_zero() {
+            at = start_for(sup.send_estimate(ps.rss_bytes));
+        }
         let plan = unix_ms(at);
         if plan.abs_diff(last_plan) > 200 {
             platform.plan(plan);
@@ -187,7 +196,23 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
             continue;
         }
         stats.run_ms = ms(running_since.elapsed());
-        match checkpoint(a, &sup, ps.rss_bytes, &mut history, &mut stats, restored_from.as_deref(), spec.wait_idle_ms)? {
+        let send = sup.send_estimate(ps.rss_bytes);
+        tracing::info!(
+            "step {}: checkpoint with {:.1} MB to store ({:.1} MB resident), {} ms before the deadline",
+            a.step,
+            send as f64 / 1e6,
+            ps.rss_bytes as f64 / 1e6,
+            until(a.deadline).as_millis()
+        );
+        match checkpoint(
+            a,
+            &sup,
+            CostSample { rss_bytes: ps.rss_bytes, ms: 0.0, send_bytes: (send != ps.rss_bytes).then_some(send) },
+            &mut history,
+            &mut stats,
+            restored_from.as_deref(),
+            spec.wait_idle_ms,
+        )? {
             Some(o) => break o,
             None => {
                 // The checkpoint could not be taken or stored; the program runs on. Try again
@@ -254,12 +279,13 @@ fn finish(a: &StepArgs, store: &dyn Store, sup: &Supervisor, code: i32, stats: &
 }
 
 /// Checkpoints, stores and hands over. `Ok(None)`: not this time (the program runs on).
+/// `cost` describes the program as the checkpoint starts (its time is measured here).
 /// `restored_from` is the image this step started from, deleted once the next one is
 /// the chain's latest.
 fn checkpoint(
     a: &StepArgs,
     sup: &Supervisor,
-    rss: u64,
+    cost: CostSample,
     history: &mut Vec<CostSample>,
     stats: &mut StepStats,
     restored_from: Option<&str>,
@@ -334,7 +360,7 @@ fn checkpoint(
         }
     }
     failpoint::hit("store.manifest");
-    margin::remember(history, CostSample { rss_bytes: rss, ms: ms(t.elapsed()) + 20.0 });
+    margin::remember(history, CostSample { ms: ms(t.elapsed()) + 20.0, ..cost });
     let m = Manifest {
         format: FORMAT,
         chain: a.chain.clone(),

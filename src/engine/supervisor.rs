@@ -390,6 +390,73 @@ impl Supervisor {
     pub fn pid(&self) -> u32 {
         self.inner.pid
     }
+
+    /// What a checkpoint now would have to read and store, for a program with `rss_bytes`
+    /// resident: all of it, less the memory not written since dirty tracking was armed
+    /// (which a store that [takes unchanged memory](crate::store::Store::takes_unchanged)
+    /// takes from the previous image unread). An estimate: written memory is counted in
+    /// the image's page windows (1 MiB), as the agent sends it.
+    pub fn send_estimate(&self, rss_bytes: u64) -> u64 {
+        if self.inner.tracked.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            return rss_bytes;
+        }
+        match written_since_tracking(self.inner.pid) {
+            Some((tracked, written)) => rss_bytes.saturating_sub(tracked) + written.min(tracked),
+            None => rss_bytes,
+        }
+    }
+}
+
+/// The present pages in the areas of process `pid` that dirty tracking covers (registered
+/// for asynchronous userfaultfd write-protection), and the page windows among them written
+/// since they were last protected, in bytes. One read-only `PAGEMAP_SCAN` walk (Linux
+/// 6.7+): it changes nothing and costs well under a millisecond for 1 GiB. `None` if the
+/// scan is refused.
+fn written_since_tracking(pid: u32) -> Option<(u64, u64)> {
+    use limitless_sys as sys;
+    const WINDOW: u64 = limitless_image::format::WINDOW_PAGES * limitless_image::format::PAGE;
+    let pm = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok()?;
+    let mut rv = vec![sys::PageRegion::default(); 1024];
+    let (mut at, end) = (0u64, 0x7fff_ffff_f000u64);
+    let (mut tracked, mut written, mut next_win) = (0u64, 0u64, 0u64);
+    while at < end {
+        let mut arg = sys::PmScanArg {
+            size: std::mem::size_of::<sys::PmScanArg>() as u64,
+            flags: 0,
+            start: at,
+            end,
+            walk_end: 0,
+            vec: rv.as_mut_ptr() as u64,
+            vec_len: rv.len() as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: sys::PAGE_IS_WPALLOWED | sys::PAGE_IS_PRESENT,
+            category_anyof_mask: 0,
+            return_mask: sys::PAGE_IS_PRESENT | sys::PAGE_IS_WRITTEN,
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len` regions to `rv`,
+        // which outlives the call; without PM_SCAN_WP_MATCHING it changes nothing.
+        let n = unsafe { sys::ioctl(pm.as_raw_fd(), sys::PAGEMAP_SCAN, &mut arg as *mut sys::PmScanArg as usize) }.ok()?;
+        for r in &rv[..n.min(rv.len())] {
+            let len = r.end.saturating_sub(r.start);
+            tracked += len;
+            if r.categories & sys::PAGE_IS_WRITTEN != 0 && len > 0 {
+                // The windows this region touches, each counted once (regions come in
+                // address order).
+                let (first, last) = ((r.start / WINDOW).max(next_win), (r.end - 1) / WINDOW);
+                if last >= first {
+                    written += (last - first + 1) * WINDOW;
+                    next_win = last + 1;
+                }
+            }
+        }
+        if arg.walk_end <= at {
+            break;
+        }
+        at = arg.walk_end;
+    }
+    Some((tracked, written))
 }
 
 fn code(inner: &Inner, status: std::process::ExitStatus) -> i32 {
