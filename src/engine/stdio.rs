@@ -60,13 +60,26 @@ impl Forwarder {
                 let mut buf = vec![0u8; 1 << 16];
                 let mut out_ok = true;
                 loop {
+                    // Busy from before the bytes leave the pipe until they are written and
+                    // counted, so that a drain sees them in the pipe or sees us busy.
+                    let mut pfd = libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: polls one descriptor we own, described by `pfd`.
+                    if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+                        if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        break;
+                    }
+                    b2.store(true, Ordering::SeqCst);
                     let n = match f.read(&mut buf) {
                         Ok(0) => break,
                         Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                            b2.store(false, Ordering::SeqCst);
+                            continue;
+                        }
                         Err(_) => break,
                     };
-                    b2.store(true, Ordering::SeqCst);
                     if out_ok {
                         out_ok = write_all_fd(dst_fd, &buf[..n]).is_ok();
                     }
@@ -74,6 +87,7 @@ impl Forwarder {
                     keep_tail(&t2, &buf[..n]);
                     b2.store(false, Ordering::SeqCst);
                 }
+                b2.store(false, Ordering::SeqCst);
             })
             .expect("spawn output thread");
         Forwarder { read_fd, busy, bytes, tail, thread: Some(thread) }
