@@ -193,14 +193,20 @@ struct StepProc {
     err: std::thread::JoinHandle<()>,
 }
 
-fn spawn_step(
-    chain: &str,
+/// Which attempt of which step, and until when it may run.
+struct Attempt<'a> {
+    chain: &'a str,
     step: u32,
     attempt: u32,
     deadline: SystemTime,
+}
+
+fn spawn_step(
+    at: &Attempt,
     opts: &RunOptions,
     tx: mpsc::Sender<LinkMsg>,
     progress: &Arc<Progress>,
+    stdout: output::StepOut,
 ) -> Result<StepProc> {
     let (out_r, out_w) = stdio::pipe()?;
     let (err_r, err_w) = stdio::pipe()?;
@@ -212,15 +218,15 @@ fn spawn_step(
     fds.add(err_w, 2);
     fds.add(ctl_w, 3);
     let mut cmd = Command::new(std::env::current_exe().context("cannot find the limitless executable")?);
-    let deadline_ms = deadline.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let deadline_ms = at.deadline.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     cmd.arg("__step")
-        .args(["--store", &opts.store_url, "--chain", chain])
-        .args(["--step", &step.to_string(), "--attempt", &attempt.to_string()])
+        .args(["--store", &opts.store_url, "--chain", at.chain])
+        .args(["--step", &at.step.to_string(), "--attempt", &at.attempt.to_string()])
         .args(["--deadline-unix-ms", &deadline_ms.to_string(), "--margin-ms", &opts.margin.as_millis().to_string()])
         .process_group(0);
     let child = fds.spawn(cmd).context("cannot start a step process")?;
-    let out = forward(out_r, 1, progress.clone());
-    let err = forward(err_r, 2, progress.clone());
+    let out = forward(out_r, 1, progress.clone(), Some(stdout));
+    let err = forward(err_r, 2, progress.clone(), None);
     std::thread::spawn(move || {
         for line in BufReader::new(File::from(ctl_r)).lines() {
             let Ok(line) = line else { break };
@@ -232,18 +238,42 @@ fn spawn_step(
     Ok(StepProc { child, out, err })
 }
 
-/// Copies a step's output to ours, clearing the progress line first.
-fn forward(src: OwnedFd, dst: i32, progress: Arc<Progress>) -> std::thread::JoinHandle<()> {
+/// Copies a step's output to ours, clearing the progress line first; with `once`, only
+/// what an attempt that died has not printed already.
+fn forward(src: OwnedFd, dst: i32, progress: Arc<Progress>, mut once: Option<output::StepOut>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut f = File::from(src);
         let mut buf = vec![0u8; 1 << 16];
         loop {
-            match f.read(&mut buf) {
+            let n = match f.read(&mut buf) {
                 Ok(0) | Err(_) => return,
-                Ok(n) => progress.write_through(dst, &buf[..n]),
+                Ok(n) => n,
+            };
+            let (new, diverged) = match once.as_mut() {
+                Some(o) => o.take(&buf[..n]),
+                None => (std::borrow::Cow::Borrowed(&buf[..n]), false),
+            };
+            if diverged {
+                progress.write_through(
+                    2,
+                    b"limitless: the program, run again from its last checkpoint, printed other output than before; printing it from the line where it differs\n",
+                );
+            }
+            if !new.is_empty() {
+                progress.write_through(dst, &new);
             }
         }
     })
+}
+
+/// Where in the program's stdout step `step` starts (from its manifest; `None` if the
+/// manifest is of an earlier version or unreadable).
+fn out_start(store: &dyn Store, chain: &str, step: u32) -> Option<u64> {
+    if step == 0 {
+        return Some(0);
+    }
+    let m: Manifest = serde_json::from_slice(&store.get(&keys::manifest(chain, step)).ok()??).ok()?;
+    m.out_bytes
 }
 
 /// Runs steps from `step` (attempt `attempt`) until the chain ends.
@@ -256,15 +286,18 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
     // Of the failures in a row, how many were kills by the limit.
     let mut killed_of_failures = 0;
     let mut steps_run = 0u32;
+    let printed = output::Ledger::new();
     loop {
         let deadline = SystemTime::now() + opts.limit;
         let (tx, rx) = mpsc::channel();
-        let mut procs = vec![spawn_step(chain, step, attempt, deadline, opts, tx.clone(), &progress)?];
+        let from = out_start(&*opts.store, chain, step);
+        let at = Attempt { chain, step, attempt, deadline };
+        let mut procs = vec![spawn_step(&at, opts, tx.clone(), &progress, printed.stream(from))?];
         if duplicate {
             // A retried invocation of the same step, as a platform may deliver: it must see
             // the claim and run nothing.
             std::thread::sleep(Duration::from_millis(20));
-            procs.push(spawn_step(chain, step, attempt, deadline, opts, tx.clone(), &progress)?);
+            procs.push(spawn_step(&at, opts, tx.clone(), &progress, printed.stream(from))?);
         }
         drop(tx);
         steps_run += 1;

@@ -20,6 +20,7 @@
 
 pub mod controller;
 pub mod margin;
+pub mod output;
 pub mod report;
 pub mod step;
 
@@ -136,6 +137,12 @@ pub struct Manifest {
     pub created_unix_ms: u64,
     /// Recent checkpoint costs, newest last.
     pub history: Vec<CostSample>,
+    /// How many bytes the program had written to stdout, over the whole chain, when this
+    /// checkpoint froze it: where the output of a step restored from it starts, so that
+    /// output a killed attempt already printed is not printed again. Absent in manifests
+    /// of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_bytes: Option<u64>,
 }
 
 /// How a chain ended.

@@ -119,6 +119,8 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
         track: store.takes_unchanged() && std::env::var_os("LIMITLESS_TRACK").is_none_or(|v| v != "0"),
     };
     let mut restored_from: Option<String> = None;
+    // The program's stdout bytes before this step (over the whole chain), if known.
+    let mut out_base = Some(0);
     let (mut sup, mut history) = if a.step == 0 {
         let prog = find_program(std::path::Path::new(&spec.argv[0])).map_err(|(_, m)| anyhow!(m))?;
         let args: Vec<std::ffi::OsString> = spec.argv[1..].iter().map(Into::into).collect();
@@ -154,6 +156,7 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
         };
         stats.restore_ms = Some(ms(t.elapsed()));
         restored_from = Some(m.image.key);
+        out_base = m.out_bytes;
         (sup, m.history)
     };
     let running_since = Instant::now();
@@ -210,7 +213,7 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
             CostSample { rss_bytes: ps.rss_bytes, ms: 0.0, send_bytes: (send != ps.rss_bytes).then_some(send) },
             &mut history,
             &mut stats,
-            restored_from.as_deref(),
+            Origin { image: restored_from.as_deref(), out_bytes: out_base },
             spec.wait_idle_ms,
         )? {
             Some(o) => break o,
@@ -278,19 +281,28 @@ fn finish(a: &StepArgs, store: &dyn Store, sup: &Supervisor, code: i32, stats: &
     }
 }
 
+/// What a step started from.
+struct Origin<'a> {
+    /// The image it restored, if any.
+    image: Option<&'a str>,
+    /// The program's stdout bytes before the step (over the whole chain), if known.
+    out_bytes: Option<u64>,
+}
+
 /// Checkpoints, stores and hands over. `Ok(None)`: not this time (the program runs on).
 /// `cost` describes the program as the checkpoint starts (its time is measured here).
-/// `restored_from` is the image this step started from, deleted once the next one is
-/// the chain's latest.
+/// `from.image`, the image this step started from, is deleted once the next one is the
+/// chain's latest.
 fn checkpoint(
     a: &StepArgs,
     sup: &Supervisor,
     cost: CostSample,
     history: &mut Vec<CostSample>,
     stats: &mut StepStats,
-    restored_from: Option<&str>,
+    from: Origin,
     wait_idle_ms: u64,
 ) -> Result<Option<Outcome>> {
+    let restored_from = from.image;
     let store = &*a.store;
     let next = a.step + 1;
     let image_key = keys::image(&a.chain, next, a.attempt);
@@ -369,6 +381,8 @@ fn checkpoint(
         image: ImageRef { key: image_key.clone(), bytes: cs.image_bytes, trailer_hash: hash },
         created_unix_ms: now_unix_ms(),
         history: history.clone(),
+        // The checkpoint drained the frozen program's stdout: all of it is counted.
+        out_bytes: from.out_bytes.map(|b| b + sup.inner.out.bytes.load(std::sync::atomic::Ordering::SeqCst)),
     };
     let won = match store.put_if_absent(&keys::manifest(&a.chain, next), serde_json::to_string(&m)?.as_bytes()) {
         Ok(w) => w,
