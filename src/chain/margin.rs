@@ -100,14 +100,20 @@ mod tests {
         assert!(predict(3 << 20, &h) < Duration::from_millis(350));
     }
 
+    /// A full checkpoint of 256 MiB that took 900 ms, then tracked ones of the same
+    /// program that stored `send` bytes each (the rest taken unread) in `ms`.
+    fn after_a_full_one(send: u64, ms: &[f64]) -> Vec<CostSample> {
+        let mut h = vec![sample(256 << 20, None, 900.0)];
+        for &ms in ms {
+            remember(&mut h, sample(256 << 20, Some(send), ms));
+        }
+        h
+    }
+
     #[test]
     fn a_burst_of_writes_after_cheap_tracked_checkpoints_gets_the_cost_of_a_full_one() {
-        // A full checkpoint of 256 MiB took 900 ms; then four tracked ones stored 3 MiB
-        // each in about 30 ms (the rest of memory was taken unread).
-        let mut h = vec![sample(256 << 20, None, 900.0)];
-        for ms in [32.0, 34.0, 30.0, 26.0] {
-            remember(&mut h, sample(256 << 20, Some(3 << 20), ms));
-        }
+        // Four tracked checkpoints stored 3 MiB each in about 30 ms.
+        let mut h = after_a_full_one(3 << 20, &[32.0, 34.0, 30.0, 26.0]);
         // Writing little, the margin stays small.
         let little = predict(3 << 20, &h).as_secs_f64();
         assert!(little < 0.4, "{little}");
@@ -125,13 +131,9 @@ mod tests {
 
     #[test]
     fn a_checkpoint_of_a_few_pages_does_not_make_a_cost_per_byte_of_its_noise() {
-        // A full checkpoint of 256 MiB in 900 ms, then tracked ones that stored 10 MB in
-        // 60-220 ms (S3 round trips vary): scaled per byte, the 160 ms of noise would
-        // predict 4 s for 256 MiB.
-        let mut h = vec![sample(256 << 20, None, 900.0)];
-        for ms in [105.0, 183.0, 223.0, 61.0] {
-            remember(&mut h, sample(256 << 20, Some(10 << 20), ms));
-        }
+        // Tracked checkpoints that stored 10 MB in 60-220 ms (S3 round trips vary):
+        // scaled per byte, the 160 ms of noise would predict 4 s for 256 MiB.
+        let h = after_a_full_one(10 << 20, &[105.0, 183.0, 223.0, 61.0]);
         let all = predict(256 << 20, &h).as_secs_f64();
         assert!(all > 0.9 * 1.5 && all < 2.0, "{all}");
         // And for the 10 MB they stored, the slowest of them counts.
