@@ -298,8 +298,9 @@ fn program_ending_around_the_checkpoint_gives_one_result_and_no_later_step() {
 #[test]
 fn kills_at_every_phase_still_end_with_the_right_result() {
     let prog = program("ticker");
-    let args = [prog.to_str().unwrap(), "250"];
-    let want = reference(&prog, &["250"], "");
+    let args = [prog.to_str().unwrap(), "250", "both"];
+    let want = reference(&prog, &args[1..], "");
+    let want_err: String = want.lines().filter(|l| l.starts_with("tick ")).map(|l| l.replace("tick", "tock") + "\n").collect();
     let final_line = want.lines().last().unwrap().to_string();
     let user = users()[0];
     for phase in ["step.running", "checkpoint.frozen", "checkpoint.writing", "store.image", "store.manifest", "step.handover"] {
@@ -309,8 +310,11 @@ fn kills_at_every_phase_still_end_with_the_right_result() {
         assert_eq!(r.code, Some(0), "killed at {phase}: {}", r.err);
         assert_eq!(r.out.lines().last(), Some(final_line.as_str()), "killed at {phase}: {}", r.out);
         // Exactly the output of an uninterrupted run: what the killed step printed after
-        // its last checkpoint is not printed again when it runs again.
+        // its last checkpoint is not printed again when it runs again. The same for the
+        // program's stderr, among Limitless's own messages there.
         assert_eq!(r.out, want, "killed at {phase}: output differs from an uninterrupted run; stderr: {}", r.err);
+        let err: String = r.err.lines().filter(|l| l.starts_with("tock ")).map(|l| l.to_string() + "\n").collect();
+        assert_eq!(err, want_err, "killed at {phase}: the program's stderr differs from an uninterrupted run's");
         let rep = r.report.expect("report");
         let attempts: Vec<u64> =
             rep["steps"].as_array().unwrap().iter().filter(|s| s["step"] == 1).map(|s| s["attempt"].as_u64().unwrap()).collect();

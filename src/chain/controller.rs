@@ -94,6 +94,24 @@ impl LocalLink {
     }
 }
 
+/// In a step: sends this process's own messages (fd 2) to fd 4, which the controller opened
+/// for them, and copies the program's stderr to the controller's fd 2 pipe instead, so
+/// that the controller can tell the two apart (and print the program's stderr once).
+pub fn messages_from_fd4() -> Result<()> {
+    use std::os::fd::{AsFd, FromRawFd};
+    // SAFETY: F_GETFD only asks whether fd 4 is open.
+    if unsafe { libc::fcntl(4, libc::F_GETFD) } < 0 {
+        bail!("__step is started by `limitless run`, which gives it a message pipe on fd 4");
+    }
+    // SAFETY: fd 4 is open (checked above): the message pipe the controller installed for
+    // this process, owned by nothing else here.
+    let messages = unsafe { OwnedFd::from_raw_fd(4) };
+    let program_err = rustix::io::fcntl_dupfd_cloexec(std::io::stderr().as_fd(), 10)?;
+    rustix::stdio::dup2_stderr(&messages)?;
+    stdio::forward_stderr_to(program_err);
+    Ok(())
+}
+
 impl Platform for LocalLink {
     fn invoke(&self, _chain: &str, step: u32, attempt: u32) -> Result<String> {
         // A full pipe only blocks; the controller reads it until this step ends.
@@ -191,6 +209,7 @@ struct StepProc {
     child: Child,
     out: std::thread::JoinHandle<()>,
     err: std::thread::JoinHandle<()>,
+    msg: std::thread::JoinHandle<()>,
 }
 
 /// Which attempt of which step, and until when it may run.
@@ -206,17 +225,19 @@ fn spawn_step(
     opts: &RunOptions,
     tx: mpsc::Sender<LinkMsg>,
     progress: &Arc<Progress>,
-    stdout: output::StepOut,
+    once: [output::StepOut; 2],
 ) -> Result<StepProc> {
     let (out_r, out_w) = stdio::pipe()?;
     let (err_r, err_w) = stdio::pipe()?;
     let (ctl_r, ctl_w) = stdio::pipe()?;
+    let (msg_r, msg_w) = stdio::pipe()?;
     let null: OwnedFd = File::open("/dev/null")?.into();
     let mut fds = FdMap::default();
     fds.add(null, 0);
     fds.add(out_w, 1);
     fds.add(err_w, 2);
     fds.add(ctl_w, 3);
+    fds.add(msg_w, 4);
     let mut cmd = Command::new(std::env::current_exe().context("cannot find the limitless executable")?);
     let deadline_ms = at.deadline.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     cmd.arg("__step")
@@ -225,8 +246,10 @@ fn spawn_step(
         .args(["--deadline-unix-ms", &deadline_ms.to_string(), "--margin-ms", &opts.margin.as_millis().to_string()])
         .process_group(0);
     let child = fds.spawn(cmd).context("cannot start a step process")?;
+    let [stdout, stderr] = once;
     let out = forward(out_r, 1, progress.clone(), Some(stdout));
-    let err = forward(err_r, 2, progress.clone(), None);
+    let err = forward(err_r, 2, progress.clone(), Some(stderr));
+    let msg = forward(msg_r, 2, progress.clone(), None);
     std::thread::spawn(move || {
         for line in BufReader::new(File::from(ctl_r)).lines() {
             let Ok(line) = line else { break };
@@ -235,7 +258,7 @@ fn spawn_step(
             }
         }
     });
-    Ok(StepProc { child, out, err })
+    Ok(StepProc { child, out, err, msg })
 }
 
 /// Copies a step's output to ours, clearing the progress line first; with `once`, only
@@ -254,10 +277,9 @@ fn forward(src: OwnedFd, dst: i32, progress: Arc<Progress>, mut once: Option<out
                 None => (std::borrow::Cow::Borrowed(&buf[..n]), false),
             };
             if diverged {
-                progress.write_through(
-                    2,
-                    b"limitless: the program, run again from its last checkpoint, printed other output than before; printing it from the line where it differs\n",
-                );
+                let which = if dst == 1 { "stdout" } else { "stderr" };
+                let msg = format!("limitless: the program, run again from its last checkpoint, printed other output on {which} than before; printing it from the line where it differs\n");
+                progress.write_through(2, msg.as_bytes());
             }
             if !new.is_empty() {
                 progress.write_through(dst, &new);
@@ -266,14 +288,14 @@ fn forward(src: OwnedFd, dst: i32, progress: Arc<Progress>, mut once: Option<out
     })
 }
 
-/// Where in the program's stdout step `step` starts (from its manifest; `None` if the
-/// manifest is of an earlier version or unreadable).
-fn out_start(store: &dyn Store, chain: &str, step: u32) -> Option<u64> {
+/// Where in the program's stdout and stderr step `step` starts (from its manifest; `None`
+/// if the manifest is of an earlier version or unreadable).
+fn out_start(store: &dyn Store, chain: &str, step: u32) -> [Option<u64>; 2] {
     if step == 0 {
-        return Some(0);
+        return [Some(0); 2];
     }
-    let m: Manifest = serde_json::from_slice(&store.get(&keys::manifest(chain, step)).ok()??).ok()?;
-    m.out_bytes
+    let m: Option<Manifest> = store.get(&keys::manifest(chain, step)).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok());
+    m.map_or([None; 2], |m| [m.out_bytes, m.err_bytes])
 }
 
 /// Runs steps from `step` (attempt `attempt`) until the chain ends.
@@ -286,18 +308,19 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
     // Of the failures in a row, how many were kills by the limit.
     let mut killed_of_failures = 0;
     let mut steps_run = 0u32;
-    let printed = output::Ledger::new();
+    let printed = [output::Ledger::new(), output::Ledger::new()];
     loop {
         let deadline = SystemTime::now() + opts.limit;
         let (tx, rx) = mpsc::channel();
         let from = out_start(&*opts.store, chain, step);
         let at = Attempt { chain, step, attempt, deadline };
-        let mut procs = vec![spawn_step(&at, opts, tx.clone(), &progress, printed.stream(from))?];
+        let once = || [printed[0].stream(from[0]), printed[1].stream(from[1])];
+        let mut procs = vec![spawn_step(&at, opts, tx.clone(), &progress, once())?];
         if duplicate {
             // A retried invocation of the same step, as a platform may deliver: it must see
             // the claim and run nothing.
             std::thread::sleep(Duration::from_millis(20));
-            procs.push(spawn_step(&at, opts, tx.clone(), &progress, printed.stream(from))?);
+            procs.push(spawn_step(&at, opts, tx.clone(), &progress, once())?);
         }
         drop(tx);
         steps_run += 1;
@@ -330,6 +353,7 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
         for p in procs {
             let _ = p.out.join();
             let _ = p.err.join();
+            let _ = p.msg.join();
         }
         while let Ok(m) = rx.try_recv() {
             if let LinkMsg::Invoke { step: s, attempt: a } = m {

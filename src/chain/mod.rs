@@ -143,6 +143,9 @@ pub struct Manifest {
     /// of earlier versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub out_bytes: Option<u64>,
+    /// The same for stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub err_bytes: Option<u64>,
 }
 
 /// How a chain ended.

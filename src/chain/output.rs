@@ -1,11 +1,11 @@
-//! The program's stdout over a chain, printed once.
+//! The program's stdout (or stderr) over a chain, printed once.
 //!
 //! A step that dies before it hands over (killed by its limit, crashed) is run again from
 //! the last checkpoint, so the program prints again what it printed after that checkpoint.
-//! Each manifest says how many bytes of stdout the program had written when it was frozen
-//! ([`super::Manifest::out_bytes`]); the controller knows how many it has printed. A re-run's
-//! output is compared with what was printed from that position, and only what goes beyond
-//! it is printed. If the re-run prints something else (a program that does not repeat
+//! Each manifest says how many bytes of stdout (and of stderr) the program had written when
+//! it was frozen ([`super::Manifest::out_bytes`], [`super::Manifest::err_bytes`]); the
+//! controller knows how many it has printed. A re-run's output is compared with what was
+//! printed from that position, and only what goes beyond it is printed. If the re-run prints something else (a program that does not repeat
 //! itself exactly), the rest of its output is printed from the start of the line where it
 //! differs, after a warning: what was printed cannot be taken back.
 //!
@@ -21,7 +21,7 @@ pub const KEEP_MAX: usize = 64 << 20;
 /// longer than this.
 const LINE_MAX: usize = 4096;
 
-/// What has been printed of the program's stdout.
+/// What has been printed of one of the program's output streams.
 #[derive(Default)]
 pub struct Ledger {
     state: Mutex<State>,
@@ -29,14 +29,14 @@ pub struct Ledger {
 
 #[derive(Default)]
 struct State {
-    /// Bytes of the program's stdout printed (a position in its output over the chain).
+    /// Bytes of the stream printed (a position in the program's output over the chain).
     printed: u64,
     /// The printed bytes from position `kept_from` up to `printed`, or a tail of them.
     kept: Vec<u8>,
     kept_from: u64,
 }
 
-/// One step's stdout.
+/// One step's output on the stream.
 pub struct StepOut {
     ledger: Arc<Ledger>,
     /// The position in the program's output of this step's next byte.
@@ -53,7 +53,7 @@ impl Ledger {
         Arc::new(Ledger::default())
     }
 
-    /// The stdout of a step whose program's output starts at position `from` (`None`: not
+    /// The output of a step whose program's output starts at position `from` (`None`: not
     /// known, from a manifest of an earlier version; all of it is printed).
     pub fn stream(self: &Arc<Self>, from: Option<u64>) -> StepOut {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());

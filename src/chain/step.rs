@@ -119,8 +119,9 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
         track: store.takes_unchanged() && std::env::var_os("LIMITLESS_TRACK").is_none_or(|v| v != "0"),
     };
     let mut restored_from: Option<String> = None;
-    // The program's stdout bytes before this step (over the whole chain), if known.
-    let mut out_base = Some(0);
+    // The program's stdout and stderr bytes before this step (over the whole chain), if
+    // known.
+    let mut out_base = [Some(0); 2];
     let (mut sup, mut history) = if a.step == 0 {
         let prog = find_program(std::path::Path::new(&spec.argv[0])).map_err(|(_, m)| anyhow!(m))?;
         let args: Vec<std::ffi::OsString> = spec.argv[1..].iter().map(Into::into).collect();
@@ -156,7 +157,7 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
         };
         stats.restore_ms = Some(ms(t.elapsed()));
         restored_from = Some(m.image.key);
-        out_base = m.out_bytes;
+        out_base = [m.out_bytes, m.err_bytes];
         (sup, m.history)
     };
     let running_since = Instant::now();
@@ -285,8 +286,9 @@ fn finish(a: &StepArgs, store: &dyn Store, sup: &Supervisor, code: i32, stats: &
 struct Origin<'a> {
     /// The image it restored, if any.
     image: Option<&'a str>,
-    /// The program's stdout bytes before the step (over the whole chain), if known.
-    out_bytes: Option<u64>,
+    /// The program's stdout and stderr bytes before the step (over the whole chain), if
+    /// known.
+    out_bytes: [Option<u64>; 2],
 }
 
 /// Checkpoints, stores and hands over. `Ok(None)`: not this time (the program runs on).
@@ -381,8 +383,9 @@ fn checkpoint(
         image: ImageRef { key: image_key.clone(), bytes: cs.image_bytes, trailer_hash: hash },
         created_unix_ms: now_unix_ms(),
         history: history.clone(),
-        // The checkpoint drained the frozen program's stdout: all of it is counted.
-        out_bytes: from.out_bytes.map(|b| b + sup.inner.out.bytes.load(std::sync::atomic::Ordering::SeqCst)),
+        // The checkpoint drained the frozen program's stdout and stderr: all of it is counted.
+        out_bytes: from.out_bytes[0].map(|b| b + sup.inner.out.bytes.load(std::sync::atomic::Ordering::SeqCst)),
+        err_bytes: from.out_bytes[1].map(|b| b + sup.inner.err.bytes.load(std::sync::atomic::Ordering::SeqCst)),
     };
     let won = match store.put_if_absent(&keys::manifest(&a.chain, next), serde_json::to_string(&m)?.as_bytes()) {
         Ok(w) => w,

@@ -504,6 +504,7 @@ fn step_cmd(store: String, chain: String, step: u32, attempt: u32, deadline_unix
     use crate::chain::step::{run_step, StepArgs};
     let run = || -> anyhow::Result<i32> {
         let link = crate::chain::controller::LocalLink::from_fd3()?;
+        crate::chain::controller::messages_from_fd4()?;
         if !crate::chain::valid_chain_id(&chain) {
             anyhow::bail!("bad chain id `{chain}`");
         }

@@ -14,6 +14,23 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// The descriptor the program's stderr is copied to: 2, unless this process moved it
+/// ([`forward_stderr_to`]).
+static STDERR_TO: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(2);
+
+/// Copies the stderr of programs started after this to `fd` instead of our fd 2 (a chain
+/// step keeps the program's stderr apart from its own messages). `fd` stays open for the
+/// life of the process.
+pub fn forward_stderr_to(fd: OwnedFd) {
+    use std::os::fd::IntoRawFd;
+    STDERR_TO.store(fd.into_raw_fd(), Ordering::SeqCst);
+}
+
+/// Where the program's stderr is copied to.
+pub fn stderr_fd() -> RawFd {
+    STDERR_TO.load(Ordering::SeqCst)
+}
+
 /// A pipe: (read end, write end), both close-on-exec.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)

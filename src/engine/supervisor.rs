@@ -169,7 +169,7 @@ impl Plumbing {
         drop(self.err_w);
         drop(self.child_ctl);
         let out = Forwarder::start(self.out_r, 1);
-        let err = Forwarder::start(self.err_r, 2);
+        let err = Forwarder::start(self.err_r, stdio::stderr_fd());
         self.input.start(preload_stdin);
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
