@@ -33,8 +33,9 @@ enum Cmd {
     /// Run PROG past any time limit: as a chain of steps, each a fresh process killed at
     /// --limit, checkpointing before the limit and restoring in the next step.
     ///
-    /// PROG's stdout and stderr stream through, across steps, in order. The exit status is
-    /// PROG's; the last line on stderr summarises the chain. Checkpoints go to the store;
+    /// PROG's stdout and stderr stream through, across steps, in order; a step that dies
+    /// and runs again from the last checkpoint does not print them twice. The exit status
+    /// is PROG's; the last line on stderr summarises the chain. Checkpoints go to the store;
     /// if limitless itself is stopped, `--resume CHAIN` (or `--resume last`) continues the
     /// chain from its last complete checkpoint. PROG gets no stdin (as in a FaaS function).
     Run {
@@ -42,7 +43,8 @@ enum Cmd {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         limit: Duration,
         /// The least time kept for the checkpoint at the end of a step; more is kept when
-        /// the program's memory predicts a longer checkpoint.
+        /// what the checkpoint would store (the program's memory, or with an S3 store what
+        /// it wrote since its restore) predicts a longer checkpoint.
         #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
         margin: Duration,
         /// Where checkpoints and chain state go: a directory, or s3://BUCKET/PREFIX (AWS_*
