@@ -172,9 +172,10 @@ trait ImageOut: Write {
     fn boundary(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-    /// Whether [`boundary`](Self::boundary) means anything here.
+    /// Whether [`boundary`](Self::boundary) means anything here (then the writer's buffer
+    /// is flushed around each page record, so that the boundary falls where it should).
     fn chunked(&self) -> bool {
-        true
+        false
     }
 }
 
