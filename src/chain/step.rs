@@ -183,8 +183,9 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
         // page-table walk of about 3 ms per GiB, in the last second or so of the step).
         // Writes in the last moments can still outrun it: an attempt after one that died
         // keeps the margin of storing everything.
-        if a.attempt == 0 && until(at).is_zero() {
-            at = start_for(sup.send_estimate(ps.rss_bytes));
+        let estimate = (a.attempt == 0 && until(at).is_zero()).then(|| sup.send_estimate(ps.rss_bytes));
+        if let Some(e) = estimate {
+            at = start_for(e);
         }
         let plan = unix_ms(at);
         if plan.abs_diff(last_plan) > 200 {
@@ -200,7 +201,8 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
             continue;
         }
         stats.run_ms = ms(running_since.elapsed());
-        let send = sup.send_estimate(ps.rss_bytes);
+        // (Past `at`, the first attempt has just estimated it.)
+        let send = estimate.unwrap_or_else(|| sup.send_estimate(ps.rss_bytes));
         tracing::info!(
             "step {}: checkpoint with {:.1} MB to store ({:.1} MB resident), {} ms before the deadline",
             a.step,
