@@ -158,12 +158,15 @@ pub struct Parent {
     pub path: Vec<u8>,
 }
 
+/// Where a parent map holds a window: the image and record, and its stored bytes' checksum.
+type Held = (u32, u64, [u8; 32]);
+
 /// The page records a delta image can take from earlier images: for each window (by its
 /// pages header), the image and record holding it and its stored bytes' checksum.
 #[derive(Clone, Debug, Default)]
 pub struct ParentMap {
     images: Vec<Parent>,
-    by_header: std::collections::HashMap<[u8; PagesHeader::SIZE], (u32, u64, [u8; 32])>,
+    by_header: std::collections::HashMap<[u8; PagesHeader::SIZE], Held>,
     /// The parent image, to compare records with (`images` lists its parents, then it).
     parent: Option<std::sync::Arc<Image>>,
 }
@@ -204,7 +207,7 @@ impl ParentMap {
     /// Whether record `record` of image `img` (as in `by_header`) stores exactly `payload`,
     /// read through `buf`. False where it cannot be read (a parent whose own parents are
     /// not attached): the record is then stored again, which is never wrong.
-    fn stored_is(&self, (img, record, _): (u32, u64, [u8; 32]), payload: &[u8], buf: &mut Vec<u8>) -> io::Result<bool> {
+    fn stored_is(&self, (img, record, _): Held, payload: &[u8], buf: &mut Vec<u8>) -> io::Result<bool> {
         let Some(p) = &self.parent else { return Ok(false) };
         let holder = if img as usize + 1 == self.images.len() { Some(&**p) } else { p.ancestors.get(img as usize) };
         let Some(h) = holder else { return Ok(false) };
@@ -336,18 +339,25 @@ impl<W: Write> Writer<W> {
     /// `head`: the agent found the window unchanged since the parent was taken (dirty-page
     /// tracking), so it sent no pages. An error if no parent image has that record.
     pub fn unchanged(&mut self, head: &[u8]) -> io::Result<()> {
+        let (found, raw_len) = self.unchanged_in_parent(head)?;
+        self.pagemap.extend_from_slice(head);
+        self.put_ref(head, found, raw_len)
+    }
+
+    /// The parent's record for the window `head` that the agent sent as unchanged
+    /// ([`in_parent`](Self::in_parent)), and the window's raw record length; an error if
+    /// `head` is not a pages header or the parent has no such record.
+    fn unchanged_in_parent(&self, head: &[u8]) -> io::Result<(Held, u64)> {
         let h = PagesHeader::decode(head)
             .filter(|_| head.len() == PagesHeader::SIZE)
             .ok_or_else(|| io::Error::other("a bad unchanged page window"))?;
-        let raw_len = PagesHeader::SIZE as u64 + h.count as u64 * PAGE;
-        let Some(found) = self.in_parent(head)? else {
-            return Err(io::Error::other(format!(
+        let found = self.in_parent(head)?.ok_or_else(|| {
+            io::Error::other(format!(
                 "the agent sent the page window at {:#x} as unchanged, but the parent image has no such record",
                 h.start
-            )));
-        };
-        self.pagemap.extend_from_slice(head);
-        self.put_ref(head, found, raw_len)
+            ))
+        })?;
+        Ok((found, PagesHeader::SIZE as u64 + h.count as u64 * PAGE))
     }
 
     /// In copy mode ([`copy_from_parent`](Self::copy_from_parent)): appends the parent's
@@ -360,9 +370,7 @@ impl<W: Write> Writer<W> {
         if !self.copy {
             return Err(bad("not writing in copy mode"));
         }
-        let Some((img, record, _)) = self.in_parent(head)? else {
-            return self.unchanged(head);
-        };
+        let ((img, record, _), _) = self.unchanged_in_parent(head)?;
         let m = self.parent.as_ref().ok_or_else(|| bad("no parent"))?;
         let p = m.parent.clone().ok_or_else(|| bad("no parent"))?;
         if img as usize + 1 != m.images.len() {
@@ -389,14 +397,14 @@ impl<W: Write> Writer<W> {
 
     /// The parent map's page record with exactly the pages header `head`, if any:
     /// (image, record, hash).
-    fn in_parent(&self, head: &[u8]) -> io::Result<Option<(u32, u64, [u8; 32])>> {
+    fn in_parent(&self, head: &[u8]) -> io::Result<Option<Held>> {
         let key: [u8; PagesHeader::SIZE] = head.try_into().map_err(io::Error::other)?;
         Ok(self.parent.as_ref().and_then(|m| m.by_header.get(&key).copied()))
     }
 
     /// Writes a `REF` page record for `head` pointing at `(image, record, hash)` of the
     /// parent map.
-    fn put_ref(&mut self, head: &[u8], (img, record, ph): (u32, u64, [u8; 32]), raw_len: u64) -> io::Result<()> {
+    fn put_ref(&mut self, head: &[u8], (img, record, ph): Held, raw_len: u64) -> io::Result<()> {
         let m = self.parent.as_ref().ok_or_else(|| io::Error::other("a page reference without a parent image"))?;
         let id = match self.parent_ids[img as usize] {
             Some(id) => id,
