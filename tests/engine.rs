@@ -150,6 +150,64 @@ fn unread_stdin_is_carried_in_the_image() {
 }
 
 #[test]
+fn a_program_that_leaves_a_full_stdin_pipe_unread_can_be_checkpointed() {
+    // slowread reads nothing for a second after READY. Input far larger than a pipe fills
+    // its stdin pipe meanwhile; the checkpoint must still be able to pause the feeding (it
+    // used to wait for the blocked write forever) and carry what is in the pipe.
+    let prog = program("slowread");
+    let input: String = (0..40000).map(|i| format!("line {i:05}\n")).collect();
+    each_user("stdin-full", |u, d| {
+        let mut r = launch(u, d, &prog, &[]);
+        r.expect_out("READY");
+        let mut w = r.stdin.take().expect("stdin");
+        let data = input.clone();
+        // Blocks once every pipe on the way is full; ends with EPIPE when launch exits.
+        let feeder = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = w.write_all(data.as_bytes());
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let img = d.join("image");
+        let mut dump = command(u, limitless())
+            .arg("dump")
+            .arg("--socket")
+            .arg(&r.socket)
+            .arg("--output")
+            .arg(&img)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run limitless dump");
+        let t = std::time::Instant::now();
+        let st = loop {
+            if let Some(st) = dump.try_wait().expect("wait for dump") {
+                break st;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                let _ = dump.kill();
+                let _ = r.child.kill();
+                panic!("dump did not end within 30 s: the stdin feeding could not be paused");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(st.success(), "dump failed");
+        let (st, out1, err1) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "{err1}");
+        let _ = feeder.join();
+        let o = Command::new(limitless()).arg("inspect").arg("--json").arg(&img).output().expect("inspect");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect --json");
+        let k = v["stdin_pending_bytes"].as_u64().expect("stdin_pending_bytes") as usize;
+        assert!(k >= 4096, "the image carries only {k} bytes of the unread input");
+        // The restored program reads exactly what the pipe held, then its end.
+        let mut r2 = restore(u, d, &img);
+        r2.close_stdin();
+        let (st2, out2, err2) = r2.finish();
+        assert_eq!(st2.code(), Some(0), "{err2}");
+        let want = reference(&prog, &[], &input[..k]);
+        assert_eq!(out1 + &out2, want, "the restored program's input differs from what the pipe held");
+    });
+}
+
+#[test]
 fn launch_passes_on_exit_status_and_signals() {
     let prog = program("exiter");
     each_user("exit", |u, d| {

@@ -7,7 +7,7 @@
 //! out of the pipe with `tee(2)` (without taking them) into the image.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -182,6 +182,8 @@ struct Feed {
     file: Option<File>,
     /// A checkpoint is in progress: write nothing.
     paused: bool,
+    /// Bytes of our stdin put into the pipe (not counting the preload).
+    fed: u64,
 }
 
 /// The program's stdin pipe and the thread that feeds it from ours.
@@ -196,7 +198,11 @@ impl Input {
     pub fn new() -> io::Result<(Input, OwnedFd)> {
         let (r, w) = pipe()?;
         let peek = r.try_clone()?;
-        let feed = Arc::new((Mutex::new(Feed { file: Some(File::from(w)), paused: false }), Condvar::new()));
+        // The feeding thread writes without blocking and waits for room with the lock
+        // released, so that a checkpoint can pause it while the pipe is full (a program that
+        // does not read its input). The program's read end stays blocking.
+        rustix::fs::fcntl_setfl(&w, rustix::fs::fcntl_getfl(&w)? | rustix::fs::OFlags::NONBLOCK)?;
+        let feed = Arc::new((Mutex::new(Feed { file: Some(File::from(w)), paused: false, fed: 0 }), Condvar::new()));
         Ok((Input { feed, peek }, r))
     }
 
@@ -205,19 +211,44 @@ impl Input {
     pub fn start(&self, preload: Vec<u8>) {
         let feed = self.feed.clone();
         let _ = std::thread::Builder::new().name("limitless-in".into()).spawn(move || {
-            let put = |bytes: &[u8]| -> bool {
-                let (m, cv) = &*feed;
-                let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-                while g.paused {
-                    g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
-                }
-                let ok = g.file.as_mut().is_some_and(|f| f.write_all(bytes).is_ok());
-                if !ok {
-                    g.file = None;
-                }
-                ok
+            // Only this thread closes the write end, so its number stays valid here.
+            let Some(wfd) = feed.0.lock().unwrap_or_else(|e| e.into_inner()).file.as_ref().map(|f| f.as_raw_fd()) else {
+                return;
             };
-            if !preload.is_empty() && !put(&preload) {
+            let put = |mut bytes: &[u8], count: bool| -> bool {
+                let (m, cv) = &*feed;
+                while !bytes.is_empty() {
+                    {
+                        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+                        while g.paused {
+                            g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                        }
+                        let Some(f) = g.file.as_ref() else { return false };
+                        match rustix::io::write(f, bytes) {
+                            Ok(n) => {
+                                if count {
+                                    g.fed += n as u64;
+                                }
+                                bytes = &bytes[n..];
+                                continue;
+                            }
+                            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {}
+                            Err(_) => {
+                                // The program closed its input.
+                                g.file = None;
+                                return false;
+                            }
+                        }
+                    }
+                    // Full: wait for room without the lock, so that a checkpoint can pause the
+                    // feeding meanwhile.
+                    let mut p = libc::pollfd { fd: wfd, events: libc::POLLOUT, revents: 0 };
+                    // SAFETY: one valid pollfd; `wfd` is open until this thread closes it.
+                    unsafe { libc::poll(&mut p, 1, 1000) };
+                }
+                true
+            };
+            if !preload.is_empty() && !put(&preload, false) {
                 return;
             }
             let mut buf = vec![0u8; 1 << 16];
@@ -225,12 +256,13 @@ impl Input {
             let mut src = stdin.lock();
             loop {
                 match src.read(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Ok(0) | Err(_) => {
                         feed.0.lock().unwrap_or_else(|e| e.into_inner()).file = None;
                         return;
                     }
                     Ok(n) => {
-                        if !put(&buf[..n]) {
+                        if !put(&buf[..n], true) {
                             return;
                         }
                     }
@@ -261,6 +293,14 @@ impl Input {
             }
         }
         out
+    }
+
+    /// How many bytes of our stdin have gone into the pipe (the preload not counted). While
+    /// paused, every one of them was either read by the program or is among the bytes
+    /// [`pause_and_peek`](Self::pause_and_peek) returned; bytes read from our stdin but not
+    /// yet put into the pipe are not counted (they are lost if this process ends).
+    pub fn fed(&self) -> u64 {
+        self.feed.0.lock().unwrap_or_else(|e| e.into_inner()).fed
     }
 
     /// Lets the feeding continue after a pause.
