@@ -43,6 +43,11 @@ struct ChainRun {
 
 /// `limitless run --limit LIMIT --store DIR/store --report DIR/report.json -- ARGS` as `user`.
 fn run_chain(user: User, dir: &Path, limit: &str, args: &[&str], env: &[(&str, &str)]) -> ChainRun {
+    run_chain_fed(user, dir, limit, args, env, None)
+}
+
+/// [`run_chain`] with `input` written to its stdin through a pipe (else /dev/null).
+fn run_chain_fed(user: User, dir: &Path, limit: &str, args: &[&str], env: &[(&str, &str)], input: Option<&[u8]>) -> ChainRun {
     let report = dir.join("report.json");
     let _ = std::fs::remove_file(&report);
     let mut c = command(user, limitless());
@@ -59,7 +64,21 @@ fn run_chain(user: User, dir: &Path, limit: &str, args: &[&str], env: &[(&str, &
     for (k, v) in env {
         c.env(k, v);
     }
-    let o = c.stdin(Stdio::null()).output().expect("limitless run");
+    let o = match input {
+        None => c.stdin(Stdio::null()).output().expect("limitless run"),
+        Some(input) => {
+            let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("limitless run");
+            let mut w = child.stdin.take().expect("stdin");
+            let data = input.to_vec();
+            // A chain may end before it has read all of its input.
+            let feeder = std::thread::spawn(move || {
+                let _ = w.write_all(&data);
+            });
+            let o = child.wait_with_output().expect("limitless run");
+            feeder.join().expect("feeder");
+            o
+        }
+    };
     let report = std::fs::read(&report).ok().and_then(|b| serde_json::from_slice(&b).ok());
     ChainRun {
         code: o.status.code(),
@@ -323,6 +342,47 @@ fn kills_at_every_phase_still_end_with_the_right_result() {
         }
         let no_half_written = std::fs::read_dir(d.join("store/tmp")).map(|rd| rd.count()).unwrap_or(0);
         let _ = no_half_written; // staging files of killed steps may remain in tmp/; never under chains/ or images/
+    }
+}
+
+/// Input for `sumin`: `n` bytes of lines that differ from one another.
+fn numbered_input(n: usize) -> String {
+    let mut s: String = (0..n / 19 + 1).map(|i| format!("input line {i:07}\n")).collect();
+    s.truncate(n);
+    s
+}
+
+#[test]
+fn stdin_reaches_the_program_across_steps_exactly_once() {
+    // 3 MiB read 4 KiB at a time, 2 ms apart: about 1.5 s of reading, so the steps'
+    // checkpoints (1 s limit) catch it with every pipe on the way full. Each byte must
+    // reach the program once, in order: sumin prints a hash of all it has read (and fails
+    // if it gets more than the input).
+    let prog = program("sumin");
+    let input = numbered_input(3 << 20);
+    let max = (3 << 20).to_string();
+    let args = [prog.to_str().unwrap(), "2000", &max];
+    let want = reference(&prog, &args[1..], &input);
+    assert!(want.contains(&format!("end {} hash", 3 << 20)), "{want}");
+    for u in users() {
+        let d = workdir("stdin", u);
+        let r = run_chain_fed(u, &d, "1s", &args, &[], Some(input.as_bytes()));
+        assert_eq!(r.code, Some(0), "as {u:?}: {}", r.err);
+        assert_eq!(r.out, want, "as {u:?}: the program read other input than an uninterrupted run; stderr: {}", r.err);
+        assert!(steps(&r) >= 2, "as {u:?}: the chain took {} step(s); stderr: {}", steps(&r), r.err);
+    }
+    // Killed at the points where the input's accounting matters: while it runs, while
+    // frozen (input paused), and after the image is stored but before its manifest.
+    let user = users()[0];
+    for phase in ["step.running", "checkpoint.frozen", "store.manifest"] {
+        let d = workdir(&format!("stdin-kill-{phase}"), user);
+        let fp = format!("{phase}:1:0");
+        let r = run_chain_fed(user, &d, "1s", &args, &[("LIMITLESS_FAILPOINT", &fp)], Some(input.as_bytes()));
+        assert_eq!(r.code, Some(0), "killed at {phase}: {}", r.err);
+        assert_eq!(r.out, want, "killed at {phase}: the program read other input than an uninterrupted run; stderr: {}", r.err);
+        let rep = r.report.expect("report");
+        let reruns = rep["steps"].as_array().unwrap().iter().filter(|s| s["step"] == 1 && s["attempt"] == 1).count();
+        assert_eq!(reruns, 1, "killed at {phase}: step 1 should have run again; stderr: {}", r.err);
     }
 }
 

@@ -1,13 +1,15 @@
 //! `limitless run`: the chain on one machine. This process plays the platform's part: it
 //! starts each step as a fresh process (`limitless __step`, its own process group, like a
 //! fresh container), kills the whole group with `SIGKILL` when the step's time limit ends
-//! (no signal first, no grace), starts the next step when a step hands over, forwards the
-//! program's output step after step, and ends with the program's exit status.
+//! (no signal first, no grace), starts the next step when a step hands over, feeds the
+//! program's input and forwards its output step after step, and ends with the program's
+//! exit status.
 //!
 //! A step that dies without handing over or finishing (killed by the limit, crashed) is
 //! run again from the last complete checkpoint, as a new attempt; after three failures in a
 //! row the chain stops and can be resumed later with `limitless run --resume CHAIN`.
 
+use super::input::Tape;
 use super::report::{self, Progress};
 use super::step::{read_result, Platform};
 use super::*;
@@ -226,14 +228,15 @@ fn spawn_step(
     tx: mpsc::Sender<LinkMsg>,
     progress: &Arc<Progress>,
     once: [output::StepOut; 2],
+    input: (&Arc<Tape>, Option<u64>),
 ) -> Result<StepProc> {
+    let (in_r, in_w) = stdio::pipe()?;
     let (out_r, out_w) = stdio::pipe()?;
     let (err_r, err_w) = stdio::pipe()?;
     let (ctl_r, ctl_w) = stdio::pipe()?;
     let (msg_r, msg_w) = stdio::pipe()?;
-    let null: OwnedFd = File::open("/dev/null")?.into();
     let mut fds = FdMap::default();
-    fds.add(null, 0);
+    fds.add(in_r, 0);
     fds.add(out_w, 1);
     fds.add(err_w, 2);
     fds.add(ctl_w, 3);
@@ -246,6 +249,7 @@ fn spawn_step(
         .args(["--deadline-unix-ms", &deadline_ms.to_string(), "--margin-ms", &opts.margin.as_millis().to_string()])
         .process_group(0);
     let child = fds.spawn(cmd).context("cannot start a step process")?;
+    input.0.feed(input.1, in_w);
     let [stdout, stderr] = once;
     let out = forward(out_r, 1, progress.clone(), Some(stdout));
     let err = forward(err_r, 2, progress.clone(), Some(stderr));
@@ -288,14 +292,14 @@ fn forward(src: OwnedFd, dst: i32, progress: Arc<Progress>, mut once: Option<out
     })
 }
 
-/// Where in the program's stdout and stderr step `step` starts (from its manifest; `None`
-/// if the manifest is of an earlier version or unreadable).
-fn out_start(store: &dyn Store, chain: &str, step: u32) -> [Option<u64>; 2] {
+/// Where in the program's stdout and stderr, and in its input, step `step` starts (from
+/// its manifest; `None` if the manifest is of an earlier version or unreadable).
+fn starts(store: &dyn Store, chain: &str, step: u32) -> ([Option<u64>; 2], Option<u64>) {
     if step == 0 {
-        return [Some(0); 2];
+        return ([Some(0); 2], Some(0));
     }
     let m: Option<Manifest> = store.get(&keys::manifest(chain, step)).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok());
-    m.map_or([None; 2], |m| [m.out_bytes, m.err_bytes])
+    m.map_or(([None; 2], None), |m| ([m.out_bytes, m.err_bytes], m.in_bytes))
 }
 
 /// Runs steps from `step` (attempt `attempt`) until the chain ends.
@@ -309,18 +313,23 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
     let mut killed_of_failures = 0;
     let mut steps_run = 0u32;
     let printed = [output::Ledger::new(), output::Ledger::new()];
+    let tape = Tape::new(super::input::our_stdin().context("cannot take stdin for the program")?);
     loop {
         let deadline = SystemTime::now() + opts.limit;
         let (tx, rx) = mpsc::channel();
-        let from = out_start(&*opts.store, chain, step);
+        let (from, from_in) = starts(&*opts.store, chain, step);
+        if let Some(i) = from_in {
+            // Every later attempt starts at this checkpoint or a later one.
+            tape.keep_from(i);
+        }
         let at = Attempt { chain, step, attempt, deadline };
         let once = || [printed[0].stream(from[0]), printed[1].stream(from[1])];
-        let mut procs = vec![spawn_step(&at, opts, tx.clone(), &progress, once())?];
+        let mut procs = vec![spawn_step(&at, opts, tx.clone(), &progress, once(), (&tape, from_in))?];
         if duplicate {
             // A retried invocation of the same step, as a platform may deliver: it must see
             // the claim and run nothing.
             std::thread::sleep(Duration::from_millis(20));
-            procs.push(spawn_step(&at, opts, tx.clone(), &progress, once())?);
+            procs.push(spawn_step(&at, opts, tx.clone(), &progress, once(), (&tape, from_in))?);
         }
         drop(tx);
         steps_run += 1;

@@ -19,6 +19,7 @@
 //! discards its image; the first result is the chain's result.
 
 pub mod controller;
+pub mod input;
 pub mod margin;
 pub mod output;
 pub mod report;
@@ -146,6 +147,12 @@ pub struct Manifest {
     /// The same for stderr.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub err_bytes: Option<u64>,
+    /// How many bytes of its stdin stream the program had been given, over the whole
+    /// chain, when this checkpoint froze it (what it read, and what the image carries
+    /// unread): where a step restored from it takes its input from. Absent in manifests
+    /// of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_bytes: Option<u64>,
 }
 
 /// How a chain ended.

@@ -119,9 +119,10 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
         track: store.takes_unchanged() && std::env::var_os("LIMITLESS_TRACK").is_none_or(|v| v != "0"),
     };
     let mut restored_from: Option<String> = None;
-    // The program's stdout and stderr bytes before this step (over the whole chain), if
-    // known.
+    // The program's stdout and stderr bytes, and the bytes of its input it had been given,
+    // before this step (over the whole chain), if known.
     let mut out_base = [Some(0); 2];
+    let mut in_base = Some(0);
     let (mut sup, mut history) = if a.step == 0 {
         let prog = find_program(std::path::Path::new(&spec.argv[0])).map_err(|(_, m)| anyhow!(m))?;
         let args: Vec<std::ffi::OsString> = spec.argv[1..].iter().map(Into::into).collect();
@@ -158,6 +159,7 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
         stats.restore_ms = Some(ms(t.elapsed()));
         restored_from = Some(m.image.key);
         out_base = [m.out_bytes, m.err_bytes];
+        in_base = m.in_bytes;
         (sup, m.history)
     };
     let running_since = Instant::now();
@@ -216,7 +218,7 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
             CostSample { rss_bytes: ps.rss_bytes, ms: 0.0, send_bytes: (send != ps.rss_bytes).then_some(send) },
             &mut history,
             &mut stats,
-            Origin { image: restored_from.as_deref(), out_bytes: out_base },
+            Origin { image: restored_from.as_deref(), out_bytes: out_base, in_bytes: in_base },
             spec.wait_idle_ms,
         )? {
             Some(o) => break o,
@@ -291,6 +293,8 @@ struct Origin<'a> {
     /// The program's stdout and stderr bytes before the step (over the whole chain), if
     /// known.
     out_bytes: [Option<u64>; 2],
+    /// The bytes of its stdin stream the program had been given before the step, if known.
+    in_bytes: Option<u64>,
 }
 
 /// Checkpoints, stores and hands over. `Ok(None)`: not this time (the program runs on).
@@ -388,6 +392,9 @@ fn checkpoint(
         // The checkpoint drained the frozen program's stdout and stderr: all of it is counted.
         out_bytes: from.out_bytes[0].map(|b| b + sup.inner.out.bytes.load(std::sync::atomic::Ordering::SeqCst)),
         err_bytes: from.out_bytes[1].map(|b| b + sup.inner.err.bytes.load(std::sync::atomic::Ordering::SeqCst)),
+        // The program's input is paused: what it was given is what it read, and what the
+        // image carries unread.
+        in_bytes: from.in_bytes.map(|b| b + sup.inner.input.fed()),
     };
     let won = match store.put_if_absent(&keys::manifest(&a.chain, next), serde_json::to_string(&m)?.as_bytes()) {
         Ok(w) => w,

@@ -37,7 +37,12 @@ enum Cmd {
     /// and runs again from the last checkpoint does not print them twice. The exit status
     /// is PROG's; the last line on stderr summarises the chain. Checkpoints go to the store;
     /// if limitless itself is stopped, `--resume CHAIN` (or `--resume last`) continues the
-    /// chain from its last complete checkpoint. PROG gets no stdin (as in a FaaS function).
+    /// chain from its last complete checkpoint.
+    ///
+    /// PROG reads this command's stdin (a pipe, a file, or a terminal in the foreground)
+    /// across steps, each byte once; a step that runs again gets the same bytes from its
+    /// checkpoint. With --resume, stdin is taken as the same input from its start again: its
+    /// bytes up to the checkpoint are skipped.
     Run {
         /// Each step's time limit, like a function's timeout (e.g. 60s, 5m, 1500ms).
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
