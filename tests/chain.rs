@@ -451,6 +451,28 @@ fn a_limit_too_short_for_the_program_fails_naming_the_minimum() {
 }
 
 #[test]
+fn a_program_that_cannot_be_checkpointed_fails_saying_why() {
+    // The shell waits for its child `sleep`: no checkpoint can be taken (process trees are
+    // not supported), so every step is killed at its limit. The chain must say that, not
+    // blame the program's memory.
+    let user = users()[0];
+    let d = workdir("refused", user);
+    let r = run_chain(user, &d, "1s", &["/bin/sh", "-c", "sleep 10; echo done"], &[]);
+    assert_eq!(r.code, Some(125), "{}", r.err);
+    let last = r.err.lines().last().unwrap_or("");
+    assert!(
+        last.contains("every checkpoint it tried had failed") && last.contains("child process"),
+        "last line: {last}\nstderr: {}",
+        r.err
+    );
+    assert!(!last.contains("memory"), "blames memory: {last}");
+    // Each attempt tells the reason once, not at every retry.
+    let told = r.err.lines().filter(|l| l.contains("the checkpoint is tried again")).count();
+    assert!((3..=6).contains(&told), "told {told} times: {}", r.err);
+    assert!(!r.err.contains('\x1b'), "terminal colour codes in piped stderr: {:?}", r.err);
+}
+
+#[test]
 fn bad_input_gives_one_clear_line() {
     let prog = program("ticker");
     for u in users() {

@@ -71,6 +71,11 @@ pub enum LinkMsg {
         /// Milliseconds since the epoch.
         at_unix_ms: u64,
     },
+    /// A checkpoint failed (the step tries again until its limit).
+    CheckpointFailed {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The step side of the local platform: messages to the controller on fd 3.
@@ -122,6 +127,9 @@ impl Platform for LocalLink {
     }
     fn plan(&self, at: u64) {
         let _ = self.send(&LinkMsg::Plan { at_unix_ms: at });
+    }
+    fn checkpoint_failed(&self, reason: &str) {
+        let _ = self.send(&LinkMsg::CheckpointFailed { reason: reason.to_string() });
     }
 }
 
@@ -311,6 +319,10 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
     let mut killed_in_a_row = 0;
     // Of the failures in a row, how many were kills by the limit.
     let mut killed_of_failures = 0;
+    // Of the kills in a row, how many came after every checkpoint the step tried had failed,
+    // and the last reason.
+    let mut refused_kills = 0;
+    let mut refusal = String::new();
     let mut steps_run = 0u32;
     let printed = [output::Ledger::new(), output::Ledger::new()];
     let tape = Tape::new(super::input::our_stdin().context("cannot take stdin for the program")?);
@@ -336,12 +348,14 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
         progress.set_step(step, t0);
         let mut next = None;
         let mut killed = false;
+        let mut refused: Option<String> = None;
         for p in procs.iter_mut() {
             loop {
                 while let Ok(m) = rx.try_recv() {
                     match m {
                         LinkMsg::Invoke { step: s, attempt: a } => next = Some((s, a)),
                         LinkMsg::Plan { at_unix_ms } => progress.set_plan(at_unix_ms),
+                        LinkMsg::CheckpointFailed { reason } => refused = Some(reason),
                     }
                 }
                 if p.child.try_wait()?.is_some() {
@@ -365,8 +379,10 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
             let _ = p.msg.join();
         }
         while let Ok(m) = rx.try_recv() {
-            if let LinkMsg::Invoke { step: s, attempt: a } = m {
-                next = Some((s, a));
+            match m {
+                LinkMsg::Invoke { step: s, attempt: a } => next = Some((s, a)),
+                LinkMsg::CheckpointFailed { reason } => refused = Some(reason),
+                LinkMsg::Plan { .. } => {}
             }
         }
         progress.clear();
@@ -378,6 +394,7 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
             attempt = a;
             failures = 0;
             killed_of_failures = 0;
+            refused_kills = 0;
             if let Some((msg, least)) = report::too_short(&*opts.store, chain, opts.limit)? {
                 bail!("{msg}; resume it with `limitless run --limit {least} --store {} --resume {chain}`", opts.store.describe());
             }
@@ -386,9 +403,19 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
         failures += 1;
         killed_in_a_row = if killed { killed_in_a_row + 1 } else { 0 };
         killed_of_failures += killed as u32;
+        // Killed after every checkpoint it tried had failed (a checkpoint that succeeded
+        // hands over or ends the step).
+        let refused = refused.filter(|_| killed);
+        refused_kills = if refused.is_some() { refused_kills + 1 } else { 0 };
+        if let Some(r) = &refused {
+            refusal = r.clone();
+        }
         let last = last_manifest(&*opts.store, chain)?;
         if failures >= MAX_FAILURES {
             let resume = format!("the chain is kept: resume it with `limitless run --store {} --resume {chain}`", opts.store.describe());
+            if refused_kills >= MAX_FAILURES {
+                bail!("step {step} was killed by the limit {failures} times, each time after every checkpoint it tried had failed ({refusal}); {resume}");
+            }
             if killed_in_a_row >= MAX_FAILURES {
                 bail!(
                     "step {step} was killed by the limit {failures} times before it could hand over: {}; {resume}",
@@ -403,9 +430,15 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
             }
             bail!("step {step} of chain {chain} failed {failures} times in a row (see the messages above); {resume}");
         }
+        let died = step;
         step = last;
         attempt = next_attempt(&*opts.store, chain, step)?;
-        eprintln!("limitless: a step ended without a checkpoint or a result; running again from the last checkpoint (step {step})");
+        let why = match (&refused, killed) {
+            (Some(_), _) => "was killed by the limit after every checkpoint it tried had failed",
+            (None, true) => "was killed by the limit before it could checkpoint",
+            (None, false) => "ended without a checkpoint or a result",
+        };
+        eprintln!("limitless: step {died} {why}; running again from the last checkpoint (step {step})");
     }
 }
 

@@ -227,6 +227,9 @@ pub struct StepStats {
     pub copied_bytes: Option<u64>,
     /// Checkpoints that failed and were retried (a socket open at that moment, ...).
     pub checkpoint_retries: u32,
+    /// Why the last of those failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_failure: Option<String>,
 }
 
 /// Milliseconds since the epoch.

@@ -33,6 +33,8 @@ pub trait Platform {
     }
     /// The step plans to checkpoint at this time (for progress displays).
     fn plan(&self, _checkpoint_at_unix_ms: u64) {}
+    /// A checkpoint failed for this reason (the program runs on; the step tries again).
+    fn checkpoint_failed(&self, _reason: &str) {}
     /// What the step cost, when it ends.
     fn report(&self, _stats: &StepStats) {}
 }
@@ -166,6 +168,7 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
     // At most a quarter of this step's time goes to the hand-over reserve.
     let reserve = platform.handover_reserve().min(until(a.deadline) / 4);
     let mut retries = 0;
+    let mut told = String::new();
     let mut last_plan = 0;
     let outcome = loop {
         if let Some(code) = sup.try_wait()? {
@@ -224,9 +227,16 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
             Some(o) => break o,
             None => {
                 // The checkpoint could not be taken or stored; the program runs on. Try again
-                // while the deadline allows; the platform kills this step otherwise.
+                // while the deadline allows; the platform kills this step otherwise. Each
+                // reason is told once.
                 retries += 1;
                 stats.checkpoint_retries = retries;
+                let reason = stats.checkpoint_failure.clone().unwrap_or_default();
+                if reason != told {
+                    eprintln!("limitless: step {}: {reason}; the program runs on and the checkpoint is tried again", a.step);
+                    platform.checkpoint_failed(&reason);
+                    told = reason;
+                }
                 if until(a.deadline) < Duration::from_millis(300) {
                     sup.inner.kill();
                     let _ = sup.wait();
@@ -318,9 +328,9 @@ fn checkpoint(
     let freeze_timeout =
         until(a.deadline).saturating_sub(Duration::from_millis(200)).clamp(Duration::from_millis(100), Duration::from_secs(10));
     let wait_idle = Duration::from_millis(wait_idle_ms);
-    let store_failed = |e: &anyhow::Error| {
-        tracing::warn!("storing the image of step {} failed: {e:#}", a.step);
-        eprintln!("limitless: storing the checkpoint of step {} failed, the previous checkpoint is kept: {e:#}", a.step);
+    // (The caller tells why, once.)
+    let store_failed = |stats: &mut StepStats, e: &anyhow::Error| {
+        stats.checkpoint_failure = Some(format!("storing the checkpoint failed, the previous checkpoint is kept: {e:#}"));
     };
     // A store that takes a stream gets the image while it is written (no local copy);
     // otherwise it is written to a staging file and then stored.
@@ -330,7 +340,7 @@ fn checkpoint(
     let sink = match store.image_sink(&image_key, restored_from.filter(|_| tracked)) {
         Ok(s) => s,
         Err(e) => {
-            store_failed(&e);
+            store_failed(stats, &e);
             return Ok(None);
         }
     };
@@ -352,11 +362,11 @@ fn checkpoint(
     let cs = match r {
         Ok(cs) => cs,
         Err(e) if streamed && e.downcast_ref::<WriteFailed>().is_some() => {
-            store_failed(&e);
+            store_failed(stats, &e);
             return Ok(None);
         }
         Err(e) => {
-            tracing::warn!("checkpoint of step {} failed: {e:#}", a.step);
+            stats.checkpoint_failure = Some(format!("{e:#}"));
             return Ok(None);
         }
     };
@@ -372,7 +382,7 @@ fn checkpoint(
         match store.put_file(&image_key, &staging) {
             Ok(sent) => stats.stored_bytes = Some(sent),
             Err(e) => {
-                store_failed(&e);
+                store_failed(stats, &e);
                 let _ = std::fs::remove_file(&staging);
                 sup.inner.release(true);
                 return Ok(None);
@@ -399,7 +409,7 @@ fn checkpoint(
     let won = match store.put_if_absent(&keys::manifest(&a.chain, next), serde_json::to_string(&m)?.as_bytes()) {
         Ok(w) => w,
         Err(e) => {
-            tracing::warn!("storing the manifest of step {next} failed: {e:#}");
+            stats.checkpoint_failure = Some(format!("storing the manifest of step {next} failed: {e:#}"));
             sup.inner.release(true);
             return Ok(None);
         }
