@@ -437,6 +437,64 @@ fn resume_continues_a_chain_after_the_controller_dies() {
 }
 
 #[test]
+fn ctrl_c_stops_the_step_and_keeps_the_chain() {
+    let prog = program("ticker");
+    // 4 s of ticks, a line every 250 ms, with 3 s steps: it ends in step 1.
+    let want = reference(&prog, &["400"], "");
+    let user = users()[0];
+    let d = workdir("interrupt", user);
+    let mut c = command(user, limitless());
+    c.args(["run", "--limit", "3s", "--store"]).arg(d.join("store")).arg("--").arg(&prog).arg("400").current_dir(&d);
+    let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            all.push_str(&l);
+            all.push('\n');
+            let _ = tx.send(());
+        }
+        all
+    });
+    let t = Instant::now();
+    while claimed_steps(&d.join("store")).iter().max().copied().unwrap_or(0) < 1 {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Once step 1 has printed a line after its checkpoint, what a terminal's Ctrl-C does:
+    // SIGINT to `run` only (each step has a process group of its own).
+    while rx.try_recv().is_ok() {}
+    rx.recv_timeout(Duration::from_secs(10)).expect("a line from step 1");
+    // SAFETY: signals the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let first = reader.join().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.contains("interrupted (SIGINT)") && last.contains("--resume"), "{err}");
+    // No step of the chain is left running.
+    let chain = std::fs::read_dir(d.join("store/chains")).unwrap().next().unwrap().unwrap().file_name();
+    let chain = chain.to_str().unwrap();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .filter(|c| c.contains("__step") && c.contains(chain))
+        .collect();
+    assert!(left.is_empty(), "steps still running: {left:?}");
+    let mut c = command(user, limitless());
+    c.args(["run", "--limit", "3s", "--store"]).arg(d.join("store")).args(["--resume", chain]).current_dir(&d);
+    let o = c.stdin(Stdio::null()).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    // What the interrupted controller printed after the last checkpoint is not printed
+    // again: the two outputs make exactly one uninterrupted run's.
+    assert_eq!(first + &String::from_utf8_lossy(&o.stdout), want, "output lost or repeated across the interruption");
+}
+
+#[test]
 fn a_limit_too_short_for_the_program_fails_naming_the_minimum() {
     let prog = program("mem");
     let user = users()[0];

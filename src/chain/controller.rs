@@ -25,6 +25,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -158,7 +159,7 @@ pub fn run_new(argv: &[OsString], opts: &RunOptions) -> Result<i32> {
         bail!("chain id {chain} is taken (try again)");
     }
     tracing::info!("chain {chain} in {}", opts.store.describe());
-    drive(&chain, 0, 0, opts)
+    drive(&chain, 0, 0, opts, false)
 }
 
 /// Continues chain `chain` from its last complete checkpoint.
@@ -176,7 +177,7 @@ pub fn resume(chain: &str, opts: &RunOptions) -> Result<i32> {
     }
     let step = last_manifest(&*opts.store, &chain)?;
     let attempt = next_attempt(&*opts.store, &chain, step)?;
-    drive(&chain, step, attempt, opts)
+    drive(&chain, step, attempt, opts, true)
 }
 
 /// The most recently created chain in the store.
@@ -310,8 +311,41 @@ fn starts(store: &dyn Store, chain: &str, step: u32) -> ([Option<u64>; 2], Optio
     m.map_or(([None; 2], None), |m| ([m.out_bytes, m.err_bytes], m.in_bytes))
 }
 
+/// The program's output streams, as named in store keys.
+const STREAMS: [&str; 2] = ["out", "err"];
+
+/// The signal that interrupted `run` (SIGINT, SIGTERM or SIGHUP), or 0.
+static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_interrupt(sig: libc::c_int) {
+    INTERRUPTED.store(sig, Ordering::SeqCst);
+}
+
+/// Turns Ctrl-C, SIGTERM and SIGHUP into an orderly stop: the step is killed (as its limit
+/// would), and the chain is kept for `--resume`. A signal this process was started with
+/// ignored (a background job of a script) stays ignored.
+fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: sigaction with valid pointers; the handler only stores to an atomic,
+        // which is async-signal-safe. SA_RESTART keeps the forwarding threads' reads from
+        // failing with EINTR.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 || old.sa_sigaction == libc::SIG_IGN {
+                continue;
+            }
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_interrupt as extern "C" fn(libc::c_int) as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
 /// Runs steps from `step` (attempt `attempt`) until the chain ends.
-fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Result<i32> {
+fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions, resumed: bool) -> Result<i32> {
+    catch_interrupts();
     let t0 = Instant::now();
     let progress = Arc::new(Progress::new(opts.progress));
     let duplicate = std::env::var_os("LIMITLESS_TEST_DUPLICATE_STEPS").is_some();
@@ -319,12 +353,16 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
     let mut killed_in_a_row = 0;
     // Of the failures in a row, how many were kills by the limit.
     let mut killed_of_failures = 0;
-    // Of the kills in a row, how many came after every checkpoint the step tried had failed,
-    // and the last reason.
-    let mut refused_kills = 0;
+    // How many steps in a row reached their limit after every checkpoint they tried had
+    // failed, and the last reason.
+    let mut refused_in_a_row = 0;
     let mut refusal = String::new();
     let mut steps_run = 0u32;
-    let printed = [output::Ledger::new(), output::Ledger::new()];
+    // What a controller interrupted before us printed is not printed again.
+    let printed = STREAMS.map(|s| {
+        let saved = if resumed { opts.store.get(&keys::printed(chain, s)).ok().flatten() } else { None };
+        saved.and_then(|b| output::Ledger::load(&b)).unwrap_or_else(output::Ledger::new)
+    });
     let tape = Tape::new(super::input::our_stdin().context("cannot take stdin for the program")?);
     loop {
         let deadline = SystemTime::now() + opts.limit;
@@ -361,12 +399,15 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
                 if p.child.try_wait()?.is_some() {
                     break;
                 }
-                if SystemTime::now() >= deadline {
-                    // The platform's time limit: the whole step, without warning.
+                let interrupted = INTERRUPTED.load(Ordering::SeqCst) != 0;
+                if SystemTime::now() >= deadline || interrupted {
+                    // The platform's time limit: the whole step, without warning. (Or
+                    // Ctrl-C: the step is in a process group of its own, so the terminal
+                    // signals only us.)
                     // SAFETY: signals the step's process group (its pid), which we created.
                     unsafe { libc::kill(-(p.child.id() as i32), libc::SIGKILL) };
                     let _ = p.child.wait();
-                    killed = true;
+                    killed = !interrupted;
                     break;
                 }
                 progress.draw();
@@ -389,12 +430,30 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
         if let Some(r) = read_result(&*opts.store, chain)? {
             return finish(chain, r, t0, steps_run, opts);
         }
+        let sig = INTERRUPTED.load(Ordering::SeqCst);
+        if sig != 0 {
+            for (s, ledger) in STREAMS.iter().zip(&printed) {
+                if let Err(e) = opts.store.put(&keys::printed(chain, s), &ledger.save()) {
+                    eprintln!("limitless: cannot record what was printed ({e:#}); a resumed chain prints again the output since its last checkpoint");
+                }
+            }
+            eprintln!(
+                "limitless: interrupted ({}); the chain is kept: resume it with `limitless run --store {} --resume {chain}`",
+                match sig {
+                    libc::SIGINT => "SIGINT",
+                    libc::SIGTERM => "SIGTERM",
+                    _ => "SIGHUP",
+                },
+                opts.store.describe()
+            );
+            return Ok(128 + sig);
+        }
         if let Some((s, a)) = next {
             step = s;
             attempt = a;
             failures = 0;
             killed_of_failures = 0;
-            refused_kills = 0;
+            refused_in_a_row = 0;
             if let Some((msg, least)) = report::too_short(&*opts.store, chain, opts.limit)? {
                 bail!("{msg}; resume it with `limitless run --limit {least} --store {} --resume {chain}`", opts.store.describe());
             }
@@ -403,18 +462,17 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
         failures += 1;
         killed_in_a_row = if killed { killed_in_a_row + 1 } else { 0 };
         killed_of_failures += killed as u32;
-        // Killed after every checkpoint it tried had failed (a checkpoint that succeeded
-        // hands over or ends the step).
-        let refused = refused.filter(|_| killed);
-        refused_kills = if refused.is_some() { refused_kills + 1 } else { 0 };
+        // A step that had tried to checkpoint and did not hand over: every checkpoint it
+        // tried had failed (it was killed at its limit, or gave up just before it).
+        refused_in_a_row = if refused.is_some() { refused_in_a_row + 1 } else { 0 };
         if let Some(r) = &refused {
             refusal = r.clone();
         }
         let last = last_manifest(&*opts.store, chain)?;
         if failures >= MAX_FAILURES {
             let resume = format!("the chain is kept: resume it with `limitless run --store {} --resume {chain}`", opts.store.describe());
-            if refused_kills >= MAX_FAILURES {
-                bail!("step {step} was killed by the limit {failures} times, each time after every checkpoint it tried had failed ({refusal}); {resume}");
+            if refused_in_a_row >= MAX_FAILURES {
+                bail!("step {step} reached its limit {failures} times, each time after every checkpoint it tried had failed ({refusal}); {resume}");
             }
             if killed_in_a_row >= MAX_FAILURES {
                 bail!(
@@ -434,7 +492,7 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions) -> Res
         step = last;
         attempt = next_attempt(&*opts.store, chain, step)?;
         let why = match (&refused, killed) {
-            (Some(_), _) => "was killed by the limit after every checkpoint it tried had failed",
+            (Some(_), _) => "reached its limit after every checkpoint it tried had failed",
             (None, true) => "was killed by the limit before it could checkpoint",
             (None, false) => "ended without a checkpoint or a result",
         };

@@ -48,6 +48,11 @@ pub mod keys {
     pub fn stats(chain: &str, step: u32, attempt: u32) -> String {
         format!("chains/{chain}/stats-{step}.{attempt}")
     }
+    /// What a controller that was interrupted had printed of the program's stdout
+    /// (`stream` "out") or stderr ("err") since the last checkpoint.
+    pub fn printed(chain: &str, stream: &str) -> String {
+        format!("chains/{chain}/printed-{stream}")
+    }
     /// The chain's result.
     pub fn result(chain: &str) -> String {
         format!("chains/{chain}/result")

@@ -80,6 +80,29 @@ impl Ledger {
         StepOut { ledger: self.clone(), pos, skip_to, diverged: false }
     }
 
+    /// What was printed since the last checkpoint, for a controller that resumes the chain
+    /// ([`load`](Self::load)): the position of the kept bytes (8 bytes, little-endian), then
+    /// the bytes. They end where the printing ended.
+    pub fn save(&self) -> Vec<u8> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = Vec::with_capacity(8 + st.kept.len());
+        b.extend_from_slice(&st.kept_from.to_le_bytes());
+        b.extend_from_slice(&st.kept);
+        b
+    }
+
+    /// A ledger of what an earlier controller printed, from [`save`](Self::save)'s bytes
+    /// (`None` if they are not such).
+    pub fn load(b: &[u8]) -> Option<Arc<Ledger>> {
+        let kept_from = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+        let kept = b[8..].to_vec();
+        if kept.len() > KEEP_MAX {
+            return None;
+        }
+        let printed = kept_from.checked_add(kept.len() as u64)?;
+        Some(Arc::new(Ledger { state: Mutex::new(State { printed, kept, kept_from }) }))
+    }
+
     #[cfg(test)]
     fn printed(&self) -> u64 {
         self.state.lock().unwrap().printed
@@ -212,6 +235,23 @@ mod tests {
         assert_eq!(feed(&mut l.stream(Some(100)), &[b"y\n"]).0, b"y\n");
         assert_eq!(l.printed(), 102);
         assert_eq!(feed(&mut l.stream(Some(100)), &[b"y\nz\n"]).0, b"z\n");
+    }
+
+    #[test]
+    fn a_resuming_controller_does_not_print_again_what_the_interrupted_one_printed() {
+        let l = Ledger::new();
+        feed(&mut l.stream(Some(0)), &[b"a\n"]);
+        // Checkpoint at 2; step 1 prints two lines, then the controller is interrupted.
+        feed(&mut l.stream(Some(2)), &[b"b\nc\n"]);
+        let saved = l.save();
+        assert_eq!(&saved[..8], &2u64.to_le_bytes());
+        let again = Ledger::load(&saved).expect("loads");
+        assert_eq!(again.printed(), 6);
+        let (p, d) = feed(&mut again.stream(Some(2)), &[b"b\nc\nd\n"]);
+        assert_eq!((p.as_slice(), d), (&b"d\n"[..], false));
+        // Bad bytes are refused, not trusted.
+        assert!(Ledger::load(b"short").is_none());
+        assert!(Ledger::load(&[0xff; 9]).is_none());
     }
 
     #[test]

@@ -36,8 +36,8 @@ enum Cmd {
     /// PROG's stdout and stderr stream through, across steps, in order; a step that dies
     /// and runs again from the last checkpoint does not print them twice. The exit status
     /// is PROG's; the last line on stderr summarises the chain. Checkpoints go to the store;
-    /// if limitless itself is stopped, `--resume CHAIN` (or `--resume last`) continues the
-    /// chain from its last complete checkpoint.
+    /// if limitless itself is stopped (Ctrl-C keeps the chain), `--resume CHAIN` (or
+    /// `--resume last`) continues the chain from its last complete checkpoint.
     ///
     /// PROG reads this command's stdin (a pipe, a file, or a terminal in the foreground)
     /// across steps, each byte once; a step that runs again gets the same bytes from its
