@@ -374,6 +374,16 @@ fn stdin_reaches_the_program_across_steps_exactly_once() {
     // Killed at the points where the input's accounting matters: while it runs, while
     // frozen (input paused), and after the image is stored but before its manifest.
     let user = users()[0];
+    // A file as stdin is read at each step's offset (nothing kept): also after a kill.
+    let d = workdir("stdin-file", user);
+    let file = d.join("input");
+    std::fs::write(&file, &input).unwrap();
+    let mut c = command(user, limitless());
+    c.args(["run", "--limit", "1s", "--store"]).arg(d.join("store")).arg("--").args(args).current_dir(&d);
+    c.env("LIMITLESS_FAILPOINT", "step.running:1:0");
+    let o = c.stdin(std::fs::File::open(&file).unwrap()).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "stdin from a file: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), want, "stdin from a file: other input than an uninterrupted run");
     for phase in ["step.running", "checkpoint.frozen", "store.manifest"] {
         let d = workdir(&format!("stdin-kill-{phase}"), user);
         let fp = format!("{phase}:1:0");

@@ -371,6 +371,13 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions, resume
         if let Some(i) = from_in {
             // Every later attempt starts at this checkpoint or a later one.
             tape.keep_from(i);
+            if !tape.can_give(i) {
+                bail!(
+                    "step {step} cannot run again: the program's input since its checkpoint could not be kept (see above); \
+                     resume the chain with the same input on stdin: `limitless run --store {} --resume {chain} < INPUT`",
+                    opts.store.describe()
+                );
+            }
         }
         let at = Attempt { chain, step, attempt, deadline };
         let once = || [printed[0].stream(from[0]), printed[1].stream(from[1])];
