@@ -412,22 +412,33 @@ fn a_duplicate_invocation_of_a_step_runs_nothing() {
     }
 }
 
-#[test]
-fn resume_continues_a_chain_after_the_controller_dies() {
+/// `limitless run --limit LIMIT --store DIR/store -- ticker TICKS` as `user`, its output
+/// piped; and what an uninterrupted `ticker TICKS` prints.
+fn spawn_ticker_chain(user: User, d: &Path, limit: &str, ticks: &str) -> (std::process::Child, String) {
     let prog = program("ticker");
-    let want = reference(&prog, &["300"], "");
-    let user = users()[0];
-    let d = workdir("resume", user);
     let mut c = command(user, limitless());
-    c.args(["run", "--limit", "1s", "--store"]).arg(d.join("store")).arg("--").arg(&prog).arg("300").current_dir(&d);
-    let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut out = child.stdout.take().unwrap();
-    // Let it get past a couple of checkpoints, then kill the controller (and so its steps).
+    c.args(["run", "--limit", limit, "--store"]).arg(d.join("store")).arg("--").arg(&prog).arg(ticks).current_dir(d);
+    let child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    (child, reference(&prog, &[ticks], ""))
+}
+
+/// Waits (at most 30 s) until the chain in `d` has claimed step `n`.
+fn wait_for_claim(d: &Path, n: u32) {
     let t = Instant::now();
-    while claimed_steps(&d.join("store")).iter().max().copied().unwrap_or(0) < 2 {
-        assert!(t.elapsed() < Duration::from_secs(30));
+    while claimed_steps(&d.join("store")).iter().max().copied().unwrap_or(0) < n {
+        assert!(t.elapsed() < Duration::from_secs(30), "step {n} was not claimed within 30 s");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn resume_continues_a_chain_after_the_controller_dies() {
+    let user = users()[0];
+    let d = workdir("resume", user);
+    let (mut child, want) = spawn_ticker_chain(user, &d, "1s", "300");
+    let mut out = child.stdout.take().unwrap();
+    // Let it get past a couple of checkpoints, then kill the controller (and so its steps).
+    wait_for_claim(&d, 2);
     let _ = child.kill();
     let _ = child.wait();
     let mut first = String::new();
@@ -448,14 +459,10 @@ fn resume_continues_a_chain_after_the_controller_dies() {
 
 #[test]
 fn ctrl_c_stops_the_step_and_keeps_the_chain() {
-    let prog = program("ticker");
-    // 4 s of ticks, a line every 250 ms, with 3 s steps: it ends in step 1.
-    let want = reference(&prog, &["400"], "");
     let user = users()[0];
     let d = workdir("interrupt", user);
-    let mut c = command(user, limitless());
-    c.args(["run", "--limit", "3s", "--store"]).arg(d.join("store")).arg("--").arg(&prog).arg("400").current_dir(&d);
-    let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // 4 s of ticks, a line every 250 ms, with 3 s steps: it ends in step 1.
+    let (mut child, want) = spawn_ticker_chain(user, &d, "3s", "400");
     let (tx, rx) = std::sync::mpsc::channel();
     let out = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -467,11 +474,7 @@ fn ctrl_c_stops_the_step_and_keeps_the_chain() {
         }
         all
     });
-    let t = Instant::now();
-    while claimed_steps(&d.join("store")).iter().max().copied().unwrap_or(0) < 1 {
-        assert!(t.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_claim(&d, 1);
     // Once step 1 has printed a line after its checkpoint, what a terminal's Ctrl-C does:
     // SIGINT to `run` only (each step has a process group of its own).
     while rx.try_recv().is_ok() {}
