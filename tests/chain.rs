@@ -508,6 +508,32 @@ fn ctrl_c_stops_the_step_and_keeps_the_chain() {
 }
 
 #[test]
+fn a_closed_stdout_ends_the_chain_as_sigpipe_ends_the_program() {
+    // `limitless run -- yes | head -2` must end as `yes | head -2` does, not run forever.
+    let user = users()[0];
+    let d = workdir("sigpipe", user);
+    let mut c = command(user, limitless());
+    c.args(["run", "--limit", "2s", "--store"]).arg(d.join("store")).args(["--", "/usr/bin/yes"]).current_dir(&d);
+    let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut first = [0u8; 4];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"y\ny\n");
+    // (The read end is dropped here.)
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("limitless run went on for 10 s after its stdout was closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(128 + 13), "exit status after its stdout was closed");
+}
+
+#[test]
 fn a_limit_too_short_for_the_program_fails_naming_the_minimum() {
     let prog = program("mem");
     let user = users()[0];

@@ -292,10 +292,17 @@ fn forward(src: OwnedFd, dst: i32, progress: Arc<Progress>, mut once: Option<out
             if diverged {
                 let which = if dst == 1 { "stdout" } else { "stderr" };
                 let msg = format!("limitless: the program, run again from its last checkpoint, printed other output on {which} than before; printing it from the line where it differs\n");
-                progress.write_through(2, msg.as_bytes());
+                let _ = progress.write_through(2, msg.as_bytes());
             }
             if !new.is_empty() {
-                progress.write_through(dst, &new);
+                if let Err(e) = progress.write_through(dst, &new) {
+                    if e.raw_os_error() == Some(libc::EPIPE) {
+                        // Whoever read our output has gone (`| head`): the program would get
+                        // SIGPIPE now, so the chain stops as if it had.
+                        INTERRUPTED.store(libc::SIGPIPE, Ordering::SeqCst);
+                        return;
+                    }
+                }
             }
         }
     })
@@ -314,7 +321,8 @@ fn starts(store: &dyn Store, chain: &str, step: u32) -> ([Option<u64>; 2], Optio
 /// The program's output streams, as named in store keys.
 const STREAMS: [&str; 2] = ["out", "err"];
 
-/// The signal that interrupted `run` (SIGINT, SIGTERM or SIGHUP), or 0.
+/// The signal that interrupted `run` (SIGINT, SIGTERM or SIGHUP; SIGPIPE when our output
+/// was closed), or 0.
 static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_interrupt(sig: libc::c_int) {
@@ -438,6 +446,10 @@ fn drive(chain: &str, mut step: u32, mut attempt: u32, opts: &RunOptions, resume
             return finish(chain, r, t0, steps_run, opts);
         }
         let sig = INTERRUPTED.load(Ordering::SeqCst);
+        if sig == libc::SIGPIPE {
+            // Quietly, as a program killed by SIGPIPE ends.
+            return Ok(128 + sig);
+        }
         if sig != 0 {
             for (s, ledger) in STREAMS.iter().zip(&printed) {
                 if let Err(e) = opts.store.put(&keys::printed(chain, s), &ledger.save()) {

@@ -249,12 +249,12 @@ impl Progress {
     }
 
     /// Writes program output to `fd`, clearing the progress line first.
-    pub fn write_through(&self, fd: i32, b: &[u8]) {
+    pub fn write_through(&self, fd: i32, b: &[u8]) -> std::io::Result<()> {
         let mut g = self.lock();
         if g.shown {
             let _ = write_all_fd(2, b"\r\x1b[K");
             g.shown = false;
         }
-        let _ = write_all_fd(fd, b);
+        write_all_fd(fd, b)
     }
 }
