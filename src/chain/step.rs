@@ -240,7 +240,10 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
                 if until(a.deadline) < Duration::from_millis(300) {
                     sup.inner.kill();
                     let _ = sup.wait();
-                    bail!("no checkpoint could be taken before the step's time limit; the chain can be resumed from the last checkpoint");
+                    bail!(
+                        "no checkpoint could be taken before the step's time limit ({}); the chain can be resumed from the last checkpoint",
+                        stats.checkpoint_failure.as_deref().unwrap_or("no reason given")
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
