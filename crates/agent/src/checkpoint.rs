@@ -23,6 +23,7 @@ use crate::scan::{self, Scan, ScanError};
 use crate::scratch::Scratch;
 use crate::snapshot::{self, Side};
 use crate::stream::Out;
+use crate::zombies;
 use crate::{ctl, restart, track};
 use core::ffi::c_void;
 use core::sync::atomic::Ordering;
@@ -218,11 +219,16 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
             };
         }
     };
-    if let Some(child) = has_children() {
+    if let Err(r) = record_children() {
         freeze::thaw();
         let _ = sys::close(out_fd);
         let mut d = [0u8; 20];
-        return fail(&[b"the program has a child process (pid ", sys::fmt_u64(child, &mut d), b"); process trees are not supported yet"]);
+        return match r {
+            zombies::Refusal::Alive(child) => {
+                fail(&[b"the program has a child process (pid ", sys::fmt_u64(child, &mut d), b"); process trees are not supported yet"])
+            }
+            zombies::Refusal::TooMany => fail(&[b"the program has more than 64 ended child processes it has not waited for"]),
+        };
     }
     let cap = 16 << 20;
     let maps = match maps::read(&mut s, cap).and_then(|mut m| maps::read_vmflags(&mut s, &mut m).map(|_| m)) {
@@ -430,20 +436,27 @@ fn report_freeze_error(e: FreezeError, timeout_ms: u32) {
     }
 }
 
-/// The pid of a child process of any thread, if there is one.
-fn has_children() -> Option<u64> {
+/// Records the children of every thread that have ended (zombies, which a restore owes
+/// the program); refuses a live child.
+fn record_children() -> Result<(), zombies::Refusal> {
+    zombies::begin();
     for s in SLOTS.iter().take(NSLOTS.load(Ordering::Relaxed)) {
         if s.state.load(Ordering::Acquire) != slot::PARKED {
             continue;
         }
         let mut path = [0u8; 64];
-        let mut b = [0u8; 64];
+        let mut b = [0u8; 1024];
         let len = process::read_file(process::task_path(s.tid.load(Ordering::Relaxed), b"children", &mut path), &mut b);
-        if let Some((pid, _)) = sys::parse_u64(&b[..len]) {
-            return Some(pid);
+        let mut rest = &b[..len];
+        while let Some(i) = rest.iter().position(u8::is_ascii_digit) {
+            let Some((pid, k)) = sys::parse_u64(&rest[i..]) else { break };
+            // (A list cut off by the buffer ends in a partial pid: asking about it refuses
+            // it, as there are too many children anyway.)
+            zombies::record(pid)?;
+            rest = &rest[i + k..];
         }
     }
-    None
+    Ok(())
 }
 
 /// The write phase, run at the manager's suspend point.

@@ -31,6 +31,7 @@ mod stream;
 mod tids;
 mod track;
 mod wrappers;
+mod zombies;
 
 use core::sync::atomic::Ordering;
 use global::*;

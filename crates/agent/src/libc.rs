@@ -47,6 +47,11 @@ pub struct Next {
     pub rwlock_timedwrlock: AtomicUsize,
     pub rwlock_clockwrlock: AtomicUsize,
     pub rwlock_unlock: AtomicUsize,
+    pub wait: AtomicUsize,
+    pub waitpid: AtomicUsize,
+    pub wait3: AtomicUsize,
+    pub wait4: AtomicUsize,
+    pub waitid: AtomicUsize,
 }
 
 pub static NEXT: Next = Next {
@@ -73,6 +78,11 @@ pub static NEXT: Next = Next {
     rwlock_timedwrlock: AtomicUsize::new(0),
     rwlock_clockwrlock: AtomicUsize::new(0),
     rwlock_unlock: AtomicUsize::new(0),
+    wait: AtomicUsize::new(0),
+    waitpid: AtomicUsize::new(0),
+    wait3: AtomicUsize::new(0),
+    wait4: AtomicUsize::new(0),
+    waitid: AtomicUsize::new(0),
 };
 
 /// Looks up the next definition of `name` (NUL-terminated), caching it in `slot`.
@@ -115,6 +125,11 @@ pub fn init(sv: &mut Saved) {
         (&n.rwlock_timedwrlock, b"pthread_rwlock_timedwrlock\0"),
         (&n.rwlock_clockwrlock, b"pthread_rwlock_clockwrlock\0"),
         (&n.rwlock_unlock, b"pthread_rwlock_unlock\0"),
+        (&n.wait, b"wait\0"),
+        (&n.waitpid, b"waitpid\0"),
+        (&n.wait3, b"wait3\0"),
+        (&n.wait4, b"wait4\0"),
+        (&n.waitid, b"waitid\0"),
     ] {
         next(slot, name);
     }

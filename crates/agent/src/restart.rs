@@ -60,6 +60,7 @@ pub unsafe extern "C" fn limitless_restart(args: *const RestartArgs) -> ! {
     crate::env_set_pid(a.pid as u64);
     PARKED.store(0, Ordering::Release);
     crate::tids::remember();
+    crate::zombies::adopt();
 
     let flags =
         sys::CLONE_VM | sys::CLONE_FS | sys::CLONE_FILES | sys::CLONE_SIGHAND | sys::CLONE_THREAD | sys::CLONE_SYSVSEM | sys::CLONE_SETTLS;

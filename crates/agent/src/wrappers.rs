@@ -10,7 +10,10 @@
 //!   `sem_timedwait`). Other blocking calls are restarted by the kernel (`SA_RESTART`) or
 //!   return `EINTR` as POSIX allows (see docs/engine.md);
 //! - a read-write lock held for writing across a restore still works for the thread that
-//!   holds it (`pthread_rwlock_*`): glibc names the writer by tid, which the restore changed.
+//!   holds it (`pthread_rwlock_*`): glibc names the writer by tid, which the restore changed;
+//! - children that had ended before a checkpoint and were not waited for can still be
+//!   waited for after the restore (`wait`, `waitpid`, `wait3`, `wait4`, `waitid`; see
+//!   [`crate::zombies`]).
 //!
 //! These run on the program's own threads, never while a checkpoint is freezing them, so
 //! calling the next definition through libc is fine.
@@ -426,4 +429,115 @@ rwlock_wrapper!(pthread_rwlock_unlock, rwlock_unlock, "pthread_rwlock_unlock");
 
 fn errno() -> i32 {
     crate::libc::get_errno()
+}
+
+/// For a wait on `pid` (0 and below: any child), a zombie owed since the restore: one for
+/// that pid only if no real child has it.
+fn owed(pid: i32, keep: bool) -> Option<(i32, i32, i32)> {
+    if !ACTIVE.load(Ordering::Relaxed) || !crate::zombies::any() {
+        return None;
+    }
+    if pid > 0 && sys::waitid_pid(pid, sys::WEXITED | sys::WNOHANG | sys::WNOWAIT) != Err(sys::Errno::ECHILD) {
+        // A real child has this pid (or it is not ours to answer): the kernel answers.
+        return None;
+    }
+    crate::zombies::take(pid, keep)
+}
+
+/// Answers a `waitpid`-style call from an owed zombie.
+///
+/// # Safety
+/// `status` is null or points at an int.
+unsafe fn answer(z: (i32, i32, i32), status: *mut i32, rusage: *mut u8) -> i32 {
+    if !status.is_null() {
+        // SAFETY: the caller's status word.
+        unsafe { *status = crate::zombies::wait_status(z.1, z.2) };
+    }
+    if !rusage.is_null() {
+        // SAFETY: the caller's struct rusage (144 bytes): no usage is known.
+        unsafe { core::ptr::write_bytes(rusage, 0, 144) };
+    }
+    z.0
+}
+
+/// `waitpid(2)`: see [`owed`].
+///
+/// # Safety
+/// As for libc `waitpid`.
+#[no_mangle]
+pub unsafe extern "C" fn waitpid(pid: i32, status: *mut i32, options: i32) -> i32 {
+    if let Some(z) = owed(pid, false) {
+        // SAFETY: the caller's pointer, as waitpid takes it.
+        return unsafe { answer(z, status, core::ptr::null_mut()) };
+    }
+    call_next!(waitpid, "waitpid", fn(i32, *mut i32, i32) -> i32, pid, status, options)
+}
+
+/// `wait(2)`: see [`owed`].
+///
+/// # Safety
+/// As for libc `wait`.
+#[no_mangle]
+pub unsafe extern "C" fn wait(status: *mut i32) -> i32 {
+    if let Some(z) = owed(-1, false) {
+        // SAFETY: the caller's pointer, as wait takes it.
+        return unsafe { answer(z, status, core::ptr::null_mut()) };
+    }
+    call_next!(wait, "wait", fn(*mut i32) -> i32, status)
+}
+
+/// `wait4(2)`: see [`owed`].
+///
+/// # Safety
+/// As for libc `wait4`.
+#[no_mangle]
+pub unsafe extern "C" fn wait4(pid: i32, status: *mut i32, options: i32, rusage: *mut u8) -> i32 {
+    if let Some(z) = owed(pid, false) {
+        // SAFETY: the caller's pointers, as wait4 takes them.
+        return unsafe { answer(z, status, rusage) };
+    }
+    call_next!(wait4, "wait4", fn(i32, *mut i32, i32, *mut u8) -> i32, pid, status, options, rusage)
+}
+
+/// `wait3(2)`: see [`owed`].
+///
+/// # Safety
+/// As for libc `wait3`.
+#[no_mangle]
+pub unsafe extern "C" fn wait3(status: *mut i32, options: i32, rusage: *mut u8) -> i32 {
+    if let Some(z) = owed(-1, false) {
+        // SAFETY: the caller's pointers, as wait3 takes them.
+        return unsafe { answer(z, status, rusage) };
+    }
+    call_next!(wait3, "wait3", fn(*mut i32, i32, *mut u8) -> i32, status, options, rusage)
+}
+
+/// `waitid(2)`: see [`owed`]. Only `P_ALL` and `P_PID` waits for ended children
+/// (`WEXITED`) are answered from owed zombies; `WNOWAIT` leaves them owed.
+///
+/// # Safety
+/// As for libc `waitid`.
+#[no_mangle]
+pub unsafe extern "C" fn waitid(idtype: i32, id: u32, info: *mut u8, options: i32) -> i32 {
+    const P_ALL: i32 = 0;
+    const SIGCHLD: i32 = 17;
+    let pid = match idtype {
+        P_ALL => Some(-1),
+        sys::P_PID => Some(id as i32),
+        _ => None,
+    };
+    if let Some(pid) = pid.filter(|_| options & sys::WEXITED != 0 && !info.is_null()) {
+        if let Some((p, code, status)) = owed(pid, options & sys::WNOWAIT != 0) {
+            let mut si = [0u8; 128];
+            si[0..4].copy_from_slice(&SIGCHLD.to_ne_bytes());
+            si[8..12].copy_from_slice(&code.to_ne_bytes());
+            si[16..20].copy_from_slice(&p.to_ne_bytes());
+            si[20..24].copy_from_slice(&sys::getuid().to_ne_bytes());
+            si[24..28].copy_from_slice(&status.to_ne_bytes());
+            // SAFETY: the caller's siginfo_t (128 bytes).
+            unsafe { core::ptr::copy_nonoverlapping(si.as_ptr(), info, 128) };
+            return 0;
+        }
+    }
+    call_next!(waitid, "waitid", fn(i32, u32, *mut u8, i32) -> i32, idtype, id, info, options)
 }

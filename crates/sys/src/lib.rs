@@ -38,6 +38,7 @@ impl Errno {
     pub const EPIPE: Errno = Errno(32);
     pub const ERANGE: Errno = Errno(34);
     pub const ENOSYS: Errno = Errno(38);
+    pub const ECHILD: Errno = Errno(10);
     pub const ENOTTY: Errno = Errno(25);
     pub const ETIMEDOUT: Errno = Errno(110);
     pub const EOPNOTSUPP: Errno = Errno(95);
@@ -893,6 +894,35 @@ pub fn join_thread(tid: &core::sync::atomic::AtomicU32) {
 pub fn wait4(pid: i32, status: &mut i32, options: i32) -> Result<i32> {
     // SAFETY: the kernel writes one int to `status`; a null rusage is allowed.
     unsafe { sc!(nr::WAIT4, pid, status as *mut i32, options, 0).map(|v| v as i32) }
+}
+
+/// `waitid(2)` for one child, `options` with or without `WNOWAIT`: `Some((si_code,
+/// si_status))` if it has an event to report, `None` with `WNOHANG` when it has none.
+pub fn waitid_pid(pid: i32, options: i32) -> Result<Option<(i32, i32)>> {
+    // siginfo_t: si_signo, si_errno, si_code, then for SIGCHLD si_pid (16), si_uid (20),
+    // si_status (24).
+    let mut info = [0u8; 128];
+    // SAFETY: the kernel writes at most a 128-byte siginfo_t; a null rusage is allowed.
+    unsafe { sc!(nr::WAITID, P_PID, pid, info.as_mut_ptr(), options, 0)? };
+    let at = |o: usize| i32::from_ne_bytes([info[o], info[o + 1], info[o + 2], info[o + 3]]);
+    Ok((at(16) == pid).then(|| (at(8), at(24))))
+}
+
+/// `waitid(2)`'s `P_PID`.
+pub const P_PID: i32 = 1;
+/// Options of `waitid(2)` and `wait4(2)`.
+pub const WNOHANG: i32 = 1;
+pub const WEXITED: i32 = 4;
+pub const WNOWAIT: i32 = 0x0100_0000;
+/// `si_code` values of `SIGCHLD`.
+pub const CLD_EXITED: i32 = 1;
+pub const CLD_KILLED: i32 = 2;
+pub const CLD_DUMPED: i32 = 3;
+
+/// `getuid(2)`.
+pub fn getuid() -> u32 {
+    // SAFETY: no arguments.
+    unsafe { syscall6(nr::GETUID, 0, 0, 0, 0, 0, 0) as u32 }
 }
 
 /// `getpid(2)`.
