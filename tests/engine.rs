@@ -154,21 +154,7 @@ fn children_that_ended_before_the_checkpoint_can_be_waited_for_after_the_restore
     // Three zombies (exit 7, SIGKILL, exit 3) at the checkpoint; after the restore,
     // waitpid, wait and waitid (with WNOWAIT first) return their pids and statuses, and
     // then there is no child left.
-    let prog = program("zombies");
-    let want = reference(&prog, &[], "go\n");
-    each_user("zombies", |u, d| {
-        let r = launch(u, d, &prog, &[]);
-        r.expect_out("READY");
-        let img = d.join("image");
-        dump_ok(u, &r, &img, false);
-        let (st, out1, err1) = r.finish();
-        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "{err1}");
-        let mut r2 = restore(u, d, &img);
-        r2.send("go\n");
-        let (st2, out2, err2) = r2.finish();
-        assert_eq!(st2.code(), Some(0), "{err2}");
-        assert_eq!(lines(&(out1 + &out2)), lines(&want), "{err2}");
-    });
+    stop_and_restore("zombies", &[], "go\n");
 }
 
 #[test]
