@@ -418,6 +418,15 @@ fn spawn_ticker_chain(user: User, d: &Path, limit: &str, ticks: &str) -> (std::p
     let prog = program("ticker");
     let mut c = command(user, limitless());
     c.args(["run", "--limit", limit, "--store"]).arg(d.join("store")).arg("--").arg(&prog).arg(ticks).current_dir(d);
+    // As from a terminal: SIGINT at its default even if the tests were started with it
+    // ignored (`run` leaves an ignored SIGINT ignored, as a background job expects).
+    // SAFETY: only async-signal-safe `signal` between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
     let child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     (child, reference(&prog, &[ticks], ""))
 }
@@ -461,8 +470,10 @@ fn resume_continues_a_chain_after_the_controller_dies() {
 fn ctrl_c_stops_the_step_and_keeps_the_chain() {
     let user = users()[0];
     let d = workdir("interrupt", user);
-    // 4 s of ticks, a line every 250 ms, with 3 s steps: it ends in step 1.
-    let (mut child, want) = spawn_ticker_chain(user, &d, "3s", "400");
+    // 7 s of ticks, a line every 250 ms, with 3 s steps: interrupted in step 1, seconds
+    // before the program would end (a loaded machine is slow to start steps).
+    let (mut child, want) = spawn_ticker_chain(user, &d, "3s", "700");
+    let t0 = Instant::now();
     let (tx, rx) = std::sync::mpsc::channel();
     let out = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -479,12 +490,13 @@ fn ctrl_c_stops_the_step_and_keeps_the_chain() {
     // SIGINT to `run` only (each step has a process group of its own).
     while rx.try_recv().is_ok() {}
     rx.recv_timeout(Duration::from_secs(10)).expect("a line from step 1");
+    let sent = t0.elapsed();
     // SAFETY: signals the child we spawned.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     let first = reader.join().unwrap();
-    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert_eq!(o.status.code(), Some(130), "SIGINT sent {:.1} s after the start; stderr: {err}", sent.as_secs_f64());
     let last = err.lines().last().unwrap_or("");
     assert!(last.contains("interrupted (SIGINT)") && last.contains("--resume"), "{err}");
     // No step of the chain is left running.
