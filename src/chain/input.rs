@@ -183,7 +183,6 @@ impl Tape {
                 return None;
             }
             if pos < st.end {
-                // (The controller checks `can_give` before it starts a step.)
                 if pos >= st.mem_from && st.broken {
                     let at = (pos - st.mem_from) as usize;
                     let n = (st.mem.len() - at).min(buf.len());
@@ -222,26 +221,24 @@ impl Tape {
                 Ok(n) => {
                     let at = st.end;
                     if !st.broken {
-                        match keep(&mut st, &buf[..n], &self.dir) {
-                            Ok(()) => st.kept_until = st.end,
-                            Err(e) => {
-                                if !st.told {
-                                    st.told = true;
-                                    eprintln!(
-                                        "limitless: cannot keep the program's input in {} ({e}); keeping at most the last {} MiB of it in memory (set TMPDIR to a roomier directory)",
-                                        self.dir.display(),
-                                        MEM_MAX >> 20
-                                    );
-                                }
-                                st.broken = true;
-                                st.mem_from = at;
-                                st.end = at;
+                        if let Err(e) = keep(&mut st, at, &buf[..n], &self.dir) {
+                            if !st.told {
+                                st.told = true;
+                                eprintln!(
+                                    "limitless: cannot keep the program's input in {} ({e}); keeping at most the last {} MiB of it in memory (set TMPDIR to a roomier directory)",
+                                    self.dir.display(),
+                                    MEM_MAX >> 20
+                                );
                             }
+                            st.broken = true;
+                            st.mem_from = at;
                         }
                     }
-                    if st.broken {
+                    st.end = at + n as u64;
+                    if !st.broken {
+                        st.kept_until = st.end;
+                    } else {
                         st.mem.extend_from_slice(&buf[..n]);
-                        st.end += n as u64;
                         // (Trimmed by a quarter at a time, not at every chunk.)
                         if st.mem.len() > MEM_MAX + MEM_MAX / 4 {
                             let k = st.mem.len() - MEM_MAX;
@@ -277,10 +274,8 @@ impl Tape {
     }
 }
 
-/// Appends `bytes`, read at stream offset `st.end`, keeping those at or after `st.start`.
-fn keep(st: &mut State, bytes: &[u8], dir: &std::path::Path) -> io::Result<()> {
-    let at = st.end;
-    st.end += bytes.len() as u64;
+/// Writes `bytes`, read at stream offset `at`, to the file, those at or after `st.start`.
+fn keep(st: &mut State, at: u64, bytes: &[u8], dir: &std::path::Path) -> io::Result<()> {
     let skip = st.start.saturating_sub(at).min(bytes.len() as u64) as usize;
     if skip == bytes.len() {
         return Ok(());
