@@ -73,8 +73,8 @@ pub fn remember(history: &mut Vec<CostSample>, s: CostSample) {
     history.push(s);
     if history.len() > KEPT {
         // Drop the oldest, unless it is the one that stored the most (and the newest such).
-        let keep = history.iter().enumerate().max_by_key(|(_, s)| s.send()).map(|(i, _)| i);
-        history.remove(if keep == Some(0) { 1 } else { 0 });
+        let oldest_is_largest = largest(history).is_some_and(|b| std::ptr::eq(b, &history[0]));
+        history.remove(if oldest_is_largest { 1 } else { 0 });
     }
 }
 
