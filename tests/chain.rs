@@ -43,11 +43,21 @@ struct ChainRun {
 
 /// `limitless run --limit LIMIT --store DIR/store --report DIR/report.json -- ARGS` as `user`.
 fn run_chain(user: User, dir: &Path, limit: &str, args: &[&str], env: &[(&str, &str)]) -> ChainRun {
-    run_chain_fed(user, dir, limit, args, env, None)
+    run_chain_fed(user, dir, limit, args, env, Input::Null)
 }
 
-/// [`run_chain`] with `input` written to its stdin through a pipe (else /dev/null).
-fn run_chain_fed(user: User, dir: &Path, limit: &str, args: &[&str], env: &[(&str, &str)], input: Option<&[u8]>) -> ChainRun {
+/// What `run`'s stdin is.
+enum Input<'a> {
+    /// /dev/null.
+    Null,
+    /// A pipe these bytes are written to.
+    Pipe(&'a [u8]),
+    /// This file.
+    File(&'a Path),
+}
+
+/// [`run_chain`] with `input` as its stdin.
+fn run_chain_fed(user: User, dir: &Path, limit: &str, args: &[&str], env: &[(&str, &str)], input: Input) -> ChainRun {
     let report = dir.join("report.json");
     let _ = std::fs::remove_file(&report);
     let mut c = command(user, limitless());
@@ -65,8 +75,9 @@ fn run_chain_fed(user: User, dir: &Path, limit: &str, args: &[&str], env: &[(&st
         c.env(k, v);
     }
     let o = match input {
-        None => c.stdin(Stdio::null()).output().expect("limitless run"),
-        Some(input) => {
+        Input::Null => c.stdin(Stdio::null()).output().expect("limitless run"),
+        Input::File(f) => c.stdin(std::fs::File::open(f).expect("open the input")).output().expect("limitless run"),
+        Input::Pipe(input) => {
             let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("limitless run");
             let mut w = child.stdin.take().expect("stdin");
             let data = input.to_vec();
@@ -366,7 +377,7 @@ fn stdin_reaches_the_program_across_steps_exactly_once() {
     assert!(want.contains(&format!("end {} hash", 3 << 20)), "{want}");
     for u in users() {
         let d = workdir("stdin", u);
-        let r = run_chain_fed(u, &d, "1s", &args, &[], Some(input.as_bytes()));
+        let r = run_chain_fed(u, &d, "1s", &args, &[], Input::Pipe(input.as_bytes()));
         assert_eq!(r.code, Some(0), "as {u:?}: {}", r.err);
         assert_eq!(r.out, want, "as {u:?}: the program read other input than an uninterrupted run; stderr: {}", r.err);
         assert!(steps(&r) >= 2, "as {u:?}: the chain took {} step(s); stderr: {}", steps(&r), r.err);
@@ -378,16 +389,13 @@ fn stdin_reaches_the_program_across_steps_exactly_once() {
     let d = workdir("stdin-file", user);
     let file = d.join("input");
     std::fs::write(&file, &input).unwrap();
-    let mut c = command(user, limitless());
-    c.args(["run", "--limit", "1s", "--store"]).arg(d.join("store")).arg("--").args(args).current_dir(&d);
-    c.env("LIMITLESS_FAILPOINT", "step.running:1:0");
-    let o = c.stdin(std::fs::File::open(&file).unwrap()).output().unwrap();
-    assert_eq!(o.status.code(), Some(0), "stdin from a file: {}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(String::from_utf8_lossy(&o.stdout), want, "stdin from a file: other input than an uninterrupted run");
+    let r = run_chain_fed(user, &d, "1s", &args, &[("LIMITLESS_FAILPOINT", "step.running:1:0")], Input::File(&file));
+    assert_eq!(r.code, Some(0), "stdin from a file: {}", r.err);
+    assert_eq!(r.out, want, "stdin from a file: other input than an uninterrupted run");
     for phase in ["step.running", "checkpoint.frozen", "store.manifest"] {
         let d = workdir(&format!("stdin-kill-{phase}"), user);
         let fp = format!("{phase}:1:0");
-        let r = run_chain_fed(user, &d, "1s", &args, &[("LIMITLESS_FAILPOINT", &fp)], Some(input.as_bytes()));
+        let r = run_chain_fed(user, &d, "1s", &args, &[("LIMITLESS_FAILPOINT", &fp)], Input::Pipe(input.as_bytes()));
         assert_eq!(r.code, Some(0), "killed at {phase}: {}", r.err);
         assert_eq!(r.out, want, "killed at {phase}: the program read other input than an uninterrupted run; stderr: {}", r.err);
         let rep = r.report.expect("report");
