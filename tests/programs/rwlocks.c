@@ -4,7 +4,7 @@
  * happen there). Then each holder asks for its own lock again (glibc answers EDEADLK
  * without waiting, which OpenSSL 3 relies on) and releases it, and other threads must then
  * get every lock: with the holder's tid gone stale, an unlock would leave a lock held for
- * ever and the next lock call would hang. */
+ * ever and the next lock call would hang (an alarm ends such a run). */
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -52,6 +52,7 @@ int main(void) {
   printf("READY\n");
   char line[64];
   if (!fgets(line, sizeof line, stdin)) return 1;
+  alarm(15); /* a lock call that hangs ends the run */
   pthread_mutex_lock(&m);
   go = 1;
   pthread_cond_broadcast(&cv);

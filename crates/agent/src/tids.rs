@@ -32,10 +32,14 @@ struct Row {
 
 struct Table {
     n: usize,
+    /// The smallest and largest id in `rows`: most ids asked about (a lock's holder in this
+    /// run) are newer than all of them, and are answered without a search.
+    lo: i32,
+    hi: i32,
     rows: [Row; MAX_THREADS],
 }
 
-const EMPTY: Table = Table { n: 0, rows: [Row { fs_base: 0, tids: [0; HISTORY] }; MAX_THREADS] };
+const EMPTY: Table = Table { n: 0, lo: 0, hi: 0, rows: [Row { fs_base: 0, tids: [0; HISTORY] }; MAX_THREADS] };
 
 static TABLES: Shared<[Table; 2]> = Shared::new([EMPTY, EMPTY]);
 /// Which table is current.
@@ -51,6 +55,8 @@ pub fn remember() {
     let (a, b) = tables.split_at_mut(1);
     let (old, new) = if cur == 0 { (&a[0], &mut b[0]) } else { (&b[0], &mut a[0]) };
     new.n = 0;
+    new.lo = i32::MAX;
+    new.hi = 0;
     for s in SLOTS.iter().take(NSLOTS.load(Ordering::Acquire).min(MAX_THREADS)) {
         if s.state.load(Ordering::Acquire) != crate::global::slot::PARKED {
             continue;
@@ -62,6 +68,10 @@ pub fn remember() {
         row.tids[0] = info.tid as i32;
         if let Some(prev) = old.rows[..old.n.min(MAX_THREADS)].iter().find(|r| r.fs_base == info.fs_base) {
             row.tids[1..].copy_from_slice(&prev.tids[..HISTORY - 1]);
+        }
+        for &t in row.tids.iter().filter(|&&t| t > 0) {
+            new.lo = new.lo.min(t);
+            new.hi = new.hi.max(t);
         }
         new.rows[new.n] = row;
         new.n += 1;
@@ -78,6 +88,9 @@ pub fn was_mine(tid: i32) -> bool {
     // SAFETY: the current table is read-only while the program's threads run (module
     // documentation); they were created after it was written.
     let t = unsafe { &(*TABLES.ptr())[cur] };
+    if tid < t.lo || tid > t.hi {
+        return false;
+    }
     // The calling thread's TLS base costs a system call: asked only for a row with `tid`.
     let mut fs = None;
     t.rows[..t.n.min(MAX_THREADS)].iter().filter(|r| r.tids.contains(&tid)).any(|r| r.fs_base == *fs.get_or_insert_with(sys::get_fs_base))

@@ -11,6 +11,9 @@
 //!   return `EINTR` as POSIX allows (see docs/engine.md);
 //! - a read-write lock held for writing across a restore still works for the thread that
 //!   holds it (`pthread_rwlock_*`): glibc names the writer by tid, which the restore changed;
+//! - so does a recursive, error-checking or robust mutex held across a restore
+//!   (`pthread_mutex_*`, `pthread_cond_*wait`, C11 `mtx_*` and `cnd_*wait`), which glibc
+//!   names by its owner's tid too;
 //! - children that had ended before a checkpoint and were not waited for can still be
 //!   waited for after the restore (`wait`, `waitpid`, `wait3`, `wait4`, `waitid`; see
 //!   [`crate::zombies`]).
@@ -426,6 +429,110 @@ rwlock_wrapper!(pthread_rwlock_trywrlock, rwlock_trywrlock, "pthread_rwlock_tryw
 rwlock_wrapper!(pthread_rwlock_timedwrlock, rwlock_timedwrlock, "pthread_rwlock_timedwrlock", abs: *const sys::Timespec);
 rwlock_wrapper!(pthread_rwlock_clockwrlock, rwlock_clockwrlock, "pthread_rwlock_clockwrlock", clock: i32, abs: *const sys::Timespec);
 rwlock_wrapper!(pthread_rwlock_unlock, rwlock_unlock, "pthread_rwlock_unlock");
+
+/// Byte offsets in glibc's x86-64 `pthread_mutex_t` (`struct __pthread_mutex_s`; C11's
+/// `mtx_t` is the same object): the futex word, the owner's tid, the kind.
+const MUTEX_LOCK: usize = 0;
+const MUTEX_OWNER: usize = 8;
+const MUTEX_KIND: usize = 16;
+/// Bits of the kind: the type (1 recursive, 2 error-checking), robust, priority inheritance
+/// and priority protection.
+const MUTEX_TYPE: i32 = 3;
+const MUTEX_ROBUST: i32 = 16;
+const MUTEX_PI_PP: i32 = 32 | 64;
+/// The owner's tid in a robust mutex's futex word; the bits above are the kernel's flags.
+const FUTEX_TID_MASK: i32 = 0x3fff_ffff;
+
+/// After a restore, hands a mutex that the calling thread held at the checkpoint back to it
+/// under its new tid. glibc compares the owner's tid with the caller's in recursive and
+/// error-checking mutexes (`__owner`: a relock is granted or answered with `EDEADLK`, an
+/// unlock by anyone else fails with `EPERM`) and in robust ones (the futex word holds the
+/// tid, and the kernel reads it when the owner dies). With the tid gone stale the holder's
+/// unlock would fail and leave the mutex held for ever, and its relock would wait for
+/// itself. Only the owner writes these fields while it holds the mutex, and the caller here
+/// is that owner; a tid that belongs to a live thread of this process is left alone. Normal
+/// and adaptive mutexes do not check the owner, and priority-inheritance and
+/// priority-protection ones are left as they are (the kernel and the scheduler read them).
+///
+/// Before the first restore this costs one load; afterwards two, and more only for a
+/// recursive, error-checking or robust mutex that is held.
+///
+/// # Safety
+/// `m` must be null or point at a `pthread_mutex_t`.
+#[inline(always)]
+unsafe fn adopt_mutex(m: *mut u8) {
+    if RESTORES.load(Ordering::Relaxed) != 0 && !m.is_null() {
+        // SAFETY: as for this function.
+        unsafe { adopt_restored_mutex(m) }
+    }
+}
+
+/// [`adopt_mutex`] in a restored process.
+///
+/// # Safety
+/// `m` must point at a `pthread_mutex_t`.
+#[inline(never)]
+unsafe fn adopt_restored_mutex(m: *mut u8) {
+    // SAFETY: aligned `int` fields inside the caller's mutex, which glibc reads and writes
+    // with atomics or under the mutex itself.
+    let (lock, owner, kind) = unsafe {
+        (&*(m.add(MUTEX_LOCK) as *const AtomicI32), &*(m.add(MUTEX_OWNER) as *const AtomicI32), &*(m.add(MUTEX_KIND) as *const AtomicI32))
+    };
+    let k = kind.load(Ordering::Relaxed);
+    let robust = k & MUTEX_ROBUST != 0;
+    if k & MUTEX_PI_PP != 0 || (!robust && !matches!(k & MUTEX_TYPE, 1 | 2)) {
+        return;
+    }
+    let o = owner.load(Ordering::Relaxed);
+    if !crate::tids::was_mine(o) {
+        return;
+    }
+    let me = sys::gettid();
+    if o == me || sys::tgkill(sys::getpid(), o, 0).is_ok() {
+        return;
+    }
+    if robust {
+        // Waiters may set FUTEX_WAITERS meanwhile: keep the flags, swap only the tid.
+        let mut v = lock.load(Ordering::Relaxed);
+        while v & FUTEX_TID_MASK == o {
+            match lock.compare_exchange_weak(v, (v & !FUTEX_TID_MASK) | me, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(now) => v = now,
+            }
+        }
+    }
+    let _ = owner.compare_exchange(o, me, Ordering::Relaxed, Ordering::Relaxed);
+}
+
+macro_rules! mutex_wrapper {
+    ($name:ident, $slot:ident, $sym:literal, $m:ident, ($($a:ident: $t:ty),*)) => {
+        #[doc = concat!("`", $sym, "(3)`: see [`adopt_mutex`].")]
+        ///
+        /// # Safety
+        /// As for the libc function.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($a: $t),*) -> i32 {
+            // SAFETY: the caller passes a mutex, as libc requires.
+            unsafe { adopt_mutex($m) };
+            call_next!($slot, $sym, fn($($t),*) -> i32, $($a),*)
+        }
+    };
+}
+
+mutex_wrapper!(pthread_mutex_lock, mutex_lock, "pthread_mutex_lock", m, (m: *mut u8));
+mutex_wrapper!(pthread_mutex_trylock, mutex_trylock, "pthread_mutex_trylock", m, (m: *mut u8));
+mutex_wrapper!(pthread_mutex_timedlock, mutex_timedlock, "pthread_mutex_timedlock", m, (m: *mut u8, abs: *const sys::Timespec));
+mutex_wrapper!(pthread_mutex_clocklock, mutex_clocklock, "pthread_mutex_clocklock", m, (m: *mut u8, clock: i32, abs: *const sys::Timespec));
+mutex_wrapper!(pthread_mutex_unlock, mutex_unlock, "pthread_mutex_unlock", m, (m: *mut u8));
+mutex_wrapper!(pthread_cond_wait, cond_wait, "pthread_cond_wait", m, (c: *mut u8, m: *mut u8));
+mutex_wrapper!(pthread_cond_timedwait, cond_timedwait, "pthread_cond_timedwait", m, (c: *mut u8, m: *mut u8, abs: *const sys::Timespec));
+mutex_wrapper!(pthread_cond_clockwait, cond_clockwait, "pthread_cond_clockwait", m, (c: *mut u8, m: *mut u8, clock: i32, abs: *const sys::Timespec));
+mutex_wrapper!(mtx_lock, mtx_lock, "mtx_lock", m, (m: *mut u8));
+mutex_wrapper!(mtx_trylock, mtx_trylock, "mtx_trylock", m, (m: *mut u8));
+mutex_wrapper!(mtx_timedlock, mtx_timedlock, "mtx_timedlock", m, (m: *mut u8, abs: *const sys::Timespec));
+mutex_wrapper!(mtx_unlock, mtx_unlock, "mtx_unlock", m, (m: *mut u8));
+mutex_wrapper!(cnd_wait, cnd_wait, "cnd_wait", m, (c: *mut u8, m: *mut u8));
+mutex_wrapper!(cnd_timedwait, cnd_timedwait, "cnd_timedwait", m, (c: *mut u8, m: *mut u8, abs: *const sys::Timespec));
 
 fn errno() -> i32 {
     crate::libc::get_errno()
