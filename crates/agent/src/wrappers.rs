@@ -454,36 +454,39 @@ const FUTEX_TID_MASK: i32 = 0x3fff_ffff;
 /// and adaptive mutexes do not check the owner, and priority-inheritance and
 /// priority-protection ones are left as they are (the kernel and the scheduler read them).
 ///
-/// Before the first restore this costs one load; afterwards two, and more only for a
-/// recursive, error-checking or robust mutex that is held.
+/// Before the first restore this costs one load; afterwards two more, and a call only for a
+/// recursive, error-checking or robust mutex held by a tid that may be an earlier one.
 ///
 /// # Safety
 /// `m` must be null or point at a `pthread_mutex_t`.
 #[inline(always)]
 unsafe fn adopt_mutex(m: *mut u8) {
-    if RESTORES.load(Ordering::Relaxed) != 0 && !m.is_null() {
-        // SAFETY: as for this function.
-        unsafe { adopt_restored_mutex(m) }
+    if RESTORES.load(Ordering::Relaxed) == 0 || m.is_null() {
+        return;
     }
-}
-
-/// [`adopt_mutex`] in a restored process.
-///
-/// # Safety
-/// `m` must point at a `pthread_mutex_t`.
-#[inline(never)]
-unsafe fn adopt_restored_mutex(m: *mut u8) {
     // SAFETY: aligned `int` fields inside the caller's mutex, which glibc reads and writes
     // with atomics or under the mutex itself.
-    let (lock, owner, kind) = unsafe {
-        (&*(m.add(MUTEX_LOCK) as *const AtomicI32), &*(m.add(MUTEX_OWNER) as *const AtomicI32), &*(m.add(MUTEX_KIND) as *const AtomicI32))
-    };
+    let (kind, owner) = unsafe { (&*(m.add(MUTEX_KIND) as *const AtomicI32), &*(m.add(MUTEX_OWNER) as *const AtomicI32)) };
     let k = kind.load(Ordering::Relaxed);
     let robust = k & MUTEX_ROBUST != 0;
     if k & MUTEX_PI_PP != 0 || (!robust && !matches!(k & MUTEX_TYPE, 1 | 2)) {
         return;
     }
     let o = owner.load(Ordering::Relaxed);
+    if crate::tids::may_be_old(o) {
+        // SAFETY: as for this function.
+        unsafe { adopt_held_mutex(m, o, robust) }
+    }
+}
+
+/// [`adopt_mutex`] for a mutex held by `o`, which may be an earlier tid.
+///
+/// # Safety
+/// `m` must point at a `pthread_mutex_t`.
+#[inline(never)]
+unsafe fn adopt_held_mutex(m: *mut u8, o: i32, robust: bool) {
+    // SAFETY: as in `adopt_mutex`.
+    let (lock, owner) = unsafe { (&*(m.add(MUTEX_LOCK) as *const AtomicI32), &*(m.add(MUTEX_OWNER) as *const AtomicI32)) };
     if !crate::tids::was_mine(o) {
         return;
     }
