@@ -10,7 +10,7 @@ use common::*;
 use std::fs;
 use std::os::unix::fs::FileTypeExt;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[test]
 fn single_thread_keeps_registers_stack_heap_and_fp() {
@@ -236,6 +236,14 @@ fn launch_passes_on_exit_status_and_signals() {
         assert_eq!(st.code(), Some(7), "{out}");
         let (st, _, _) = launch(u, d, &prog, &["kill"]).finish();
         assert_eq!(st.code(), Some(128 + 9));
+        // The agent's own thread must not keep the process alive (glibc ends it when its
+        // last thread returns), nor make it wait.
+        let t = Instant::now();
+        let (st, out, e) = launch(u, d, &prog, &["thread"]).finish();
+        assert_eq!((st.code(), out.as_str()), (Some(0), "the last thread ends\n"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+        let (_, out, _) = launch(u, d, &prog, &["single"]).finish();
+        assert_eq!(out, "single-threaded: 1\n", "glibc must not see the agent's thread");
     });
 }
 

@@ -157,6 +157,28 @@ pub unsafe fn clone_into(flags: usize, stack: usize, ptid: usize, ctid: usize, t
     ret
 }
 
+/// Creates a thread with raw `clone(2)` that runs `f` on the stack that ends at `stack_top`,
+/// with FS base `tls`. Returns the new tid, or a negative errno.
+///
+/// # Safety
+/// `flags` must make a thread sharing this address space, and `stack_top` the end of
+/// writable memory that nothing else uses. `f` must not return and must not use glibc
+/// (which does not know this thread).
+pub unsafe fn spawn(flags: usize, stack_top: usize, tls: usize, f: extern "C" fn() -> !) -> isize {
+    // The context goes at the top of the new stack, which only the new thread uses: this
+    // thread may return before the new one has read it. Below it, `f` starts as if called
+    // (its stack pointer 8 past a 16-byte boundary) with the default MXCSR and x87 control
+    // word.
+    let at = (stack_top - core::mem::size_of::<Ctx>()) & !15;
+    let ctx = Ctx { rsp: at as u64 - 8, rip: f as usize as u64, mxcsr: 0x1f80, fcw: 0x37f, ..Ctx::default() };
+    // SAFETY: `at` lies in the caller's stack memory, aligned for a `Ctx`; the context
+    // resumes `f` on that stack, once.
+    unsafe {
+        (at as *mut Ctx).write(ctx);
+        clone_into(flags, at, 0, 0, tls, at as *const Ctx)
+    }
+}
+
 /// Offsets into the kernel's `ucontext_t` on x86-64 (`uc_stack`, `uc_mcontext`,
 /// `uc_sigmask`).
 pub mod uc {

@@ -1,6 +1,6 @@
 //! The few libc functions the agent uses, all at load time or on the program's own threads
-//! (never while threads are frozen): symbol lookup for the interposed functions, the
-//! manager thread, fork handling, and `errno`.
+//! (never while threads are frozen): symbol lookup for the interposed functions, fork
+//! handling, and `errno`. The manager thread uses none (see `checkpoint::start_manager`).
 
 use crate::global::{Saved, ACTIVE, CTL_FD, RSEQ_OFFSET, RSEQ_SIZE};
 use core::ffi::c_void;
@@ -13,10 +13,6 @@ extern "C" {
     fn pthread_atfork(prepare: Option<extern "C" fn()>, parent: Option<extern "C" fn()>, child: Option<extern "C" fn()>) -> i32;
     fn gnu_get_libc_version() -> *const u8;
     fn __errno_location() -> *mut i32;
-    pub fn pthread_create(t: *mut u64, attr: *const c_void, f: extern "C" fn(*mut c_void) -> *mut c_void, arg: *mut c_void) -> i32;
-    pub fn pthread_attr_init(attr: *mut c_void) -> i32;
-    pub fn pthread_attr_setstacksize(attr: *mut c_void, size: usize) -> i32;
-    pub fn pthread_attr_setdetachstate(attr: *mut c_void, state: i32) -> i32;
 }
 
 const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
