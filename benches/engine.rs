@@ -14,7 +14,8 @@
 //! 1 GiB rows.
 //!
 //! Last, the cost while running: a CPU-bound loop (`examples/factors.c`) plain and under
-//! the engine, alternately.
+//! the engine, alternately, and what stdio, malloc and mutexes cost in a single-threaded
+//! program (`tests/programs/locks.c`) plain and under `limitless launch`.
 //!
 //! Run with `cargo bench --bench engine`; each figure is the median of three runs. The
 //! runs go in rounds (references, then every row once), with a `sync` before each, so that
@@ -283,6 +284,38 @@ fn overhead(dir: &Path, n: usize) -> (f64, f64, f64, f64) {
     (median(pw), median(ew), median(pc), median(ec))
 }
 
+/// Alternating runs of each side in the locking figure.
+const LOCK_RUNS: usize = 5;
+
+/// What locking costs under the engine: `tests/programs/locks.c` (ns per `putc`, per small
+/// malloc + free, per lock + unlock pair of a normal and of a recursive mutex) run plain and
+/// under `limitless launch`, alternately, `n` times each. glibc makes each of these dearer
+/// once a process has a second thread it knows of. Returns the figures' names and, for
+/// each, (plain, engine) medians.
+fn locking(dir: &Path, n: usize) -> Vec<(String, f64, f64)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/locks.c");
+    let prog = dir.join("locks");
+    assert!(Command::new("gcc").args(["-O2", "-pthread", "-o"]).arg(&prog).arg(&src).status().expect("gcc").success());
+    let figures = |c: &mut Command| -> Vec<(String, f64)> {
+        let out = c.stderr(Stdio::null()).output().expect("locks");
+        assert!(out.status.success(), "locks failed: {:?}", out.status);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let w: Vec<&str> = text.split_whitespace().collect();
+        w.chunks(2).map(|p| (p[0].to_string(), p[1].parse().unwrap_or_else(|_| panic!("locks printed {text:?}")))).collect()
+    };
+    let (mut plain, mut engine) = (vec![], vec![]);
+    for _ in 0..n {
+        plain.push(figures(&mut Command::new(&prog)));
+        engine.push(figures(Command::new(env!("CARGO_BIN_EXE_limitless")).arg("launch").arg("--").arg(&prog)));
+    }
+    (0..plain[0].len())
+        .map(|i| {
+            let col = |runs: &[Vec<(String, f64)>]| median(runs.iter().map(|r| r[i].1).collect());
+            (plain[0][i].0.clone(), col(&plain), col(&engine))
+        })
+        .collect()
+}
+
 /// `--compress` against raw, 1 GiB of text-like memory stopped, `n` alternating pairs (a
 /// closer look at "never slower than raw" than three rounds give on a noisy machine).
 fn compress_ab(prog: &Path, dir: &Path, n: usize) {
@@ -443,6 +476,7 @@ fn main() {
     settle();
     let inc: Vec<_> = [Delta::Tracked, Delta::Hashed, Delta::Restored].into_iter().map(|t| (t, incremental(&dir, t))).collect();
     let (plain_wall, engine_wall, plain_cpu, engine_cpu) = overhead(&dir, OVERHEAD_RUNS);
+    let locks = locking(&dir, LOCK_RUNS);
     println!();
     for (how, (full, full_ms, delta, delta_ms, delta_restore_ms, delta_frozen_ms, unchanged)) in inc {
         println!(
@@ -463,5 +497,8 @@ fn main() {
         (engine_wall / plain_wall - 1.0) * 100.0,
         (engine_cpu / plain_cpu - 1.0) * 100.0
     );
+    let locks: Vec<String> =
+        locks.iter().map(|(name, p, e)| format!("{name} {p:.2} / {e:.2} ns ({:+.0} %)", (e / p - 1.0) * 100.0)).collect();
+    println!("locking, plain / under the engine, {LOCK_RUNS} alternating runs, medians: {}", locks.join(", "));
     let _ = std::fs::remove_dir_all(&dir);
 }
