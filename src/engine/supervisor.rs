@@ -451,10 +451,11 @@ fn written_since_tracking(pid: u32) -> Option<(u64, u64)> {
                 }
             }
         }
-        if arg.walk_end <= at {
+        let next = sys::pagemap_scan_next(&arg, &rv[..n.min(rv.len())]);
+        if next <= at {
             break;
         }
-        at = arg.walk_end;
+        at = next;
     }
     Some((tracked, written))
 }

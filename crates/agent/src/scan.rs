@@ -460,10 +460,11 @@ fn scan_present(sc: &mut Scan, cx: &mut Ctx, e: &MapEntry, ai: u32, want: Want, 
                             p += PAGE;
                         }
                     }
-                    if arg.walk_end <= at {
+                    let next = sys::pagemap_scan_next(&arg, &cx.regions[..n]);
+                    if next <= at {
                         break;
                     }
-                    at = arg.walk_end;
+                    at = next;
                 }
                 Err(sys::Errno::ENOTTY) | Err(sys::Errno::EINVAL) | Err(sys::Errno::EOPNOTSUPP) if at == e.start => {
                     cx.use_scan = false;

@@ -245,10 +245,11 @@ pub fn checkpoint(scan: &Scan, s: &mut Scratch, parent_epoch: u32, arm: bool) ->
                             }
                         }
                     }
-                    if arg.walk_end <= at {
+                    let next = sys::pagemap_scan_next(&arg, &rv[..n]);
+                    if next <= at {
                         break;
                     }
-                    at = arg.walk_end;
+                    at = next;
                 }
                 Err(_) => {
                     clean = false;

@@ -368,6 +368,16 @@ pub struct PageRegion {
 }
 
 pub const PAGEMAP_SCAN: u64 = 0xc060_6610;
+
+/// Where the next `PAGEMAP_SCAN` call over the same range starts, after a call that
+/// returned `regions`: its `walk_end`, or the end of the last region if that is further.
+/// Linux (seen on 6.18) can return a stale `walk_end`: when the walk stopped once because
+/// its internal buffer was full (512 regions) and then went on to the end, `walk_end`
+/// still names that first stop, though the regions past it were reported too. Starting
+/// there again would report them twice, and out of order.
+pub fn pagemap_scan_next(arg: &PmScanArg, regions: &[PageRegion]) -> u64 {
+    regions.last().map_or(arg.walk_end, |r| r.end.max(arg.walk_end))
+}
 pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
 pub const PAGE_IS_FILE: u64 = 1 << 2;
