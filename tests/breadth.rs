@@ -1,7 +1,7 @@
 //! Engine breadth: the kernel objects real programs hold, and real runtimes (CPython with
-//! numpy and a multi-threaded OpenBLAS, C++, Node.js, Java on HotSpot), each checkpointed,
-//! killed and restored with output identical to an uninterrupted run, as uid 65534 and
-//! as root. The runtimes are installed by the test command (scripts/test.sh); a test whose
+//! numpy and a multi-threaded OpenBLAS, C++, Rust, Perl, Ruby, PHP, Node.js, Java on
+//! HotSpot), each checkpointed, killed and restored with output identical to an
+//! uninterrupted run, as uid 65534 and as root. The runtimes are installed by the test command (scripts/test.sh); a test whose
 //! runtime is missing fails and says what to install.
 
 mod common;
@@ -88,6 +88,42 @@ fn cplusplus_threads_iostreams_and_exceptions() {
     assert!(st.success());
     let _ = Command::new("chmod").arg("755").arg(&out).status();
     stop_and_restore_prog("cpp", &out, &[], "", "READY");
+}
+
+#[test]
+fn rust_std_threads_channels_and_a_caught_panic() {
+    let out = std::env::temp_dir().join("limitless-tests").join(format!("rt_rust-{}", std::process::id()));
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let st = Command::new("rustc").args(["-O", "--edition", "2021", "-o"]).arg(&out).arg(source("rt_rust.rs")).status();
+    assert!(
+        st.map(|s| s.success()).unwrap_or(false),
+        "rustc (the Rust toolchain that builds Limitless) must build tests/programs/rt_rust.rs"
+    );
+    let _ = Command::new("chmod").arg("755").arg(&out).status();
+    stop_and_restore_prog("rust", &out, &[], "", "READY");
+}
+
+#[test]
+fn perl_hashes_regexes_and_closures() {
+    let perl = need("perl", "apt install perl");
+    let script = shared_copy("rt_perl.pl");
+    stop_and_restore_prog("perl", &perl, &[script.to_str().unwrap()], "", "READY");
+}
+
+#[test]
+fn ruby_threads_a_queue_and_exceptions() {
+    // Ruby's heap keeps every other page in use: thousands of runs of pages, which once
+    // made every checkpoint fail (see memory_in_thousands_of_separate_runs_of_pages).
+    let ruby = need("ruby", "apt install ruby");
+    let script = shared_copy("rt_ruby.rb");
+    stop_and_restore_prog("ruby", &ruby, &[script.to_str().unwrap()], "", "READY");
+}
+
+#[test]
+fn php_arrays_regexes_closures_and_exceptions() {
+    let php = need("php", "apt install php-cli");
+    let script = shared_copy("rt_php.php");
+    stop_and_restore_prog("php", &php, &[script.to_str().unwrap()], "", "READY");
 }
 
 #[test]
