@@ -265,6 +265,7 @@ fn what_cannot_be_checkpointed_fails_clearly_and_the_program_runs_on() {
             ("bpf", "BPF"),
             ("child", "child process"),
             ("traced", "traced (ptrace)"),
+            ("handler", "replaced the handler of the checkpoint signal"),
             ("output", "is not a regular file"),
         ] {
             if arg == "bpf" && u != User::Root {

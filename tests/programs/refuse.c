@@ -1,6 +1,8 @@
 /* Holds something the engine cannot checkpoint: "block" starts a thread that blocks every
  * signal with a raw system call (so it never stops), "io_uring" and "perf" and "bpf" open
- * such descriptors, "child" starts a child process, "traced" has a child trace it.
+ * such descriptors, "child" starts a child process, "traced" has a child trace it,
+ * "handler" sets every real-time signal to be ignored with raw system calls (as Go's
+ * runtime takes every signal), so the checkpoint signal no longer reaches the agent.
  * Prints READY, waits for a line, prints "still running". */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -32,6 +34,10 @@ int main(int argc, char **argv) {
   const char *m = argc > 1 ? argv[1] : "";
   (void)sv;
   if (!strcmp(m, "block")) pthread_create(&t, NULL, blocker, NULL);
+  if (!strcmp(m, "handler")) {
+    struct { unsigned long handler, flags, restorer, mask; } ign = {(unsigned long)SIG_IGN, 0, 0, 0};
+    for (int sig = 34; sig <= 64; sig++) syscall(SYS_rt_sigaction, sig, &ign, NULL, 8);
+  }
   if (!strcmp(m, "io_uring")) {
     char params[512] = {0};
     if (syscall(425, 4, params) < 0) { perror("io_uring_setup"); return 3; }

@@ -190,6 +190,15 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
             b"; a traced program cannot be checkpointed",
         ]);
     }
+    if !freeze::handler_installed() {
+        let _ = sys::close(out_fd);
+        let mut d = [0u8; 20];
+        return fail(&[
+            b"the program replaced the handler of the checkpoint signal (",
+            sys::fmt_u64(SIG.load(Ordering::Relaxed) as u64, &mut d),
+            b") with a raw system call that the agent cannot intercept (Go's runtime does), so its threads cannot be stopped",
+        ]);
+    }
     let timeout = (c.freeze_timeout_ms.max(10) as u64) * 1_000_000;
     // With --wait-idle: freeze at a moment with no connected TCP socket, if one comes in time.
     let idle_deadline = t0 + c.wait_idle_ms as u64 * 1_000_000;

@@ -26,6 +26,18 @@ pub fn install_handler() -> sys::Result<()> {
     unsafe { sys::rt_sigaction(SIG.load(Ordering::Relaxed), Some(&sa), None) }
 }
 
+/// Whether the checkpoint signal still has the agent's handler. The `sigaction` and
+/// `signal` wrappers keep it, but a program can replace it with a raw system call (Go's
+/// runtime installs its own handler for every signal): its threads would then never stop.
+pub fn handler_installed() -> bool {
+    let mut cur = sys::KSigaction::default();
+    // SAFETY: only reads the current action into `cur`.
+    match unsafe { sys::rt_sigaction(SIG.load(Ordering::Relaxed), None, Some(&mut cur)) } {
+        Ok(()) => cur.handler == handler as *const () as u64,
+        Err(_) => true,
+    }
+}
+
 /// The checkpoint signal handler.
 ///
 /// # Safety
