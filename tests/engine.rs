@@ -81,6 +81,21 @@ fn locks_held_across_two_restores(name: &str) {
 }
 
 #[test]
+fn cpu_time_goes_on_across_restores() {
+    // Checkpointed while it reads its CPU time in a loop, so the checkpoint often lands
+    // inside one of those calls.
+    let prog = program("cputime");
+    each_user("cputime", |u, d| {
+        let r = launch(u, d, &prog, &[]);
+        r.expect_out("READY");
+        let (r, mut out) = stop_restore_steps(u, d, r, 3, |_, _| std::thread::sleep(Duration::from_millis(150)));
+        let (st, o, e) = r.finish();
+        out += &o;
+        assert_eq!((st.code(), lines(&out)), (Some(0), vec!["READY", "ok"]), "{e}");
+    });
+}
+
+#[test]
 fn chain_of_six_checkpoints_and_restores() {
     let prog = program("ticker");
     let args = ["250"];

@@ -218,6 +218,7 @@ fn checkpoint(c: &Checkpoint, out_fd: i32) {
         freeze::thaw();
     }
     let freeze_ns = sys::monotonic_ns() - t0;
+    crate::cputime::record();
     let threads = live_threads() + 1;
     let _ = ctl::send_wire(msg::FROZEN, &Frozen { threads: threads as u32, reserved: 0, freeze_ns });
 

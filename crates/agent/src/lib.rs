@@ -15,6 +15,7 @@
 
 mod arch;
 mod checkpoint;
+mod cputime;
 mod ctl;
 mod fds;
 mod freeze;

@@ -60,6 +60,7 @@ pub unsafe extern "C" fn limitless_restart(args: *const RestartArgs) -> ! {
     crate::env_set_pid(a.pid as u64);
     PARKED.store(0, Ordering::Release);
     crate::tids::remember();
+    crate::cputime::adopt();
     crate::zombies::adopt();
 
     let flags =

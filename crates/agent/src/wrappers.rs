@@ -17,10 +17,14 @@
 //! - children that had ended before a checkpoint and were not waited for can still be
 //!   waited for after the restore (`wait`, `waitpid`, `wait3`, `wait4`, `waitid`; see
 //!   [`crate::zombies`]).
+//! - the process's CPU time goes on from the checkpoint's after a restore
+//!   (`clock_gettime` of the process CPU clock, `clock`, `times`, `getrusage`; see
+//!   [`crate::cputime`]).
 //!
 //! These run on the program's own threads, never while a checkpoint is freezing them, so
 //! calling the next definition through libc is fine.
 
+use crate::cputime;
 use crate::global::{ACTIVE, CTL_FD, EPOCH, RESTORES, SIG};
 use crate::libc::{next, set_errno, NEXT};
 use core::sync::atomic::AtomicI32;
@@ -536,6 +540,93 @@ mutex_wrapper!(mtx_timedlock, mtx_timedlock, "mtx_timedlock", m, (m: *mut u8, ab
 mutex_wrapper!(mtx_unlock, mtx_unlock, "mtx_unlock", m, (m: *mut u8));
 mutex_wrapper!(cnd_wait, cnd_wait, "cnd_wait", m, (c: *mut u8, m: *mut u8));
 mutex_wrapper!(cnd_timedwait, cnd_timedwait, "cnd_timedwait", m, (c: *mut u8, m: *mut u8, abs: *const sys::Timespec));
+
+/// `clock_getcpuclockid(0)`'s clock: this process's CPU time, like
+/// `CLOCK_PROCESS_CPUTIME_ID`.
+const SELF_CPU_CLOCK: i32 = !0 << 3 | 2;
+
+/// Runs `f` (a call for CPU time) again until no restore came during it: a figure the
+/// kernel gave the process before a checkpoint must not get the restored process's offset
+/// too. (Loops that read their CPU time all the time are often inside the call when the
+/// checkpoint comes; such a figure was counted twice.)
+fn settled<T>(mut f: impl FnMut() -> T) -> T {
+    loop {
+        let g = RESTORES.load(Ordering::Acquire);
+        let r = f();
+        if RESTORES.load(Ordering::Acquire) == g {
+            return r;
+        }
+    }
+}
+
+/// `clock_gettime(2)`: in a restored process the process CPU clock goes on from the
+/// checkpoint's figure ([`crate::cputime`]); every other clock passes straight through.
+///
+/// # Safety
+/// As for libc `clock_gettime`.
+#[no_mangle]
+pub unsafe extern "C" fn clock_gettime(clock: i32, ts: *mut sys::Timespec) -> i32 {
+    if clock != sys::CLOCK_PROCESS_CPUTIME_ID && clock != SELF_CPU_CLOCK {
+        return call_next!(clock_gettime, "clock_gettime", fn(i32, *mut sys::Timespec) -> i32, clock, ts);
+    }
+    let r = settled(|| call_next!(clock_gettime, "clock_gettime", fn(i32, *mut sys::Timespec) -> i32, clock, ts));
+    if r == 0 && !ts.is_null() && cputime::active() {
+        // SAFETY: libc just filled the caller's timespec.
+        let t = unsafe { &mut *ts };
+        cputime::shift(&mut t.sec, &mut t.nsec, 1, cputime::offset(0));
+    }
+    r
+}
+
+/// `clock(3)`: the process's CPU time in microseconds, going on across restores.
+///
+/// # Safety
+/// As for libc `clock`.
+#[no_mangle]
+pub unsafe extern "C" fn clock() -> i64 {
+    let r = settled(|| call_next!(clock, "clock", fn() -> i64,));
+    if r == -1 || !cputime::active() {
+        return r;
+    }
+    (r + cputime::offset(0) / 1000).max(0)
+}
+
+/// `times(2)`: the user and system times (in ticks of 10 ms) go on across restores. In a
+/// restored process they are worked out from `getrusage` in nanoseconds, offset and then
+/// cut to ticks once: two cuts could lose a tick, and the figure would go back.
+///
+/// # Safety
+/// As for libc `times`.
+#[no_mangle]
+pub unsafe extern "C" fn times(buf: *mut [i64; 4]) -> i64 {
+    let libc_times = |buf| -> i64 { call_next!(times, "times", fn(*mut [i64; 4]) -> i64, buf) };
+    let (r, ru) = settled(|| (libc_times(buf), sys::getrusage(sys::RUSAGE_SELF)));
+    if let (true, false, true, Ok(ru)) = (r != -1, buf.is_null(), cputime::active(), ru) {
+        // SAFETY: libc just filled the caller's struct tms.
+        let t = unsafe { &mut *buf };
+        const TICK_NS: i64 = 10_000_000;
+        let ticks = |tv: sys::Timeval, off: i64| ((tv.sec * 1_000_000_000 + tv.usec * 1000 + off) / TICK_NS).max(0);
+        t[0] = ticks(ru.utime, cputime::offset(1));
+        t[1] = ticks(ru.stime, cputime::offset(2));
+    }
+    r
+}
+
+/// `getrusage(2)`: for `RUSAGE_SELF` the user and system times go on across restores.
+///
+/// # Safety
+/// As for libc `getrusage`.
+#[no_mangle]
+pub unsafe extern "C" fn getrusage(who: i32, usage: *mut sys::Rusage) -> i32 {
+    let r = settled(|| call_next!(getrusage, "getrusage", fn(i32, *mut sys::Rusage) -> i32, who, usage));
+    if r == 0 && who == sys::RUSAGE_SELF && !usage.is_null() && cputime::active() {
+        // SAFETY: libc just filled the caller's struct rusage.
+        let u = unsafe { &mut *usage };
+        cputime::shift(&mut u.utime.sec, &mut u.utime.usec, 1000, cputime::offset(1));
+        cputime::shift(&mut u.stime.sec, &mut u.stime.usec, 1000, cputime::offset(2));
+    }
+    r
+}
 
 fn errno() -> i32 {
     crate::libc::get_errno()

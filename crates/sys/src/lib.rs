@@ -212,6 +212,8 @@ pub const KCMP_FILE: i32 = 0;
 pub const CLOCK_REALTIME: i32 = 0;
 pub const CLOCK_MONOTONIC: i32 = 1;
 pub const CLOCK_BOOTTIME: i32 = 7;
+pub const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+pub const RUSAGE_SELF: i32 = 0;
 
 pub const S_IFMT: u32 = 0o170000;
 pub const S_IFREG: u32 = 0o100000;
@@ -1102,6 +1104,30 @@ pub fn clock_gettime(clock: i32) -> Timespec {
     // SAFETY: the kernel writes one timespec.
     let _ = unsafe { sc!(nr::CLOCK_GETTIME, clock, &mut t as *mut Timespec) };
     t
+}
+
+/// `struct rusage` on x86-64: user and system time, then 14 counters.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Rusage {
+    pub utime: Timeval,
+    pub stime: Timeval,
+    pub rest: [i64; 14],
+}
+
+/// `struct timeval`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Timeval {
+    pub sec: i64,
+    pub usec: i64,
+}
+
+/// `getrusage(2)`.
+pub fn getrusage(who: i32) -> Result<Rusage> {
+    let mut r = Rusage::default();
+    // SAFETY: the kernel writes one struct rusage.
+    unsafe { sc!(nr::GETRUSAGE, who, &mut r as *mut Rusage).map(|_| r) }
 }
 
 /// Nanoseconds of `CLOCK_MONOTONIC`.

@@ -52,6 +52,7 @@ pub const FUTEX: usize = 202;
 pub const GETDENTS64: usize = 217;
 pub const SET_TID_ADDRESS: usize = 218;
 pub const CLOCK_GETTIME: usize = 228;
+pub const GETRUSAGE: usize = 98;
 pub const EXIT_GROUP: usize = 231;
 pub const TGKILL: usize = 234;
 pub const OPENAT: usize = 257;
