@@ -40,6 +40,14 @@ fn shared_copy(name: &str) -> PathBuf {
     dst
 }
 
+/// Runs the script `script` (in tests/programs) with the interpreter `tool`, stopped at its
+/// READY and restored.
+fn interpreted(name: &str, tool: &str, hint: &str, script: &str) {
+    let bin = need(tool, hint);
+    let script = shared_copy(script);
+    stop_and_restore_prog(name, &bin, &[script.to_str().unwrap()], "", "READY");
+}
+
 fn python() -> PathBuf {
     // The system Python (/usr/bin/python3), whose numpy and OpenBLAS come from Debian.
     let p = PathBuf::from("/usr/bin/python3");
@@ -105,37 +113,29 @@ fn rust_std_threads_channels_and_a_caught_panic() {
 
 #[test]
 fn perl_hashes_regexes_and_closures() {
-    let perl = need("perl", "apt install perl");
-    let script = shared_copy("rt_perl.pl");
-    stop_and_restore_prog("perl", &perl, &[script.to_str().unwrap()], "", "READY");
+    interpreted("perl", "perl", "apt install perl", "rt_perl.pl");
 }
 
 #[test]
 fn ruby_threads_a_queue_and_exceptions() {
     // Ruby's heap keeps every other page in use: thousands of runs of pages, which once
     // made every checkpoint fail (see memory_in_thousands_of_separate_runs_of_pages).
-    let ruby = need("ruby", "apt install ruby");
-    let script = shared_copy("rt_ruby.rb");
-    stop_and_restore_prog("ruby", &ruby, &[script.to_str().unwrap()], "", "READY");
+    interpreted("ruby", "ruby", "apt install ruby", "rt_ruby.rb");
 }
 
 #[test]
 fn php_arrays_regexes_closures_and_exceptions() {
-    let php = need("php", "apt install php-cli");
-    let script = shared_copy("rt_php.php");
-    stop_and_restore_prog("php", &php, &[script.to_str().unwrap()], "", "READY");
+    interpreted("php", "php", "apt install php-cli", "rt_php.php");
 }
 
 #[test]
 fn nodejs_timers_promises_and_the_thread_pool() {
-    let node = need("node", "apt install nodejs");
-    let script = shared_copy("rt_node.js");
     // Checkpointed at startup, while OpenSSL 3 sets itself up on the main thread and the
     // first pbkdf2 runs in the thread pool: both take read-write locks for writing, and a
     // restore must hand them back to their holders under their new thread ids (about one
     // restore in fifteen hung here before the agent did; tests/programs/rwlocks.c is the
     // deterministic case).
-    stop_and_restore_prog("node", &node, &[script.to_str().unwrap()], "", "READY");
+    interpreted("node", "node", "apt install nodejs", "rt_node.js");
 }
 
 #[test]

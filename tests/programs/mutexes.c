@@ -6,7 +6,7 @@
  * EDEADLK) and unlocks them, and another thread must then get every one. With the holder's
  * tid gone stale, glibc would refuse the unlock (EPERM) and leave the mutex held for ever,
  * and a recursive lock by the holder would wait for itself. No call can hang the test: the
- * waits are timed, and an alarm ends a stuck run.
+ * waits are timed, and an alarm ends a stuck run (holders.h).
  *
  * Last, a thread waiting in pthread_cond_wait is cancelled: its cleanup handler runs and
  * releases the mutex (the agent's wrapper must let the cancellation unwind through it). */
@@ -17,6 +17,7 @@
 #include <threads.h>
 #include <time.h>
 #include <unistd.h>
+#include "holders.h"
 
 enum { REC, ERR, ROB, ROB_ERR, CV_REC, MAIN_REC, MAIN_ERR, N };
 static const char *names[N] = {"recursive", "error-checking", "robust", "robust error-checking",
@@ -24,8 +25,7 @@ static const char *names[N] = {"recursive", "error-checking", "robust", "robust 
 static pthread_mutex_t mx[N];
 static mtx_t c11;
 static pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t cv = PTHREAD_COND_INITIALIZER, cv2 = PTHREAD_COND_INITIALIZER;
-static int held, go;
+static pthread_cond_t cv2 = PTHREAD_COND_INITIALIZER;
 
 static const char *name(int e) {
   return e == 0 ? "ok" : e == EDEADLK ? "EDEADLK" : e == EBUSY ? "EBUSY" : e == ETIMEDOUT ? "ETIMEDOUT" : e == EPERM ? "EPERM" : strerror(e);
@@ -58,11 +58,7 @@ static void *holder(void *arg) {
   pthread_mutex_lock(&mx[ROB_ERR]);
   pthread_mutex_lock(&mx[CV_REC]);
   mtx_lock(&c11);
-  pthread_mutex_lock(&m);
-  held = 1;
-  pthread_cond_broadcast(&cv);
-  while (!go) pthread_cond_wait(&cv, &m);
-  pthread_mutex_unlock(&m);
+  holder_ready();
   struct timespec t = after_ms(3000);
   printf("worker: trylock of the recursive one: %s\n", name(pthread_mutex_trylock(&mx[REC])));
   printf("worker: timedlock of the recursive one: %s\n", name(pthread_mutex_timedlock(&mx[REC], &t)));
@@ -118,18 +114,7 @@ int main(void) {
   pthread_t w, o, c;
   pthread_mutex_lock(&mx[MAIN_REC]);
   pthread_mutex_lock(&mx[MAIN_ERR]);
-  pthread_create(&w, 0, holder, 0);
-  pthread_mutex_lock(&m);
-  while (!held) pthread_cond_wait(&cv, &m);
-  pthread_mutex_unlock(&m);
-  printf("READY\n");
-  char line[64];
-  if (!fgets(line, sizeof line, stdin)) return 1;
-  alarm(15);
-  pthread_mutex_lock(&m);
-  go = 1;
-  pthread_cond_broadcast(&cv);
-  pthread_mutex_unlock(&m);
+  if (run_holder(&w, holder)) return 1;
   pthread_join(w, 0);
   printf("main: lock of its recursive one: %s\n", name(pthread_mutex_lock(&mx[MAIN_REC])));
   printf("main: lock of its error-checking one: %s\n", name(pthread_mutex_lock(&mx[MAIN_ERR])));

@@ -4,17 +4,15 @@
  * happen there). Then each holder asks for its own lock again (glibc answers EDEADLK
  * without waiting, which OpenSSL 3 relies on) and releases it, and other threads must then
  * get every lock: with the holder's tid gone stale, an unlock would leave a lock held for
- * ever and the next lock call would hang (an alarm ends such a run). */
+ * ever and the next lock call would hang (an alarm ends such a run: holders.h). */
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+#include "holders.h"
 
 static pthread_rwlock_t a = PTHREAD_RWLOCK_INITIALIZER, b = PTHREAD_RWLOCK_INITIALIZER, r = PTHREAD_RWLOCK_INITIALIZER;
-static pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
-static int held, go;
 
 static const char *name(int e) { return e == 0 ? "ok" : e == EDEADLK ? "EDEADLK" : e == EBUSY ? "EBUSY" : strerror(e); }
 
@@ -22,11 +20,7 @@ static void *holder(void *arg) {
   (void)arg;
   pthread_rwlock_wrlock(&a);
   pthread_rwlock_rdlock(&r);
-  pthread_mutex_lock(&m);
-  held = 1;
-  pthread_cond_broadcast(&cv);
-  while (!go) pthread_cond_wait(&cv, &m);
-  pthread_mutex_unlock(&m);
+  holder_ready();
   printf("worker: rdlock of its own write lock: %s\n", name(pthread_rwlock_rdlock(&a)));
   printf("worker: wrlock of its own write lock: %s\n", name(pthread_rwlock_wrlock(&a)));
   printf("worker: unlock: %s\n", name(pthread_rwlock_unlock(&a)));
@@ -45,18 +39,7 @@ int main(void) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   pthread_t w, o;
   pthread_rwlock_wrlock(&b);
-  pthread_create(&w, 0, holder, 0);
-  pthread_mutex_lock(&m);
-  while (!held) pthread_cond_wait(&cv, &m);
-  pthread_mutex_unlock(&m);
-  printf("READY\n");
-  char line[64];
-  if (!fgets(line, sizeof line, stdin)) return 1;
-  alarm(15); /* a lock call that hangs ends the run */
-  pthread_mutex_lock(&m);
-  go = 1;
-  pthread_cond_broadcast(&cv);
-  pthread_mutex_unlock(&m);
+  if (run_holder(&w, holder)) return 1;
   pthread_join(w, 0);
   printf("main: trywrlock of a: %s\n", name(pthread_rwlock_trywrlock(&a)));
   printf("main: unlock of a: %s\n", name(pthread_rwlock_unlock(&a)));
