@@ -2,11 +2,14 @@
  * time four ways all along (clock, clock_gettime of the process CPU clock, getrusage and
  * times, user plus system). A restore must let every figure go on from where it was: none
  * may go back (the new process's clocks start from zero) or leap ahead (a figure counted
- * twice). Prints READY first and "ok" at the end, or what went wrong and exits 1. */
+ * twice). Then a forked child's CPU time must start from zero. Prints READY first and
+ * "ok" at the end, or what went wrong and exits 1. */
 #include <stdio.h>
 #include <sys/resource.h>
 #include <sys/times.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 static double figure(int how) {
   struct timespec ts;
@@ -39,6 +42,15 @@ int main(void) {
       }
       last[i] = now;
     }
+  }
+  /* A child is a new process: its CPU time starts from zero, not from the parent's. */
+  pid_t c = fork();
+  if (c == 0) _exit(clock() < 50000 ? 0 : 1);
+  int st = 0;
+  waitpid(c, &st, 0);
+  if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+    printf("BAD a child's CPU time did not start from zero\n");
+    return 1;
   }
   printf("ok\n");
   return 0;

@@ -206,6 +206,9 @@ pub fn init(sv: &mut Saved) {
 /// In a child made by `fork`, the agent is dormant: the manager thread does not exist
 /// there and the control socket belongs to the parent.
 extern "C" fn after_fork_child() {
+    // The child is a new process whose CPU time starts from zero, as it would without the
+    // engine: the parent's offsets are not its own.
+    crate::cputime::forget();
     if ACTIVE.swap(false, Ordering::AcqRel) {
         let fd = CTL_FD.swap(-1, Ordering::AcqRel);
         if fd >= 0 {
