@@ -56,6 +56,7 @@ unsafe extern "C" fn handler(_sig: i32, info: *const u8, ucp: *const u8) {
     if slot.tid.load(Ordering::Acquire) != sys::gettid() || slot.state.load(Ordering::Acquire) != slot::SIGNALED {
         return;
     }
+    crate::cputime::record_thread(idx);
     // SAFETY: this thread owns its slot's info until it publishes PARKED; `ucp` is valid.
     unsafe { describe(&mut *slot.info.get(), ucp) };
     // SAFETY: the slot's context lives in the agent's static memory, part of the image.
@@ -64,7 +65,9 @@ unsafe extern "C" fn handler(_sig: i32, info: *const u8, ucp: *const u8) {
         // A restored thread: put back what the kernel keeps per thread, then wait with the
         // others until the manager releases everyone.
         // SAFETY: the slot was filled before the checkpoint and restored with memory.
-        restore_thread(unsafe { &*slot.info.get() });
+        let info = unsafe { &*slot.info.get() };
+        restore_thread(info);
+        crate::cputime::adopt_thread(idx, info.fs_base, info.tid_addr);
         arrive_and_wait();
     }
 }

@@ -544,6 +544,9 @@ mutex_wrapper!(cnd_timedwait, cnd_timedwait, "cnd_timedwait", m, (c: *mut u8, m:
 /// `clock_getcpuclockid(0)`'s clock: this process's CPU time, like
 /// `CLOCK_PROCESS_CPUTIME_ID`.
 const SELF_CPU_CLOCK: i32 = !0 << 3 | 2;
+/// `CLOCK_THREAD_CPUTIME_ID`, and `getrusage`'s `RUSAGE_THREAD`.
+const THREAD_CPU_CLOCK: i32 = 3;
+const RUSAGE_THREAD: i32 = 1;
 
 /// Runs `f` (a call for CPU time) again until no restore came during it: a figure the
 /// kernel gave the process before a checkpoint must not get the restored process's offset
@@ -559,21 +562,30 @@ fn settled<T>(mut f: impl FnMut() -> T) -> T {
     }
 }
 
-/// `clock_gettime(2)`: in a restored process the process CPU clock goes on from the
-/// checkpoint's figure ([`crate::cputime`]); every other clock passes straight through.
+/// `clock_gettime(2)`: in a restored process the process CPU clock and the calling
+/// thread's go on from the checkpoint's figures ([`crate::cputime`]); every other clock
+/// passes straight through.
 ///
 /// # Safety
 /// As for libc `clock_gettime`.
 #[no_mangle]
 pub unsafe extern "C" fn clock_gettime(clock: i32, ts: *mut sys::Timespec) -> i32 {
-    if clock != sys::CLOCK_PROCESS_CPUTIME_ID && clock != SELF_CPU_CLOCK {
+    let process = clock == sys::CLOCK_PROCESS_CPUTIME_ID || clock == SELF_CPU_CLOCK;
+    // Other clocks (the common ones are positive) pass straight through.
+    if !process
+        && (clock >= 0 && clock != THREAD_CPU_CLOCK || RESTORES.load(Ordering::Relaxed) == 0 || !cputime::is_own_thread_clock(clock))
+    {
         return call_next!(clock_gettime, "clock_gettime", fn(i32, *mut sys::Timespec) -> i32, clock, ts);
     }
     let r = settled(|| call_next!(clock_gettime, "clock_gettime", fn(i32, *mut sys::Timespec) -> i32, clock, ts));
-    if r == 0 && !ts.is_null() && cputime::active() {
+    if r != 0 || ts.is_null() {
+        return r;
+    }
+    let add = if process { cputime::offset(0) } else { cputime::thread_offsets()[0] };
+    if add != 0 {
         // SAFETY: libc just filled the caller's timespec.
         let t = unsafe { &mut *ts };
-        cputime::shift(&mut t.sec, &mut t.nsec, 1, cputime::offset(0));
+        cputime::shift(&mut t.sec, &mut t.nsec, 1, add);
     }
     r
 }
@@ -612,19 +624,26 @@ pub unsafe extern "C" fn times(buf: *mut [i64; 4]) -> i64 {
     r
 }
 
-/// `getrusage(2)`: for `RUSAGE_SELF` the user and system times go on across restores.
+/// `getrusage(2)`: for `RUSAGE_SELF` and `RUSAGE_THREAD` the user and system times go on
+/// across restores.
 ///
 /// # Safety
 /// As for libc `getrusage`.
 #[no_mangle]
 pub unsafe extern "C" fn getrusage(who: i32, usage: *mut sys::Rusage) -> i32 {
     let r = settled(|| call_next!(getrusage, "getrusage", fn(i32, *mut sys::Rusage) -> i32, who, usage));
-    if r == 0 && who == sys::RUSAGE_SELF && !usage.is_null() && cputime::active() {
-        // SAFETY: libc just filled the caller's struct rusage.
-        let u = unsafe { &mut *usage };
-        cputime::shift(&mut u.utime.sec, &mut u.utime.usec, 1000, cputime::offset(1));
-        cputime::shift(&mut u.stime.sec, &mut u.stime.usec, 1000, cputime::offset(2));
+    if r != 0 || usage.is_null() || RESTORES.load(Ordering::Relaxed) == 0 {
+        return r;
     }
+    let add = match who {
+        sys::RUSAGE_SELF => [0, cputime::offset(1), cputime::offset(2)],
+        RUSAGE_THREAD => cputime::thread_offsets(),
+        _ => return r,
+    };
+    // SAFETY: libc just filled the caller's struct rusage.
+    let u = unsafe { &mut *usage };
+    cputime::shift(&mut u.utime.sec, &mut u.utime.usec, 1000, add[1]);
+    cputime::shift(&mut u.stime.sec, &mut u.stime.usec, 1000, add[2]);
     r
 }
 
