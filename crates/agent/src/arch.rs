@@ -179,6 +179,16 @@ pub unsafe fn spawn(flags: usize, stack_top: usize, tls: usize, f: extern "C" fn
     }
 }
 
+/// The calling thread's TLS base, without a system call: the x86-64 TLS ABI keeps it at
+/// `%fs:0`.
+pub fn thread_pointer() -> u64 {
+    let tp: u64;
+    // SAFETY: every thread of the program has a TLS block whose first word points at
+    // itself (glibc's threads, and the agent's manager, which sets it up so).
+    unsafe { asm!("mov {}, qword ptr fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    tp
+}
+
 /// Offsets into the kernel's `ucontext_t` on x86-64 (`uc_stack`, `uc_mcontext`,
 /// `uc_sigmask`).
 pub mod uc {

@@ -1,10 +1,11 @@
 //! The process's CPU time across restores.
 //!
 //! A restored process is a new one to the kernel, whose CPU clocks start again from zero
-//! (its threads' too). A program that measures its CPU time (`clock()`, `CLOCK_PROCESS_CPUTIME_ID`, `times()`,
-//! `getrusage(RUSAGE_SELF)`: Lua's `os.clock`, Python's `time.process_time`, Node's
-//! `process.cpuUsage`) would see it go back at each restore, and a loop that runs until it
-//! has used so much CPU time would never end in a chain whose steps are shorter. So each
+//! (its threads' too). A program that measures its CPU time (`clock()`,
+//! `CLOCK_PROCESS_CPUTIME_ID`, `times()`, `getrusage(RUSAGE_SELF)`: Lua's `os.clock`,
+//! Python's `time.process_time`, Node's `process.cpuUsage`) would see it go back at each
+//! restore, and a loop that runs until it has used so much CPU time would never end in a
+//! chain whose steps are shorter. So each
 //! checkpoint records, while the threads are frozen, what the program has used so far, and
 //! a restore makes the wrappers ([`crate::wrappers`]) add to the kernel's figures what it
 //! takes to continue from there: the CPU time of the restore itself is not counted.
@@ -15,6 +16,7 @@
 //! that names it by TLS base and by its new tid. A thread created later (glibc may give it
 //! the TLS block of one that ended) has another tid, so no row, and starts from zero.
 
+use crate::arch;
 use crate::global::{MAX_THREADS, NSLOTS};
 use core::sync::atomic::{AtomicI32, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use limitless_sys as sys;
@@ -31,19 +33,35 @@ fn ns(t: sys::Timespec) -> i64 {
     t.sec * 1_000_000_000 + t.nsec
 }
 
-fn tv_ns(t: sys::Timeval) -> i64 {
+pub fn tv_ns(t: sys::Timeval) -> i64 {
     t.sec * 1_000_000_000 + t.usec * 1000
 }
 
-/// The kernel's figures for this process now.
-fn kernel() -> [i64; N] {
-    let r = sys::getrusage(sys::RUSAGE_SELF).unwrap_or_default();
-    [ns(sys::clock_gettime(sys::CLOCK_PROCESS_CPUTIME_ID)), tv_ns(r.utime), tv_ns(r.stime)]
+/// The kernel's figures now, of the process or of the calling thread (CPU time from
+/// `clock`, user and system time from `getrusage(who)`).
+fn kernel(clock: i32, who: i32) -> [i64; N] {
+    let r = sys::getrusage(who).unwrap_or_default();
+    [ns(sys::clock_gettime(clock)), tv_ns(r.utime), tv_ns(r.stime)]
+}
+
+fn process_kernel() -> [i64; N] {
+    kernel(sys::CLOCK_PROCESS_CPUTIME_ID, sys::RUSAGE_SELF)
+}
+
+fn thread_kernel() -> [i64; N] {
+    kernel(sys::CLOCK_THREAD_CPUTIME_ID, sys::RUSAGE_THREAD)
+}
+
+/// Empties the thread rows.
+fn clear_rows() {
+    for r in &ROWS {
+        r.fs.store(0, Ordering::Relaxed);
+    }
 }
 
 /// Records the program's figures. Called by the manager while the threads are frozen.
 pub fn record() {
-    for (i, k) in kernel().into_iter().enumerate() {
+    for (i, k) in process_kernel().into_iter().enumerate() {
         AT_CHECKPOINT[i].store(k + OFFSET[i].load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }
@@ -51,11 +69,9 @@ pub fn record() {
 /// Makes the figures continue from the checkpoint's. Called by the restart's leader while
 /// it is the only thread.
 pub fn adopt() {
-    for r in &ROWS {
-        r.fs.store(0, Ordering::Relaxed);
-    }
+    clear_rows();
     ROWS_IN_USE.store(NSLOTS.load(Ordering::Acquire).min(MAX_THREADS), Ordering::Release);
-    for (i, k) in kernel().into_iter().enumerate() {
+    for (i, k) in process_kernel().into_iter().enumerate() {
         OFFSET[i].store(AT_CHECKPOINT[i].load(Ordering::Relaxed) - k, Ordering::Release);
     }
 }
@@ -65,9 +81,7 @@ pub fn forget() {
     for o in &OFFSET {
         o.store(0, Ordering::Relaxed);
     }
-    for r in &ROWS {
-        r.fs.store(0, Ordering::Relaxed);
-    }
+    clear_rows();
 }
 
 /// A restored thread's offsets: thread CPU time, user time, system time.
@@ -91,24 +105,6 @@ static THREAD_AT: [[AtomicI64; N]; MAX_THREADS] = [const { [const { AtomicI64::n
 /// Where glibc keeps a thread's tid, from its TLS base (0: not known).
 static TID_OFFSET: AtomicU64 = AtomicU64::new(0);
 
-/// The calling thread's figures now.
-fn thread_kernel() -> [i64; N] {
-    let r = sys::getrusage(RUSAGE_THREAD).unwrap_or_default();
-    [ns(sys::clock_gettime(CLOCK_THREAD_CPUTIME_ID)), tv_ns(r.utime), tv_ns(r.stime)]
-}
-
-const RUSAGE_THREAD: i32 = 1;
-const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-
-/// The calling thread's TLS base: the x86-64 TLS ABI keeps it at `%fs:0`.
-fn thread_pointer() -> u64 {
-    let tp: u64;
-    // SAFETY: every thread of the program has a TLS block whose first word points at
-    // itself (glibc's threads, and the agent's manager, which sets it up so).
-    unsafe { core::arch::asm!("mov {}, qword ptr fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
-    tp
-}
-
 /// The calling thread's tid, from glibc's thread descriptor when its place is known.
 fn current_tid(tp: u64) -> i32 {
     match TID_OFFSET.load(Ordering::Relaxed) {
@@ -121,7 +117,7 @@ fn current_tid(tp: u64) -> i32 {
 
 /// The calling thread's offsets (zero for a thread that has no row).
 pub fn thread_offsets() -> [i64; N] {
-    let tp = thread_pointer();
+    let tp = arch::thread_pointer();
     let mut tid = None;
     for r in ROWS.iter().take(ROWS_IN_USE.load(Ordering::Relaxed)) {
         if r.fs.load(Ordering::Acquire) == tp && r.tid.load(Ordering::Relaxed) == *tid.get_or_insert_with(|| current_tid(tp)) {
@@ -134,7 +130,8 @@ pub fn thread_offsets() -> [i64; N] {
 /// Whether `clock` is the calling thread's CPU clock: `CLOCK_THREAD_CPUTIME_ID`,
 /// `pthread_getcpuclockid` of itself, or the kernel's "this thread" encoding.
 pub fn is_own_thread_clock(clock: i32) -> bool {
-    clock == CLOCK_THREAD_CPUTIME_ID || (clock < 0 && clock & 7 == 6 && (clock == -2 || !(clock >> 3) == current_tid(thread_pointer())))
+    clock == sys::CLOCK_THREAD_CPUTIME_ID
+        || (clock < 0 && clock & 7 == 6 && (clock == -2 || !(clock >> 3) == current_tid(arch::thread_pointer())))
 }
 
 /// Records the calling thread's figures for slot `idx`. Called in the checkpoint

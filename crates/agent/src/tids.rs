@@ -18,7 +18,6 @@
 use crate::global::{Shared, MAX_THREADS, NSLOTS, SLOTS};
 use core::sync::atomic::{AtomicUsize, Ordering};
 use limitless_image::format::ThreadInfo;
-use limitless_sys as sys;
 
 /// Ids remembered per thread.
 pub const HISTORY: usize = 8;
@@ -96,11 +95,10 @@ fn current() -> &'static Table {
 
 /// Whether `tid` was the calling thread's id before one of the last [`HISTORY`] restores.
 pub fn was_mine(tid: i32) -> bool {
-    let t = current();
-    if tid <= 0 || tid < t.lo || tid > t.hi {
+    if !may_be_old(tid) {
         return false;
     }
-    // The calling thread's TLS base costs a system call: asked only for a row with `tid`.
-    let mut fs = None;
-    t.rows[..t.n.min(MAX_THREADS)].iter().filter(|r| r.tids.contains(&tid)).any(|r| r.fs_base == *fs.get_or_insert_with(sys::get_fs_base))
+    let t = current();
+    let fs = crate::arch::thread_pointer();
+    t.rows[..t.n.min(MAX_THREADS)].iter().any(|r| r.fs_base == fs && r.tids.contains(&tid))
 }

@@ -16,9 +16,9 @@
 //!   names by its owner's tid too;
 //! - children that had ended before a checkpoint and were not waited for can still be
 //!   waited for after the restore (`wait`, `waitpid`, `wait3`, `wait4`, `waitid`; see
-//!   [`crate::zombies`]).
-//! - the process's CPU time goes on from the checkpoint's after a restore
-//!   (`clock_gettime` of the process CPU clock, `clock`, `times`, `getrusage`; see
+//!   [`crate::zombies`]);
+//! - the process's and each thread's CPU time go on from the checkpoint's after a restore
+//!   (`clock_gettime` of the CPU clocks, `clock`, `times`, `getrusage`; see
 //!   [`crate::cputime`]).
 //!
 //! These run on the program's own threads, never while a checkpoint is freezing them, so
@@ -544,9 +544,6 @@ mutex_wrapper!(cnd_timedwait, cnd_timedwait, "cnd_timedwait", m, (c: *mut u8, m:
 /// `clock_getcpuclockid(0)`'s clock: this process's CPU time, like
 /// `CLOCK_PROCESS_CPUTIME_ID`.
 const SELF_CPU_CLOCK: i32 = !0 << 3 | 2;
-/// `CLOCK_THREAD_CPUTIME_ID`, and `getrusage`'s `RUSAGE_THREAD`.
-const THREAD_CPU_CLOCK: i32 = 3;
-const RUSAGE_THREAD: i32 = 1;
 
 /// Runs `f` (a call for CPU time) again until no restore came during it: a figure the
 /// kernel gave the process before a checkpoint must not get the restored process's offset
@@ -571,10 +568,8 @@ fn settled<T>(mut f: impl FnMut() -> T) -> T {
 #[no_mangle]
 pub unsafe extern "C" fn clock_gettime(clock: i32, ts: *mut sys::Timespec) -> i32 {
     let process = clock == sys::CLOCK_PROCESS_CPUTIME_ID || clock == SELF_CPU_CLOCK;
-    // Other clocks (the common ones are positive) pass straight through.
-    if !process
-        && (clock >= 0 && clock != THREAD_CPU_CLOCK || RESTORES.load(Ordering::Relaxed) == 0 || !cputime::is_own_thread_clock(clock))
-    {
+    // A thread's own clock needs adjusting only after a restore; other clocks never do.
+    if !process && (RESTORES.load(Ordering::Relaxed) == 0 || !cputime::is_own_thread_clock(clock)) {
         return call_next!(clock_gettime, "clock_gettime", fn(i32, *mut sys::Timespec) -> i32, clock, ts);
     }
     let r = settled(|| call_next!(clock_gettime, "clock_gettime", fn(i32, *mut sys::Timespec) -> i32, clock, ts));
@@ -612,14 +607,18 @@ pub unsafe extern "C" fn clock() -> i64 {
 #[no_mangle]
 pub unsafe extern "C" fn times(buf: *mut [i64; 4]) -> i64 {
     let libc_times = |buf| -> i64 { call_next!(times, "times", fn(*mut [i64; 4]) -> i64, buf) };
-    let (r, ru) = settled(|| (libc_times(buf), sys::getrusage(sys::RUSAGE_SELF)));
-    if let (true, false, true, Ok(ru)) = (r != -1, buf.is_null(), cputime::active(), ru) {
+    // `getrusage` only in a restored process: before that, `times` costs one call, as without
+    // the engine.
+    let (r, ru) = settled(|| (libc_times(buf), cputime::active().then(|| sys::getrusage(sys::RUSAGE_SELF))));
+    if r == -1 || buf.is_null() {
+        return r;
+    }
+    if let Some(Ok(ru)) = ru {
         // SAFETY: libc just filled the caller's struct tms.
         let t = unsafe { &mut *buf };
         const TICK_NS: i64 = 10_000_000;
-        let ticks = |tv: sys::Timeval, off: i64| ((tv.sec * 1_000_000_000 + tv.usec * 1000 + off) / TICK_NS).max(0);
-        t[0] = ticks(ru.utime, cputime::offset(1));
-        t[1] = ticks(ru.stime, cputime::offset(2));
+        t[0] = ((cputime::tv_ns(ru.utime) + cputime::offset(1)) / TICK_NS).max(0);
+        t[1] = ((cputime::tv_ns(ru.stime) + cputime::offset(2)) / TICK_NS).max(0);
     }
     r
 }
@@ -637,7 +636,7 @@ pub unsafe extern "C" fn getrusage(who: i32, usage: *mut sys::Rusage) -> i32 {
     }
     let add = match who {
         sys::RUSAGE_SELF => [0, cputime::offset(1), cputime::offset(2)],
-        RUSAGE_THREAD => cputime::thread_offsets(),
+        sys::RUSAGE_THREAD => cputime::thread_offsets(),
         _ => return r,
     };
     // SAFETY: libc just filled the caller's struct rusage.

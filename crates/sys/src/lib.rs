@@ -213,7 +213,9 @@ pub const CLOCK_REALTIME: i32 = 0;
 pub const CLOCK_MONOTONIC: i32 = 1;
 pub const CLOCK_BOOTTIME: i32 = 7;
 pub const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+pub const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
 pub const RUSAGE_SELF: i32 = 0;
+pub const RUSAGE_THREAD: i32 = 1;
 
 pub const S_IFMT: u32 = 0o170000;
 pub const S_IFREG: u32 = 0o100000;
