@@ -381,6 +381,9 @@ impl<W: Write> Writer<W> {
             return Err(bad("the record is a reference or of another format"));
         }
         let len = RecordHeader::SIZE as u64 + e.stored_len;
+        if e.flags == 0 {
+            self.align_pages(e.stored_len)?;
+        }
         if append(&mut self.out, e.offset, len)? {
             self.copied += e.raw_len;
         } else {
@@ -423,11 +426,33 @@ impl<W: Write> Writer<W> {
     }
 
     fn put(&mut self, kind: u32, flags: u32, raw_len: u64, payload: &[u8], h: [u8; 32]) -> io::Result<()> {
+        if kind == kind::PAGES && flags == 0 {
+            self.align_pages(payload.len() as u64)?;
+        }
         let rh = RecordHeader { kind, flags, stored_len: payload.len() as u64, raw_len, reserved: 0 };
         self.out.write_all(&enc(&rh))?;
         self.out.write_all(payload)?;
         self.index.push(IndexEntry { offset: self.offset, kind, flags, stored_len: payload.len() as u64, raw_len, hash: h });
         self.offset += RecordHeader::SIZE as u64 + payload.len() as u64;
+        Ok(())
+    }
+
+    /// Before an uncompressed page record of `stored_len` bytes: from format 1.5, if it has
+    /// at least [`ALIGN_FROM_PAGES`] pages, writes the `PAD` record that puts its pages on a
+    /// page boundary of the file.
+    fn align_pages(&mut self, stored_len: u64) -> io::Result<()> {
+        let head = (RecordHeader::SIZE + PagesHeader::SIZE) as u64;
+        if self.minor < PAD_MINOR || stored_len < PagesHeader::SIZE as u64 + ALIGN_FROM_PAGES * PAGE {
+            return Ok(());
+        }
+        let pad = (PAGE - (self.offset + RecordHeader::SIZE as u64 + head) % PAGE) % PAGE;
+        let zeros = vec![0u8; pad as usize];
+        let h = record_sum(self.minor, kind::PAD, &zeros);
+        let rh = RecordHeader { kind: kind::PAD, flags: 0, stored_len: pad, raw_len: pad, reserved: 0 };
+        self.out.write_all(&enc(&rh))?;
+        self.out.write_all(&zeros)?;
+        self.index.push(IndexEntry { offset: self.offset, kind: kind::PAD, flags: 0, stored_len: pad, raw_len: pad, hash: h });
+        self.offset += RecordHeader::SIZE as u64 + pad;
         Ok(())
     }
 
@@ -973,8 +998,8 @@ impl Image {
         }
     }
 
-    /// Checks the hash of every page and file data record (what `inspect` and `restore`
-    /// verify).
+    /// Checks the hash of every page, file data and pad record (what `inspect` and
+    /// `restore` verify).
     pub fn verify_pages(&self) -> Result<(), ImageError> {
         // One buffer for all records: a record is at most a window (1 MiB) and its headers,
         // so it stays in the cache while its checksum is computed.
@@ -984,6 +1009,11 @@ impl Image {
         }
         for d in &self.file_data {
             self.read_file_data(d)?;
+        }
+        for i in (0..self.index.len()).filter(|&i| self.index[i].kind == kind::PAD) {
+            if self.read_record(i)?.iter().any(|&b| b != 0) {
+                return Err(corrupt(format!("record {i} (pad) is not zeros")));
+            }
         }
         Ok(())
     }
@@ -1033,6 +1063,7 @@ impl Image {
             let meta_limit = match e.kind {
                 kind::PAGEMAP => map_len,
                 kind::PAGES => PagesHeader::SIZE as u64 + WINDOW_PAGES * PAGE,
+                kind::PAD => PAGE - 1,
                 kind::FILE_DATA => FileData::SIZE as u64 + FILE_DATA_MAX,
                 kind::STDIN => limits::MAX_STDIN,
                 kind::FD => limits::MAX_FD_RECORD,
@@ -1040,6 +1071,14 @@ impl Image {
             };
             if e.stored_len > meta_limit {
                 return Err(corrupt(format!("record {i} ({}) is {} bytes", kind::name(e.kind), e.stored_len)));
+            }
+            // A PAD (1.5) only ever goes right before the page record it aligns.
+            if e.kind == kind::PAD
+                && (self.header.minor < PAD_MINOR
+                    || e.raw_len != e.stored_len
+                    || self.index.get(i + 1).is_none_or(|n| n.kind != kind::PAGES))
+            {
+                return Err(corrupt(format!("record {i} (pad) is not allowed there")));
             }
             if e.kind != kind::PAGES && e.flags != 0 {
                 return Err(corrupt(format!("record {i} ({}) has flags", kind::name(e.kind))));
@@ -1052,7 +1091,7 @@ impl Image {
                 kind::THREAD => 1,
                 kind::VMA => 2,
                 kind::FD => 3,
-                kind::PAGES | kind::STDIN | kind::FILE | kind::FILE_DATA | kind::FILE_IDS => 4,
+                kind::PAGES | kind::PAD | kind::STDIN | kind::FILE | kind::FILE_DATA | kind::FILE_IDS => 4,
                 kind::END => 5,
                 kind::PARENTS => 6,
                 kind::PAGEMAP => 7,
@@ -1069,7 +1108,8 @@ impl Image {
             }
             stage = want;
             match e.kind {
-                kind::PAGEMAP => {}
+                // Nothing reads a PAD's bytes but `verify_pages`.
+                kind::PAGEMAP | kind::PAD => {}
                 kind::PAGES => {
                     if (e.stored_len as usize) < PagesHeader::SIZE {
                         return Err(corrupt(format!("page record {i} is too short")));
@@ -1708,6 +1748,18 @@ mod tests {
 
     /// [`synthetic_full`] in format 1.`minor`, its two pages filled with `fill`.
     fn synthetic_as(minor: u16, fill: u8, guards: &[GuardRange], parent: Option<ParentMap>, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        synthetic_n(minor, fill, 2, guards, parent, f)
+    }
+
+    /// [`synthetic_as`] with `n` pages (2, or the first `n` of the area).
+    fn synthetic_n(
+        minor: u16,
+        fill: u8,
+        n: u32,
+        guards: &[GuardRange],
+        parent: Option<ParentMap>,
+        f: impl FnOnce(&mut Vec<u8>),
+    ) -> Vec<u8> {
         let mut p = ProcessInfo::zeroed();
         p.pid = 42;
         p.page_size = PAGE as u32;
@@ -1732,7 +1784,7 @@ mod tests {
             end: 0x20000,
             prot: 7,
             kind: vma_kind::ANON,
-            pages: 2,
+            pages: n as u64,
             n_guards: guards.len() as u32,
             ..VmaInfo::zeroed()
         };
@@ -1741,10 +1793,14 @@ mod tests {
             gb.extend_from_slice(&enc_all(g, &[]));
         }
         let mut ph = PagesHeader { start: 0x10000, npages: 16, ..PagesHeader::zeroed() };
-        ph.set(0);
-        ph.set(3);
-        ph.count = 2;
-        let end = EndInfo { pages: 2, ..EndInfo::zeroed() };
+        if n == 2 {
+            ph.set(0);
+            ph.set(3);
+        } else {
+            (0..n).for_each(|i| ph.set(i));
+        }
+        ph.count = n;
+        let end = EndInfo { pages: n as u64, ..EndInfo::zeroed() };
         let mut w = Writer::with_minor(Vec::new(), 1, minor).unwrap();
         if let Some(m) = parent {
             w.set_parents(m);
@@ -1752,7 +1808,7 @@ mod tests {
         w.plain(kind::PROCESS, &enc_all(&p, &[])).unwrap();
         w.plain(kind::THREAD, &enc_all(&t, &[])).unwrap();
         w.plain(kind::VMA, &enc_all(&v, &gb)).unwrap();
-        w.plain(kind::PAGES, &enc_all(&ph, &[fill; 2 * PAGE as usize])).unwrap();
+        w.plain(kind::PAGES, &enc_all(&ph, &vec![fill; n as usize * PAGE as usize])).unwrap();
         w.plain(kind::END, &enc_all(&end, &[])).unwrap();
         f(&mut w.pagemap);
         w.finish().unwrap().0
@@ -2038,6 +2094,28 @@ mod tests {
         let mut b = synthetic();
         b[10] = 9; // minor newer than this reader
         assert!(matches!(open_bytes(&b), Err(ImageError::Version { minor: 9, .. })));
+    }
+
+    #[test]
+    fn large_page_records_start_their_pages_on_a_page_boundary_from_1_5() {
+        let n = ALIGN_FROM_PAGES as u32;
+        let b = synthetic_n(FORMAT_MINOR, 7, n, &[], None, |_| {});
+        let img = open_bytes(&b).unwrap();
+        let k = img.pages[0].index;
+        assert_eq!((img.index[k].offset + (RecordHeader::SIZE + PagesHeader::SIZE) as u64) % PAGE, 0);
+        let pad = img.index[k - 1];
+        assert_eq!(pad.kind, kind::PAD);
+        // The pad is covered by its checksum.
+        let mut bad = b.clone();
+        bad[pad.offset as usize + RecordHeader::SIZE + 5] = 1;
+        assert!(open_bytes(&bad).is_err(), "a changed pad byte went unnoticed");
+        // Smaller records, and images of 1.4, have none.
+        let small = open_bytes(&synthetic()).unwrap();
+        assert!(small.index.iter().all(|e| e.kind != kind::PAD));
+        let old = open_bytes(&synthetic_n(4, 7, n, &[], None, |_| {})).unwrap();
+        assert!(old.index.iter().all(|e| e.kind != kind::PAD));
+        assert_eq!(old.read_pages(&old.pages[0]).unwrap(), vec![7u8; n as usize * PAGE as usize]);
+        assert_eq!(img.read_pages(&img.pages[0]).unwrap(), old.read_pages(&old.pages[0]).unwrap());
     }
 
     #[test]

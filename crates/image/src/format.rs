@@ -15,10 +15,17 @@ pub const END_MAGIC: [u8; 8] = *b"LMTLSEND";
 /// Format major version: a reader refuses any other.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Format minor version: a reader refuses a newer one.
-pub const FORMAT_MINOR: u16 = 4;
+pub const FORMAT_MINOR: u16 = 5;
 /// The first minor version whose `PAGES` records are checksummed with [`page_sum`] (BLAKE3
 /// before).
 pub const PAGE_SUM_MINOR: u16 = 4;
+/// The first minor version with `PAD` records: from 1.5 the pages of an uncompressed
+/// `PAGES` record of at least [`ALIGN_FROM_PAGES`] pages start on a page boundary of the
+/// file, so that a restore may map them instead of copying them (`restore --map`).
+pub const PAD_MINOR: u16 = 5;
+/// Page records with at least this many pages are aligned (format 1.5 on). Smaller ones
+/// are not worth up to a page of padding each.
+pub const ALIGN_FROM_PAGES: u64 = 16;
 
 /// The checksum of a `PAGES` record's stored payload (format 1.4 on): its XXH3-128,
 /// little-endian, in the first 16 of the index entry's 32 hash bytes, the rest zero.
@@ -105,6 +112,9 @@ pub mod kind {
     /// count, `u32` reserved, then per file `path_len: u32, id_len: u32`, the id and the
     /// path. Written by the supervisor just before `END`; at most one.
     pub const FILE_IDS: u32 = 13;
+    /// Zero bytes that put the pages of the next `PAGES` record on a page boundary of the
+    /// file (format 1.5). Less than a page; a reader checks it only when verifying.
+    pub const PAD: u32 = 14;
 
     /// A short name for a kind.
     pub fn name(k: u32) -> &'static str {
@@ -122,6 +132,7 @@ pub mod kind {
             PAGEMAP => "pagemap",
             PARENTS => "parents",
             FILE_IDS => "file-ids",
+            PAD => "pad",
             _ => "unknown",
         }
     }
