@@ -4,7 +4,10 @@
 //! checkpointed and stopped, without compression and with it ("zstd idle", `dump
 //! --compress`: only while the disk is behind; "zstd all", `--compress=all`: every record
 //! that pays),
-//! and checkpointed with `--leave-running` (a copy-on-write snapshot); and a delta image
+//! and checkpointed with `--leave-running` (a copy-on-write snapshot); each raw image of a
+//! stopped program is restored twice, copied and with `restore --map` (mapped
+//! copy-on-write), and the program then writes a byte of every page (the copies a mapped
+//! restore leaves to it); and a delta image
 //! (`dump --parent`) of a 1 GiB process that rewrote 1 % of its heap, with dirty-page
 //! tracking and without. Beside them, the machine's reference
 //! figures in the same run: `dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync` in
@@ -48,13 +51,18 @@ struct Run {
     /// The longest pause the program saw itself (leave-running runs only).
     seen_ms: Option<f64>,
     restore_ms: f64,
+    /// Raw images of a stopped program: restored again with `restore --map` (ms).
+    mapped_ms: Option<f64>,
+    /// Then what the program took to read a word of every page, then to write a byte of
+    /// every page, after each restore: [copied read, copied write, mapped read, mapped write].
+    touch: Option<[f64; 4]>,
     snapshot: bool,
     /// Page records stored compressed, of all.
     compressed: (u64, u64),
 }
 
 fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Compress) -> Run {
-    let opts = Options { socket: None, carry: Default::default(), track: false };
+    let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
     let mut args = vec![mib.to_string().into(), kind.into()];
     if after == After::Resume {
         args.push("tick".into());
@@ -94,9 +102,21 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Co
         sup.wait().expect("wait");
     }
     // Restore from a cold-ish page cache is not what we measure: the image was just written.
-    let (sup2, rs) = restore(&img, &Options { socket: None, carry: Default::default(), track: false }).expect("restore");
-    sup2.inner.kill();
-    let _ = sup2.wait();
+    let (sup2, rs) = restore(&img, &opts).expect("restore");
+    let (mut mapped_ms, mut touch) = (None, None);
+    if after == After::Kill && compress == Off {
+        let copied = [touch_all(&sup2, false), touch_all(&sup2, true)];
+        sup2.inner.kill();
+        let _ = sup2.wait();
+        let (sup3, ms) = restore(&img, &Options { map: true, ..opts.clone() }).expect("restore --map");
+        mapped_ms = Some(ms.total_ms);
+        touch = Some([copied[0], copied[1], touch_all(&sup3, false), touch_all(&sup3, true)]);
+        sup3.inner.kill();
+        let _ = sup3.wait();
+    } else {
+        sup2.inner.kill();
+        let _ = sup2.wait();
+    }
     let _ = std::fs::remove_file(&img);
     Run {
         image_bytes: stats.image_bytes,
@@ -104,8 +124,32 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Co
         frozen_ms: stats.frozen_ms,
         seen_ms,
         restore_ms: rs.total_ms,
+        mapped_ms,
+        touch,
         snapshot: stats.snapshot,
         compressed: (stats.compressed_records, stats.page_records),
+    }
+}
+
+/// Asks a restored `mem` to write a byte of every page (SIGUSR1; `write`) or read a word of
+/// every page (SIGUSR2) and returns the time that took, as it measured it ("touched-ms T",
+/// "read-ms T"): after `restore --map`, the faults and copies the restore left to the
+/// program.
+fn touch_all(sup: &Supervisor, write: bool) -> f64 {
+    let before = sup.inner.out.bytes.load(Ordering::Relaxed);
+    let pid = rustix::process::Pid::from_raw(sup.pid() as i32).expect("pid");
+    let (sig, prefix) = if write { (rustix::process::Signal::USR1, "touched-ms ") } else { (rustix::process::Signal::USR2, "read-ms ") };
+    rustix::process::kill_process(pid, sig).expect("signal the program");
+    let t = Instant::now();
+    loop {
+        let line = String::from_utf8_lossy(&sup.inner.out.last_line()).into_owned();
+        if sup.inner.out.bytes.load(Ordering::Relaxed) > before {
+            if let Some(v) = line.strip_prefix(prefix).and_then(|v| v.trim().parse().ok()) {
+                return v;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the restored program did not write its memory");
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -131,7 +175,7 @@ fn incremental(dir: &Path, how: Delta) -> (u64, f64, u64, f64, f64, f64, u64) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/churn.c");
     let churn = dir.join("churn");
     assert!(Command::new("gcc").args(["-O2", "-o"]).arg(&churn).arg(&src).status().expect("gcc").success());
-    let opts = Options { socket: None, carry: Default::default(), track: false };
+    let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
     let sup = Supervisor::launch(&churn, &["1024".into(), "100000".into(), "300".into()], &opts).expect("launch");
     assert!(sup.wait_ready(Duration::from_secs(30)), "agent did not start");
     let t = Instant::now();
@@ -275,7 +319,7 @@ fn overhead(dir: &Path, n: usize) -> (f64, f64, f64, f64) {
         pw.push(t.elapsed().as_secs_f64() * 1000.0);
         pc.push(children_cpu_ms() - c);
         let (t, c) = (Instant::now(), children_cpu_ms());
-        let opts = Options { socket: None, carry: Default::default(), track: false };
+        let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
         let sup = Supervisor::launch(&prog, &args.map(Into::into), &opts).expect("launch");
         sup.wait().expect("wait");
         ew.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -363,6 +407,11 @@ fn table(prog: &Path, dir: &Path, spec: &[RowSpec], rounds: usize) -> Vec<Summar
         }
     }
     let (dd, cat, new) = (median(dds), median(cats), median(news));
+    let mapped = |runs: &[Run]| -> Option<(f64, [f64; 4])> {
+        let ms: Vec<f64> = runs.iter().map(|r| r.mapped_ms).collect::<Option<_>>()?;
+        let t: Vec<[f64; 4]> = runs.iter().map(|r| r.touch).collect::<Option<_>>()?;
+        Some((median(ms), [0, 1, 2, 3].map(|k| median(t.iter().map(|x| x[k]).collect()))))
+    };
     println!();
     println!("images in {}", dir.display());
     println!("dd if=/dev/zero of=DIR/f bs=1M count=1024 conv=fdatasync: {dd:.1} ms; cat of that 1 GiB page-cached file to /dev/null: {cat:.1} ms");
@@ -375,7 +424,8 @@ fn table(prog: &Path, dir: &Path, spec: &[RowSpec], rounds: usize) -> Vec<Summar
         "process", "image", "checkpoint ms", "frozen ms", "seen gap ms", "restore ms", "ckpt/dd", "restore/cat", "snapshot", "compressed"
     );
     let mut out = Vec::new();
-    for (r, runs) in spec.iter().zip(runs) {
+    let all = runs;
+    for (r, runs) in spec.iter().zip(all.iter()) {
         let (label, mib) = (r.4, r.0);
         let ck = median(runs.iter().map(|r| r.checkpoint_ms).collect());
         let rs = median(runs.iter().map(|r| r.restore_ms).collect());
@@ -401,6 +451,20 @@ fn table(prog: &Path, dir: &Path, spec: &[RowSpec], rounds: usize) -> Vec<Summar
             runs.iter().map(|r| format!("{}", r.compressed.0)).collect::<Vec<_>>().join("/") + &format!(" of {}", runs[0].compressed.1),
         );
         out.push((label, runs[0].image_bytes, ck, rs));
+    }
+    println!(
+        "\nrestore --map (page data mapped copy-on-write from the image, not copied) against the copying restore; then the program reads a word of every page, then writes a byte of every page (ms):"
+    );
+    println!(
+        "{:<30} {:>11} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "process", "map ms", "map/cat", "copy ms", "copy: reads", "copy: writes", "map: reads", "map: writes"
+    );
+    for (r, runs) in spec.iter().zip(&all) {
+        if let Some((ms, t)) = mapped(runs) {
+            let rs = median(runs.iter().map(|r| r.restore_ms).collect());
+            let ratio = if r.0 == 1024 { format!("{:.2}", ms / cat) } else { "-".into() };
+            println!("{:<30} {:>11.1} {:>12} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>12.1}", r.4, ms, ratio, rs, t[0], t[1], t[2], t[3]);
+        }
     }
     out
 }

@@ -39,7 +39,7 @@ fn random(n: usize) -> Vec<u8> {
 /// Starts `churn MIB` (it rewrites the same 1 % of its heap, over and over) and waits
 /// until its heap is written.
 fn start_churn(churn: &Path, mib: u64) -> Supervisor {
-    let opts = Options { socket: None, carry: Default::default(), track: false };
+    let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
     let sup = Supervisor::launch(churn, &[mib.to_string().into(), "100000".into(), "200".into()], &opts).expect("launch");
     assert!(sup.wait_ready(Duration::from_secs(30)), "agent did not start");
     let t = Instant::now();
@@ -135,7 +135,7 @@ fn main() {
         let (na, sent_a, sent_b) = (a.image_bytes, a.sent_bytes.unwrap_or(0), b.sent_bytes.unwrap_or(0));
         // A fresh process (the next step in a chain) restores from the store: from the
         // request until the program runs, the image streamed into place.
-        let opts = Options { socket: None, carry: Default::default(), track: false };
+        let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
         let t = Instant::now();
         let src = match store.open_image("images/x/1.0.img").expect("open image") {
             ImageAt::Stream(s) => s,

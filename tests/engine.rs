@@ -634,3 +634,45 @@ fn a_self_contained_image_restores_without_the_program_file() {
         assert!(sizes[1] > sizes[0] + (256 << 10), "the self-contained image ({}) is not larger than the other ({})", sizes[1], sizes[0]);
     });
 }
+
+#[test]
+fn restore_map_shares_the_image_pages_and_the_program_sees_anonymous_memory() {
+    let prog = program("mapped");
+    let args = ["8"];
+    let input = "check\nwrite\ndiscard\n";
+    let want = reference(&prog, &args, input);
+    each_user("map", |u, d| {
+        let (one, two) = (d.join("one"), d.join("two"));
+        let r = launch(u, d, &prog, &args);
+        r.expect_out("READY");
+        dump_ok(u, &r, &one, false);
+        let (st, mut out, err) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err}");
+        // Restored with --map: its memory is the image's pages, copy-on-write.
+        let mut r = restore_with(u, None, d, &one, &["--map"]);
+        r.send("check\n");
+        r.expect_out("check ");
+        r.send("write\n");
+        r.expect_out("write ");
+        assert!(
+            r.err.wait_for(&format!("backing {}", one.display()), Duration::from_secs(10)),
+            "the memory was not mapped from the image: {}",
+            r.err.text()
+        );
+        // A checkpoint copies those pages: the image it maps from can go.
+        dump_ok(u, &r, &two, false);
+        let (st, o, err) = r.finish();
+        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err}");
+        out += &o;
+        fs::remove_file(&one).unwrap();
+        // Mapped again from the second image, discarded memory reads as zeros.
+        let mut r = restore_with(u, None, d, &two, &["--map"]);
+        r.send("discard\n");
+        r.close_stdin();
+        let (st, o, err) = r.finish();
+        assert_eq!(st.code(), Some(0), "the program failed after the second restore; stderr: {err}");
+        assert!(err.contains(&format!("backing {}", two.display())), "the memory was not mapped from the second image: {err}");
+        out += &o;
+        assert_eq!(lines(&out), lines(&want), "output differs from an uninterrupted run");
+    });
+}

@@ -477,7 +477,7 @@ fn a_checkpoint_on_top_of_a_stored_image_takes_unwritten_memory_from_its_chunks(
     let prog = program("wpedge");
     let args = ["16", "250"];
     let want = reference(&prog, &args, "");
-    let opts = Options { socket: None, carry: Default::default(), track: false };
+    let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
     let sup = Supervisor::launch(&prog, &args.map(Into::into), &opts).unwrap();
     assert!(sup.wait_ready(Duration::from_secs(30)), "the agent did not start");
     wait_output(&sup, "wpedge");
@@ -517,7 +517,7 @@ fn after_a_tracked_restore_the_estimate_of_what_to_store_follows_what_the_progra
     use limitless::engine::checkpoint::After;
     use limitless::engine::restore::restore;
     use limitless::engine::supervisor::{Options, Supervisor};
-    let opts = Options { socket: None, carry: Default::default(), track: false };
+    let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
     // 64 MiB; from iteration 40 on, every iteration rewrites all of it.
     let churn = program("churn");
     let args = ["64", "100000", "50", "random", "40"];
@@ -593,7 +593,7 @@ fn an_image_streams_into_the_store_and_back_and_a_tampered_chunk_stops_the_resto
     let srv = Server::start("stream");
     let s = open(&srv, "r", Some(KEY)).unwrap();
     let key = "images/c/1.0.img";
-    let opts = Options { socket: None, carry: Default::default(), track: false };
+    let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
     let stream_of = |s: &dyn Store| match s.open_image(key).unwrap() {
         ImageAt::Stream(src) => src,
         _ => panic!("the S3 store does not stream images"),

@@ -119,6 +119,8 @@ pub fn run_step(a: &StepArgs, platform: &dyn Platform) -> Result<StepDone> {
         // tracking says which (at the cost of a fault at each page's first write);
         // elsewhere it would only cost the faults.
         track: store.takes_unchanged() && std::env::var_os("LIMITLESS_TRACK").is_none_or(|v| v != "0"),
+        // A step's image is a downloaded copy that the next step replaces: copy it in.
+        map: false,
     };
     let mut restored_from: Option<String> = None;
     // The program's stdout and stderr bytes, and the bytes of its input it had been given,

@@ -163,6 +163,13 @@ enum Cmd {
         /// (about 0.27 s per GiB written, measured here).
         #[arg(long)]
         track: bool,
+        /// Map the image's page data into the program copy-on-write instead of copying it
+        /// in: the restore reads and checks the data once, and the program copies a page
+        /// only when it first writes to it. IMAGE must then stay unchanged (and not be
+        /// truncated) while the program runs; deleting it is fine. Anonymous,
+        /// non-executable memory only; see docs/engine.md.
+        #[arg(long)]
+        map: bool,
         /// The image to restore.
         image: PathBuf,
     },
@@ -280,8 +287,8 @@ pub fn main() -> i32 {
             }
         }
         Cmd::Dump { socket, pid, what } => dump(socket, pid, what),
-        Cmd::Restore { socket, carry, track, image } => match carry.to_carry() {
-            Ok(c) => restore_cmd(socket, c, track, image),
+        Cmd::Restore { socket, carry, track, map, image } => match carry.to_carry() {
+            Ok(c) => restore_cmd(socket, c, track, map, image),
             Err(e) => fail(e),
         },
         Cmd::Inspect { json, no_verify, areas, image } => match inspect::run(&image, json, !no_verify, areas) {
@@ -335,7 +342,7 @@ fn launch(socket: Option<PathBuf>, carry: crate::engine::carry::Carry, prog: Vec
     if let Err(why) = crate::engine::supervisor::check_dynamic(&path) {
         eprintln!("limitless: warning: {why}; it runs, but checkpoints will fail");
     }
-    let opts = Options { socket: Some(socket_or_default(socket)), carry, track: false };
+    let opts = Options { socket: Some(socket_or_default(socket)), carry, track: false, map: false };
     match Supervisor::launch(&path, &prog[1..], &opts) {
         Ok(sup) => sup.wait().unwrap_or_else(fail),
         Err(e) => fail(format!("{e:#}")),
@@ -439,8 +446,8 @@ fn dump(socket: Option<PathBuf>, pid: Option<u32>, what: DumpArgs) -> i32 {
     }
 }
 
-fn restore_cmd(socket: Option<PathBuf>, carry: crate::engine::carry::Carry, track: bool, image: PathBuf) -> i32 {
-    let opts = Options { socket: Some(socket_or_default(socket)), carry, track };
+fn restore_cmd(socket: Option<PathBuf>, carry: crate::engine::carry::Carry, track: bool, map: bool, image: PathBuf) -> i32 {
+    let opts = Options { socket: Some(socket_or_default(socket)), carry, track, map };
     match restore::restore(&image, &opts) {
         Ok((sup, stats)) => {
             tracing::info!("restored {} thread(s) in {:.1} ms ({} of page data)", stats.threads, stats.total_ms, bytes(stats.data_bytes));

@@ -29,6 +29,22 @@ pub struct PlanFds {
     pub ring_slots: u32,
     /// Start the agent's dirty tracking from the image ([`pvf::TRACK`]).
     pub track: bool,
+    /// Map the page records that allow it from their files rather than copy them
+    /// ([`pcf::MAP`]).
+    pub map: bool,
+}
+
+/// Whether the pages of area `v` may be mapped from an image file ([`pcf::MAP`]): private
+/// anonymous memory (or a private mapping of a file that is gone, which restores as
+/// anonymous memory) that is not executable (the image may be on a `noexec` mount), not
+/// wiped on fork (a file mapping cannot be) and not tracked (the baseline assumes copied
+/// pages). The heap and the stack are left alone: the kernel grows them itself.
+fn mappable(v: &limitless_image::format::VmaInfo, track: bool) -> bool {
+    const PROT_EXEC: u32 = 4;
+    matches!(v.kind, vma_kind::ANON | vma_kind::FILE_GONE)
+        && v.prot & PROT_EXEC == 0
+        && v.flags & limitless_image::format::vflags::WIPEONFORK == 0
+        && !(track && worth_tracking(v))
 }
 
 /// Free ranges of the restored address space, largest first.
@@ -106,6 +122,10 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
             }
         });
         let sum = at.and_then(|a| a.sum);
+        let map = fds.map
+            && sum.is_some()
+            && at.is_some_and(|a| a.data_off % PAGE == 0)
+            && runs[first_run..].iter().all(|(_, a)| a.is_some_and(|k| mappable(&img.vmas[k].info, fds.track)));
         checks.push(PlanCheck {
             // Where the payload starts in its file (0 in a ring slot).
             file_off: at.map_or(0, |a| a.data_off - PagesHeader::SIZE as u64),
@@ -116,6 +136,8 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
             fd,
             flags: if at.is_none() {
                 pcf::STAGED
+            } else if map {
+                pcf::VERIFY | pcf::MAP
             } else if sum.is_some() {
                 pcf::VERIFY
             } else {

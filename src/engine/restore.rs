@@ -218,6 +218,7 @@ fn restore_image(
         ring_slots: if ring.is_some() { RING_SLOTS } else { 0 },
         // An agent before version 2 would not take the tracking over (nor its descriptor).
         track: base.is_some() && img.process.agent_version >= 2,
+        map: opts.map,
     };
     let plan = plan::build(&img, |i| vma_fd[i], |i| srcs[i], &pfds);
     let memfd = rustix::fs::memfd_create("limitless-plan", rustix::fs::MemfdFlags::CLOEXEC)?;

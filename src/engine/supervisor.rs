@@ -31,6 +31,10 @@ pub struct Options {
     /// program has not written since. Each first write to a page then costs a minor
     /// fault.
     pub track: bool,
+    /// Restore from an image file by mapping its page data copy-on-write where the image
+    /// allows it, instead of copying it: the restore reads and checks the data once and
+    /// the program copies a page only when it first writes it (`restore --map`).
+    pub map: bool,
 }
 
 /// What the agent has told us outside of a checkpoint.

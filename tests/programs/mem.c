@@ -5,7 +5,9 @@
  * Usage: mem MIB [random|zero|text] [tick]
  * With "tick" it wakes every millisecond instead and measures the longest gap between two
  * wake-ups (how long it was stopped, as the program itself sees it); on SIGTERM it prints
- * "max-gap-ms G" and exits. */
+ * "max-gap-ms G" and exits. Without it, on SIGUSR1 it writes one byte of every page (its
+ * first write after a `restore --map` copies the page) and prints "touched-ms T", the time
+ * that took; on SIGUSR2 it reads one word of every page and prints "read-ms T". */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +18,10 @@
 static volatile sig_atomic_t stop;
 
 static void on_term(int s) { (void)s; stop = 1; }
+
+static volatile sig_atomic_t touch;
+
+static void on_usr1(int s) { touch = s == SIGUSR1 ? 1 : 2; }
 
 static double now_ms(void) {
   struct timespec t;
@@ -37,9 +43,25 @@ int main(int argc, char **argv) {
     q[i] = text ? (x & 0x0f0f0f0f0f0f0f0fUL) + 0x6161616161616161UL : x;
   }
   if (tick) signal(SIGTERM, on_term);
+  else {
+    signal(SIGUSR1, on_usr1);
+    signal(SIGUSR2, on_usr1);
+  }
   printf("READY\n");
-  if (!tick)
-    for (;;) pause();
+  if (!tick) {
+    for (;;) {
+      pause();
+      if (!touch) continue;
+      int write = touch == 1;
+      touch = 0;
+      double t0 = now_ms();
+      for (size_t i = 0; i < n / 8; i += 512) {
+        if (write) q[i] += 1;
+        else (void)q[i]; /* a volatile read: it happens */
+      }
+      printf("%s-ms %.1f\n", write ? "touched" : "read", now_ms() - t0);
+    }
+  }
   double last = now_ms(), gap = 0;
   struct timespec ms = {0, 1000000};
   while (!stop) {

@@ -94,6 +94,9 @@ pub static MANAGER_SLOT: AtomicUsize = AtomicUsize::new(0);
 
 /// The agent is managing this process (not dormant).
 pub static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// Whether the last restore mapped page data from image files (`restore --map`): then a
+/// checkpoint looks for private mappings of image files ([`crate::scan`]).
+pub static IMAGE_MAPPED: AtomicBool = AtomicBool::new(false);
 /// The control socket.
 pub static CTL_FD: AtomicI32 = AtomicI32::new(-1);
 /// The checkpoint signal.

@@ -21,6 +21,7 @@ mod fds;
 mod freeze;
 mod global;
 mod libc;
+mod mapped;
 mod maps;
 mod objects;
 mod process;

@@ -66,6 +66,7 @@ pub struct Next {
     pub wait3: AtomicUsize,
     pub wait4: AtomicUsize,
     pub waitid: AtomicUsize,
+    pub madvise: AtomicUsize,
 }
 
 pub static NEXT: Next = Next {
@@ -115,6 +116,7 @@ pub static NEXT: Next = Next {
     wait3: AtomicUsize::new(0),
     wait4: AtomicUsize::new(0),
     waitid: AtomicUsize::new(0),
+    madvise: AtomicUsize::new(0),
 };
 
 /// Looks up the next definition of `name` (NUL-terminated), caching it in `slot`.
@@ -180,6 +182,7 @@ pub fn init(sv: &mut Saved) {
         (&n.wait3, b"wait3\0"),
         (&n.wait4, b"wait4\0"),
         (&n.waitid, b"waitid\0"),
+        (&n.madvise, b"madvise\0"),
     ] {
         next(slot, name);
     }

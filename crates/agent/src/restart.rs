@@ -50,6 +50,7 @@ pub unsafe extern "C" fn limitless_restart(args: *const RestartArgs) -> ! {
     } else {
         crate::track::forget();
     }
+    IMAGE_MAPPED.store(a.flags & limitless_image::plan::restart_flags::MAPPED != 0, Ordering::Release);
     // SAFETY: the leader is the only thread; it owns all agent state.
     let sv = unsafe { saved() };
     sv.gap_start = a.gap_start as usize;

@@ -310,7 +310,13 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &Ma
     } else if name.starts_with(b"/") {
         info.pgoff = e.pgoff;
         match (deleted, stat_path(name)) {
-            (false, Some(st)) if !self_contained && st.dev == e.dev && st.ino == e.ino && st.mode & sys::S_IFMT == sys::S_IFREG => {
+            (false, Some(st))
+                if !self_contained
+                    && st.dev == e.dev
+                    && st.ino == e.ino
+                    && st.mode & sys::S_IFMT == sys::S_IFREG
+                    && !crate::mapped::is_image(e, name) =>
+            {
                 info.kind = vma_kind::FILE_PRIVATE;
                 info.file_size = st.size as u64;
                 info.mtime_sec = st.mtime.sec;

@@ -19,7 +19,9 @@
 //!   [`crate::zombies`]);
 //! - the process's and each thread's CPU time go on from the checkpoint's after a restore
 //!   (`clock_gettime` of the CPU clocks, `clock`, `times`, `getrusage`; see
-//!   [`crate::cputime`]).
+//!   [`crate::cputime`]);
+//! - after `restore --map`, memory that was anonymous still reads as zeros once the program
+//!   discards it (`madvise`; see [`crate::mapped`]).
 //!
 //! These run on the program's own threads, never while a checkpoint is freezing them, so
 //! calling the next definition through libc is fine.
@@ -759,4 +761,17 @@ pub unsafe extern "C" fn waitid(idtype: i32, id: u32, info: *mut u8, options: i3
         }
     }
     call_next!(waitid, "waitid", fn(i32, u32, *mut u8, i32) -> i32, idtype, id, info, options)
+}
+
+/// `madvise(2)`: after `restore --map`, discarding pages of memory mapped from the image
+/// leaves zeros, as on the anonymous memory it stands for ([`crate::mapped`]).
+///
+/// # Safety
+/// As for libc `madvise`.
+#[no_mangle]
+pub unsafe extern "C" fn madvise(addr: *mut u8, len: usize, advice: i32) -> i32 {
+    if advice == sys::MADV_DONTNEED || advice == sys::MADV_FREE {
+        crate::mapped::before_discard(addr as usize, len);
+    }
+    call_next!(madvise, "madvise", fn(*mut u8, usize, i32) -> i32, addr, len, advice)
 }

@@ -12,7 +12,7 @@ use crate::wire;
 /// `b"LMTLPLAN"`.
 pub const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"LMTLPLAN");
 /// Version of the plan layout (the restorer and supervisor always come from one build).
-pub const PLAN_VERSION: u32 = 7;
+pub const PLAN_VERSION: u32 = 8;
 /// Most gap candidates in a plan.
 pub const MAX_GAPS: u32 = 32;
 
@@ -166,6 +166,12 @@ pub mod pcf {
     /// a ring slot (`fd` is the ring, `file_off` 0, `sum` unused); a token on `data_fd`
     /// says which slot.
     pub const STAGED: u32 = 2;
+    /// With [`VERIFY`]: the record's pages start on a page boundary of its file, and every
+    /// run lies in an area that may hold a private mapping of that file (`restore --map`).
+    /// The restorer checks the payload through a read-only mapping of it, then maps each
+    /// run from the file copy-on-write instead of copying it; if a mapping fails it copies
+    /// the record instead.
+    pub const MAP: u32 = 4;
 }
 
 wire! {
@@ -209,6 +215,14 @@ pub const RESTART_MAGIC: u64 = u64::from_le_bytes(*b"LMTLRARG");
 /// this layout only grows at the end.
 pub const RESTART_VERSION: u32 = 2;
 
+/// Bits of [`RestartArgs::flags`].
+pub mod restart_flags {
+    /// Some page data is mapped copy-on-write from image files ([`super::pcf::MAP`]): at
+    /// a checkpoint, the agent copies every page of a private mapping of an image file, as
+    /// for a file that is gone, instead of referring to the file.
+    pub const MAPPED: u32 = 1;
+}
+
 /// What the restorer hands to the agent's restart entry (in memory, by pointer).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -227,7 +241,8 @@ pub struct RestartArgs {
     /// write-protected (-1: none), and where the plan's `n_track` [`PlanTrack`] entries are
     /// (in the gap; the agent copies them before it unmaps the gap).
     pub track_uffd: i32,
-    pub reserved: u32,
+    /// [`restart_flags`] bits (0 before any was defined).
+    pub flags: u32,
     pub track: u64,
     pub n_track: u64,
 }

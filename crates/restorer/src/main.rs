@@ -231,7 +231,7 @@ unsafe extern "C" fn stage1(s: *const Stage1) -> ! {
         map_vma(&v);
     }
     // 4. Page data, in order, from the image files (or from the data pipe).
-    let bytes = pages::read_all(s, &h);
+    let (bytes, mapped) = pages::read_all(s, &h);
     // The program may run only once the supervisor has checked every record's hash.
     let mut go = [0u8; 1];
     loop {
@@ -271,7 +271,7 @@ unsafe extern "C" fn stage1(s: *const Stage1) -> ! {
             started_ns: s.started_ns,
             data_bytes: bytes,
             track_uffd,
-            reserved: 0,
+            flags: if mapped { restart_flags::MAPPED } else { 0 },
             track,
             n_track,
         })

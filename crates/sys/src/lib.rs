@@ -152,6 +152,7 @@ pub const MAP_FIXED_NOREPLACE: i32 = 0x100000;
 pub const MREMAP_MAYMOVE: i32 = 1;
 pub const MREMAP_FIXED: i32 = 2;
 pub const MADV_DONTNEED: i32 = 4;
+pub const MADV_FREE: i32 = 8;
 pub const MADV_DONTFORK: i32 = 10;
 pub const MADV_WIPEONFORK: i32 = 18;
 pub const MADV_HUGEPAGE: i32 = 14;

@@ -1,0 +1,86 @@
+/* Anonymous memory as `restore --map` maps it from an image: MIB (argv[1]) MiB from mmap,
+ * every byte a function of its place. Prints READY, then does one step per line of stdin:
+ *   check    sums the memory (every byte as it was filled);
+ *   write    adds 1 to the first byte of every 7th page, then sums;
+ *   discard  MADV_DONTNEED on the first 64 pages (they must read as zeros), MADV_FREE on
+ *            the next 64 (it must succeed), munmap and a fresh mmap of the next 64 (zeros),
+ *            then sums;
+ * and ends at end of input. Its output depends only on MIB and the steps. After each step it
+ * prints to stderr what backs its memory ("backing NAME", the name in /proc/self/maps of the
+ * area holding page 256, "anon" if none). The steps'
+ * results are checked as they go; a wrong one prints "BAD ..." and exits 1. An alarm ends
+ * it if a step hangs. */
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define PG 4096
+
+static unsigned char *mem;
+static size_t len;
+
+static unsigned char at(size_t i) { return (unsigned char)(i * 2654435761u >> 13); }
+
+static uint64_t sum(void) {
+  uint64_t s = 0;
+  for (size_t i = 0; i < len; i++) s = s * 31 + mem[i];
+  return s;
+}
+
+static int zeros(size_t from, size_t n) {
+  for (size_t i = from; i < from + n; i++)
+    if (mem[i]) return 0;
+  return 1;
+}
+
+static void backing(void) {
+  char l[512];
+  unsigned long a = (unsigned long)(mem + 256 * PG), s, e;
+  FILE *f = fopen("/proc/self/maps", "r");
+  while (f && fgets(l, sizeof l, f)) {
+    int n = 0;
+    if (sscanf(l, "%lx-%lx %*s %*s %*s %*s %n", &s, &e, &n) < 2 || a < s || a >= e) continue;
+    l[strcspn(l, "\n")] = 0;
+    fprintf(stderr, "backing %s\n", n && l[n] ? l + n : "anon");
+    break;
+  }
+  if (f) fclose(f);
+}
+
+int main(int argc, char **argv) {
+  setvbuf(stdout, NULL, _IOLBF, 0);
+  alarm(120);
+  len = (size_t)atol(argc > 1 ? argv[1] : "8") << 20;
+  mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED || len < 256 * PG) return 2;
+  for (size_t i = 0; i < len; i++) mem[i] = at(i);
+  printf("READY\n");
+  char line[64];
+  while (fgets(line, sizeof line, stdin)) {
+    if (!strncmp(line, "write", 5)) {
+      for (size_t p = 0; p < len / PG; p += 7) mem[p * PG]++;
+    } else if (!strncmp(line, "discard", 7)) {
+      if (madvise(mem, 64 * PG, MADV_DONTNEED)) { printf("BAD dontneed failed\n"); return 1; }
+      if (!zeros(0, 64 * PG)) { printf("BAD discarded pages are not zeros\n"); return 1; }
+      if (madvise(mem + 64 * PG, 64 * PG, MADV_FREE)) { printf("BAD free failed\n"); return 1; }
+      if (munmap(mem + 128 * PG, 64 * PG)) { printf("BAD munmap failed\n"); return 1; }
+      void *p = mmap(mem + 128 * PG, 64 * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+      if (p != mem + 128 * PG || !zeros(128 * PG, 64 * PG)) { printf("BAD fresh memory\n"); return 1; }
+      /* MADV_FREE leaves either the bytes or zeros: make it one answer. */
+      memset(mem + 64 * PG, 0, 64 * PG);
+    } else if (strncmp(line, "check", 5)) {
+      printf("BAD step %s", line);
+      return 1;
+    }
+    line[strcspn(line, "\n")] = 0;
+    printf("%s %016llx\n", line, (unsigned long long)sum());
+    backing();
+  }
+  printf("done\n");
+  return 0;
+}
