@@ -2,7 +2,7 @@
 //! restorer follows without parsing anything itself (see `limitless_image::plan`).
 
 use limitless_image::file::Image;
-use limitless_image::format::{role, vma_kind, worth_tracking, PagesHeader, PAGE, USER_END};
+use limitless_image::format::{role, vma_kind, worth_tracking, PagesHeader, PAGE, USER_END, WINDOW_PAGES};
 use limitless_image::plan::*;
 use limitless_image::wire::Wire;
 
@@ -39,9 +39,16 @@ pub struct PlanFds {
 /// anonymous memory) that is not executable (the image may be on a `noexec` mount), not
 /// wiped on fork (a file mapping cannot be) and not tracked (the baseline assumes copied
 /// pages). The heap and the stack are left alone: the kernel grows them itself.
+///
+/// And only an area that spans more than one page window: each window's record becomes a
+/// mapping of its own, so such an area is never one mapping again, and `mremap` of the
+/// whole of it fails (glibc's `realloc` then copies) instead of growing it with whatever
+/// follows in the image file, or past its end, where the new pages would raise `SIGBUS`.
 fn mappable(v: &limitless_image::format::VmaInfo, track: bool) -> bool {
     const PROT_EXEC: u32 = 4;
-    matches!(v.kind, vma_kind::ANON | vma_kind::FILE_GONE)
+    let window = WINDOW_PAGES * PAGE;
+    v.start / window != (v.end - 1) / window
+        && matches!(v.kind, vma_kind::ANON | vma_kind::FILE_GONE)
         && v.prot & PROT_EXEC == 0
         && v.flags & limitless_image::format::vflags::WIPEONFORK == 0
         && !(track && worth_tracking(v))

@@ -7,8 +7,10 @@
  *            then sums;
  * and ends at end of input. Its output depends only on MIB and the steps. After each step it
  * prints to stderr what backs its memory ("backing NAME", the name in /proc/self/maps of the
- * area holding page 256, "anon" if none). The steps'
- * results are checked as they go; a wrong one prints "BAD ..." and exits 1. An alarm ends
+ * area holding page 256, "anon" if none), and what backs a second, small area of 128 KiB
+ * inside one 1 MiB-aligned window ("small NAME"), which `restore --map` leaves anonymous
+ * (an area within one window could otherwise be grown by mremap from the image file). The
+ * steps' results are checked as they go; a wrong one prints "BAD ..." and exits 1. An alarm ends
  * it if a step hangs. */
 #define _GNU_SOURCE
 #include <signal.h>
@@ -21,14 +23,17 @@
 
 #define PG 4096
 
-static unsigned char *mem;
+static unsigned char *mem, *small;
 static size_t len;
+#define SMALL (128 << 10)
+#define WIN (1 << 20)
 
 static unsigned char at(size_t i) { return (unsigned char)(i * 2654435761u >> 13); }
 
 static uint64_t sum(void) {
   uint64_t s = 0;
   for (size_t i = 0; i < len; i++) s = s * 31 + mem[i];
+  for (size_t i = 0; i < SMALL; i++) s = s * 31 + small[i];
   return s;
 }
 
@@ -38,18 +43,23 @@ static int zeros(size_t from, size_t n) {
   return 1;
 }
 
-static void backing(void) {
+static void backing_of(const char *what, const void *p) {
   char l[512];
-  unsigned long a = (unsigned long)(mem + 256 * PG), s, e;
+  unsigned long a = (unsigned long)p, s, e;
   FILE *f = fopen("/proc/self/maps", "r");
   while (f && fgets(l, sizeof l, f)) {
     int n = 0;
     if (sscanf(l, "%lx-%lx %*s %*s %*s %*s %n", &s, &e, &n) < 2 || a < s || a >= e) continue;
     l[strcspn(l, "\n")] = 0;
-    fprintf(stderr, "backing %s\n", n && l[n] ? l + n : "anon");
+    fprintf(stderr, "%s %s\n", what, n && l[n] ? l + n : "anon");
     break;
   }
   if (f) fclose(f);
+}
+
+static void backing(void) {
+  backing_of("backing", mem + 256 * PG);
+  backing_of("small", small);
 }
 
 int main(int argc, char **argv) {
@@ -59,6 +69,15 @@ int main(int argc, char **argv) {
   mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mem == MAP_FAILED || len < 256 * PG) return 2;
   for (size_t i = 0; i < len; i++) mem[i] = at(i);
+  /* The small area: 1 MiB-aligned, and with its own flags (MADV_DONTFORK) so that it never
+   * merges with a neighbour. */
+  unsigned char *r = mmap(NULL, 2 * WIN, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (r == MAP_FAILED) return 2;
+  small = (unsigned char *)(((unsigned long)r + WIN - 1) & ~(unsigned long)(WIN - 1));
+  munmap(r, 2 * WIN);
+  if (mmap(small, SMALL, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0) != small) return 2;
+  if (madvise(small, SMALL, MADV_DONTFORK)) return 2;
+  for (size_t i = 0; i < SMALL; i++) small[i] = at(i + 7);
   printf("READY\n");
   char line[64];
   while (fgets(line, sizeof line, stdin)) {

@@ -332,6 +332,18 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &Ma
     } else {
         return Err(unsupported(e, "a mapping of a special file or device is not supported"));
     }
+    if info.kind == vma_kind::FILE_GONE && extends_gone(sc, e) {
+        // One area with the one before: the anonymous memory both become.
+        let ai = (sc.n_areas - 1) as u32;
+        let first_win = sc.n_wins;
+        scan_all(sc, cx, e, ai)?;
+        let pages: u64 = sc.wins[first_win..sc.n_wins].iter().map(|w| w.hdr.count as u64).sum();
+        let a = &mut sc.areas[ai as usize];
+        a.info.end = e.end;
+        a.info.pages += pages;
+        sc.pages += pages;
+        return Ok(());
+    }
     if sc.n_areas == sc.areas.len() {
         return Err(ScanError::NoMem);
     }
@@ -357,6 +369,22 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &Ma
     };
     sc.n_areas += 1;
     Ok(())
+}
+
+/// Whether `e`, a private mapping of a file that is gone (or of an image's page data, see
+/// [`crate::mapped`]), goes on the last area: a mapping of the same file right before it,
+/// with the same protection and flags and no guard pages. Both are stored whole and
+/// restored as anonymous memory, where the kernel would merge them anyway; and `restore
+/// --map`, which maps each page window of an area separately, leaves one mapping per
+/// window: stored as one area, the program's mapping is one again, as it was.
+fn extends_gone(sc: &Scan, e: &MapEntry) -> bool {
+    let Some(p) = sc.n_areas.checked_sub(1).map(|i| &sc.areas[i].info) else { return false };
+    p.kind == vma_kind::FILE_GONE
+        && p.end == e.start
+        && (p.dev, p.ino) == (e.dev, e.ino)
+        && p.prot == e.prot
+        && p.flags == e.flags
+        && p.n_guards == 0
 }
 
 fn stat_path(name: &[u8]) -> Option<sys::Stat> {

@@ -287,20 +287,7 @@ fn map_runs(w: &Work, c: &PlanCheck) -> Mapped {
     let runs = c.first_run..c.first_run + c.n_runs as u64;
     for j in runs.clone() {
         let r = run_in(w, c, j);
-        // SAFETY: replaces part of an area this restorer created for this record's pages
-        // (the supervisor maps only runs inside anonymous, writable-for-now areas, and each
-        // record goes to one thread) with a private mapping of the same bytes in the file;
-        // the program's protection is set on the whole area in `finish_vma`.
-        let placed = unsafe {
-            sys::mmap(
-                r.start as usize,
-                r.len as usize,
-                sys::PROT_READ | sys::PROT_WRITE,
-                sys::MAP_PRIVATE | sys::MAP_FIXED,
-                c.fd,
-                r.file_off,
-            )
-        };
+        let placed = map_run(&r, c.fd);
         if placed.is_ok_and(|a| a == r.start as usize) {
             continue;
         }
@@ -310,24 +297,27 @@ fn map_runs(w: &Work, c: &PlanCheck) -> Mapped {
         // Part of the record is mapped: make all of it plain anonymous memory again.
         for k in runs {
             let r = run_in(w, c, k);
-            // SAFETY: as above, with fresh anonymous memory.
-            let anon = unsafe {
-                sys::mmap(
-                    r.start as usize,
-                    r.len as usize,
-                    sys::PROT_READ | sys::PROT_WRITE,
-                    sys::MAP_PRIVATE | sys::MAP_ANONYMOUS | sys::MAP_FIXED,
-                    -1,
-                    0,
-                )
-            };
-            if let Err(e) = anon {
+            if let Err(e) = map_run(&r, -1) {
                 report::fail_at_errno("cannot create the memory area at", r.start, e);
             }
         }
         return Mapped::Replaced;
     }
     Mapped::Yes
+}
+
+/// Maps run `r` read-write over its part of its area: from the image file `fd` at the
+/// run's offset, or (`fd` -1) as fresh anonymous memory.
+fn map_run(r: &PlanRun, fd: i32) -> sys::Result<usize> {
+    let (flags, off) = if fd < 0 { (sys::MAP_ANONYMOUS, 0) } else { (0, r.file_off) };
+    // SAFETY: replaces part of an area this restorer created for the pages of one record
+    // (the supervisor maps only runs inside anonymous, writable-for-now areas, and each
+    // record goes to one thread, which placed nothing else there yet) with a private
+    // mapping of the same bytes in the file, or with fresh memory; the program's
+    // protection is set on the whole area in `finish_vma`.
+    unsafe {
+        sys::mmap(r.start as usize, r.len as usize, sys::PROT_READ | sys::PROT_WRITE, sys::MAP_PRIVATE | sys::MAP_FIXED | flags, fd, off)
+    }
 }
 
 /// Run `j` of check `c`, once it is known to lie inside the record's pages: its `file_off`
