@@ -454,6 +454,10 @@ impl Inner {
         }
         let chunked = out.chunked();
         let mut w = Writer::new(BufWriter::with_capacity(1 << 20, out), now_unix_ns())?;
+        if chunked {
+            // A pad would start the chunks of the page record after it.
+            w.unaligned();
+        }
         let copy = parent.as_ref().is_some_and(|p| p.copy);
         match parent {
             Some(ParentUse { map, copy: true }) => w.copy_from_parent(map),

@@ -148,6 +148,9 @@ pub struct Writer<W: Write> {
     copy: bool,
     /// Raw bytes of page records the output took from the parent itself in copy mode.
     copied: u64,
+    /// Put large page records' pages on page boundaries ([`PAD_MINOR`] on); see
+    /// [`unaligned`](Self::unaligned).
+    align: bool,
 }
 
 /// An image a delta image refers to.
@@ -275,6 +278,7 @@ impl<W: Write> Writer<W> {
             theirs: Vec::new(),
             copy: false,
             copied: 0,
+            align: true,
         })
     }
 
@@ -293,6 +297,13 @@ impl<W: Write> Writer<W> {
     pub fn copy_from_parent(&mut self, map: ParentMap) {
         self.set_parents(map);
         self.copy = true;
+    }
+
+    /// Writes no `PAD` records: for a store that splits the image into chunks at page
+    /// records (each record whole chunks, so that a later image can take it again), whose
+    /// images are never mapped anyway (a restore reads them through the supervisor).
+    pub fn unaligned(&mut self) {
+        self.align = false;
     }
 
     /// Appends a record whose payload is stored as given (`raw_len` is its decompressed
@@ -442,7 +453,7 @@ impl<W: Write> Writer<W> {
     /// page boundary of the file.
     fn align_pages(&mut self, stored_len: u64) -> io::Result<()> {
         let head = (RecordHeader::SIZE + PagesHeader::SIZE) as u64;
-        if self.minor < PAD_MINOR || stored_len < PagesHeader::SIZE as u64 + ALIGN_FROM_PAGES * PAGE {
+        if !self.align || self.minor < PAD_MINOR || stored_len < PagesHeader::SIZE as u64 + ALIGN_FROM_PAGES * PAGE {
             return Ok(());
         }
         let pad = (PAGE - (self.offset + RecordHeader::SIZE as u64 + head) % PAGE) % PAGE;
