@@ -4,7 +4,8 @@
  *   write    adds 1 to the first byte of every 7th page, then sums;
  *   discard  MADV_DONTNEED on the first 64 pages (they must read as zeros), MADV_FREE on
  *            the next 64 (it must succeed), munmap and a fresh mmap of the next 64 (zeros),
- *            then sums;
+ *            then moves 16 pages elsewhere with mremap, discards them there (zeros) and
+ *            moves them back, then sums;
  * and ends at end of input. Its output depends only on MIB and the steps. After each step it
  * prints to stderr what backs its memory ("backing NAME", the name in /proc/self/maps of the
  * area holding page 256, "anon" if none), and what backs a second, small area of 128 KiB
@@ -37,11 +38,13 @@ static uint64_t sum(void) {
   return s;
 }
 
-static int zeros(size_t from, size_t n) {
-  for (size_t i = from; i < from + n; i++)
-    if (mem[i]) return 0;
+static int allzero(const unsigned char *p, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (p[i]) return 0;
   return 1;
 }
+
+static int zeros(size_t from, size_t n) { return allzero(mem + from, n); }
 
 static void backing_of(const char *what, const void *p) {
   char l[512];
@@ -92,6 +95,12 @@ int main(int argc, char **argv) {
       if (p != mem + 128 * PG || !zeros(128 * PG, 64 * PG)) { printf("BAD fresh memory\n"); return 1; }
       /* MADV_FREE leaves either the bytes or zeros: make it one answer. */
       memset(mem + 64 * PG, 0, 64 * PG);
+      /* 16 pages inside one 1 MiB window (one mapping after `restore --map`), moved. */
+      unsigned char *from = (unsigned char *)((((unsigned long)mem + WIN - 1) & ~(unsigned long)(WIN - 1)) + WIN + 64 * PG);
+      unsigned char *to = mmap(NULL, 16 * PG, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (to == MAP_FAILED || mremap(from, 16 * PG, 16 * PG, MREMAP_MAYMOVE | MREMAP_FIXED, to) != to) { printf("BAD mremap away\n"); return 1; }
+      if (madvise(to, 16 * PG, MADV_DONTNEED) || !allzero(to, 16 * PG)) { printf("BAD moved pages discarded are not zeros\n"); return 1; }
+      if (mremap(to, 16 * PG, 16 * PG, MREMAP_MAYMOVE | MREMAP_FIXED, from) != from) { printf("BAD mremap back\n"); return 1; }
     } else if (strncmp(line, "check", 5)) {
       printf("BAD step %s", line);
       return 1;

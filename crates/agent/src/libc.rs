@@ -67,6 +67,7 @@ pub struct Next {
     pub wait4: AtomicUsize,
     pub waitid: AtomicUsize,
     pub madvise: AtomicUsize,
+    pub mremap: AtomicUsize,
 }
 
 pub static NEXT: Next = Next {
@@ -117,6 +118,7 @@ pub static NEXT: Next = Next {
     wait4: AtomicUsize::new(0),
     waitid: AtomicUsize::new(0),
     madvise: AtomicUsize::new(0),
+    mremap: AtomicUsize::new(0),
 };
 
 /// Looks up the next definition of `name` (NUL-terminated), caching it in `slot`.
@@ -183,6 +185,7 @@ pub fn init(sv: &mut Saved) {
         (&n.wait4, b"wait4\0"),
         (&n.waitid, b"waitid\0"),
         (&n.madvise, b"madvise\0"),
+        (&n.mremap, b"mremap\0"),
     ] {
         next(slot, name);
     }

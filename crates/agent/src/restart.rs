@@ -51,6 +51,7 @@ pub unsafe extern "C" fn limitless_restart(args: *const RestartArgs) -> ! {
         crate::track::forget();
     }
     IMAGE_MAPPED.store(a.flags & limitless_image::plan::restart_flags::MAPPED != 0, Ordering::Release);
+    crate::mapped::restored();
     // SAFETY: the leader is the only thread; it owns all agent state.
     let sv = unsafe { saved() };
     sv.gap_start = a.gap_start as usize;

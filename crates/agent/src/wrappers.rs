@@ -21,7 +21,7 @@
 //!   (`clock_gettime` of the CPU clocks, `clock`, `times`, `getrusage`; see
 //!   [`crate::cputime`]);
 //! - after `restore --map`, memory that was anonymous still reads as zeros once the program
-//!   discards it (`madvise`; see [`crate::mapped`]).
+//!   discards it (`madvise`, and `mremap`, which may move it; see [`crate::mapped`]).
 //!
 //! These run on the program's own threads, never while a checkpoint is freezing them, so
 //! calling the next definition through libc is fine.
@@ -774,4 +774,17 @@ pub unsafe extern "C" fn madvise(addr: *mut u8, len: usize, advice: i32) -> i32 
         crate::mapped::before_discard(addr as usize, len);
     }
     call_next!(madvise, "madvise", fn(*mut u8, usize, i32) -> i32, addr, len, advice)
+}
+
+/// `mremap(2)`: may move memory mapped from an image (`restore --map`), so the agent stops
+/// trusting where it noted those mappings ([`crate::mapped`]). libc's `mremap` is variadic
+/// (`new_address` only with `MREMAP_FIXED`); on x86-64 the fifth argument travels in a
+/// register either way, and is passed on as it came.
+///
+/// # Safety
+/// As for libc `mremap`.
+#[no_mangle]
+pub unsafe extern "C" fn mremap(old: *mut u8, old_len: usize, new_len: usize, flags: i32, new_addr: *mut u8) -> *mut u8 {
+    crate::mapped::moved();
+    call_next!(mremap, "mremap", fn(*mut u8, usize, usize, i32, *mut u8) -> *mut u8, old, old_len, new_len, flags, new_addr)
 }
