@@ -639,7 +639,7 @@ fn a_self_contained_image_restores_without_the_program_file() {
 fn restore_map_shares_the_image_pages_and_the_program_sees_anonymous_memory() {
     let prog = program("mapped");
     let args = ["8"];
-    let input = "check\nwrite\ndiscard\n";
+    let input = "check\nwrite\ncheck\ndiscard\n";
     let want = reference(&prog, &args, input);
     each_user("map", |u, d| {
         let (one, two) = (d.join("one"), d.join("two"));
@@ -667,8 +667,12 @@ fn restore_map_shares_the_image_pages_and_the_program_sees_anonymous_memory() {
         assert_eq!(st.code(), Some(EXIT_CHECKPOINTED), "stderr: {err}");
         out += &o;
         fs::remove_file(&one).unwrap();
-        // Mapped again from the second image, discarded memory reads as zeros.
+        // Mapped again from the second image, discarded memory reads as zeros, also once
+        // the image is deleted.
         let mut r = restore_with(u, None, d, &two, &["--map"]);
+        r.send("check\n");
+        r.expect_out("check ");
+        fs::remove_file(&two).unwrap();
         r.send("discard\n");
         r.close_stdin();
         let (st, o, err) = r.finish();

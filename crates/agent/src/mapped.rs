@@ -1,7 +1,5 @@
 //! Page data that `restore --map` mapped copy-on-write from an image file into memory the
-//! program had as private anonymous memory. Two things tell such a mapping from the
-//! program's own file mappings (the restorer says whether it mapped any, and the file
-//! starts with an image's magic), and two things differ from anonymous memory:
+//! program had as private anonymous memory. Two things differ from anonymous memory:
 //!
 //! - a checkpoint must copy every page of it, not refer to the image file (which the next
 //!   step may delete): [`crate::scan`] treats it as a file that is gone;
@@ -10,29 +8,62 @@
 //!   part fresh anonymous memory first (calls through libc's `madvise` only; glibc's own
 //!   internal calls, which never count on zeros, and raw system calls are not seen).
 //!
-//! Finding that part means reading `/proc/self/maps` (about 45 µs a call, against 3 µs for
-//! the `madvise` itself, measured by hand in a small restored program), so the first such
-//! call also notes where the image mappings are ([`Filter`]), and later calls elsewhere
-//! skip the reading.
+//! Once a restore that mapped any has put every thread in place, and before they run, the
+//! manager notes which files are images and where they are mapped ([`note`]): then the
+//! files are still there (the program may delete one later, and a deleted file cannot be
+//! opened by its name), and telling an image mapping takes no system call. Reading
+//! `/proc/self/maps` at each discard took about 45 µs a call, against 3 µs for the
+//! `madvise` itself (by hand, a small restored program), so a discard elsewhere than the
+//! noted ranges reads nothing.
 
 use crate::global::IMAGE_MAPPED;
 use crate::maps::{self, MapEntry};
 use crate::scratch::Scratch;
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use limitless_sys as sys;
 
-/// Most bytes of `/proc/self/maps` [`before_discard`] reads (about 40,000 areas).
+/// Most bytes of `/proc/self/maps` read here (about 40,000 areas).
 const MAPS_CAP: usize = 4 << 20;
 /// Its scratch memory: the text, then an entry for each line (reserved, not used).
 const SCRATCH: usize = 4 * MAPS_CAP;
+/// Image files noted (an image and the parents of a delta).
+const MAX_FILES: usize = 16;
+/// Ranges of image mappings noted, merged where they touch.
+const MAX_RANGES: usize = 64;
 
-/// Whether `e`, a private file mapping named `name`, maps an image's page data. Only looked
-/// for after a restore that mapped any, and only in areas such a restore maps (not
-/// executable); the file's first bytes tell.
+#[allow(clippy::declare_interior_mutable_const)]
+const PAIR: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+/// `(dev, ino)` of each image file noted. Written only by [`note`], before the program's
+/// threads run; read afterwards.
+static FILES: [[AtomicU64; 2]; MAX_FILES] = [PAIR; MAX_FILES];
+static N_FILES: AtomicUsize = AtomicUsize::new(0);
+/// More image files than [`FILES`] holds, or the map could not be read: a file is then
+/// told by its first bytes, through its name.
+static BY_NAME: AtomicBool = AtomicBool::new(false);
+/// Start and end of each range of image mappings; like [`FILES`].
+static RANGES: [[AtomicU64; 2]; MAX_RANGES] = [PAIR; MAX_RANGES];
+static N_RANGES: AtomicUsize = AtomicUsize::new(0);
+/// Whether [`RANGES`] holds every image mapping: not once `mremap` may have moved one
+/// ([`moved`]), nor if there were too many.
+static RANGES_HOLD: AtomicBool = AtomicBool::new(false);
+
+/// Whether `e`, a mapping named `name`, maps an image's page data.
 pub fn is_image(e: &MapEntry, name: &[u8]) -> bool {
-    if !IMAGE_MAPPED.load(Ordering::Acquire) || e.shared || e.ino == 0 || e.prot & sys::PROT_EXEC as u32 != 0 {
+    if !IMAGE_MAPPED.load(Ordering::Acquire) || !could_be(e) {
         return false;
     }
+    let n = N_FILES.load(Ordering::Acquire);
+    FILES[..n].iter().any(|[d, i]| (d.load(Ordering::Relaxed), i.load(Ordering::Relaxed)) == (e.dev, e.ino))
+        || (BY_NAME.load(Ordering::Acquire) && image_file(name))
+}
+
+/// A private mapping of a file, not executable: what a restore maps from an image.
+fn could_be(e: &MapEntry) -> bool {
+    !e.shared && e.ino != 0 && e.prot & sys::PROT_EXEC as u32 == 0
+}
+
+/// Whether the file at `name` starts with an image's magic.
+fn image_file(name: &[u8]) -> bool {
     let mut p = [0u8; 4097];
     if name.len() >= p.len() || !name.starts_with(b"/") {
         return false;
@@ -45,98 +76,87 @@ pub fn is_image(e: &MapEntry, name: &[u8]) -> bool {
     got == Ok(8) && magic == limitless_image::format::MAGIC
 }
 
-/// The ranges that held image mappings when the first [`before_discard`] after a restore
-/// looked, merged where they touch. New image mappings appear only at a restore, and the
-/// program can move one only with `mremap`, whose wrapper turns the filter off
-/// ([`moved`]); a range that no longer holds one (unmapped, or made anonymous) only costs
-/// a call the reading it could have skipped. States: [`NONE`], [`BUILDING`], [`READY`],
-/// [`OFF`].
-struct Filter;
-
-const NONE: u32 = 0;
-const BUILDING: u32 = 1;
-const READY: u32 = 2;
-const OFF: u32 = 3;
-const MAX_RANGES: usize = 64;
-
-static FILTER: AtomicU32 = AtomicU32::new(NONE);
-static N_RANGES: AtomicUsize = AtomicUsize::new(0);
-#[allow(clippy::declare_interior_mutable_const)]
-const EMPTY: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
-/// Start and end of each range: written only while `BUILDING`, read only once `READY`.
-static RANGES: [[AtomicU64; 2]; MAX_RANGES] = [EMPTY; MAX_RANGES];
-
-impl Filter {
-    /// Whether `addr..end` may hold an image mapping.
-    fn may_hold(addr: u64, end: u64) -> bool {
-        if FILTER.load(Ordering::Acquire) != READY {
-            return true;
-        }
-        let r = &RANGES[..N_RANGES.load(Ordering::Relaxed)];
-        r.iter().any(|[s, e]| s.load(Ordering::Relaxed) < end && addr < e.load(Ordering::Relaxed))
+/// After a restore, before the program's threads run: notes the image files the restore
+/// mapped from and where (nothing if it mapped none).
+pub fn note() {
+    N_FILES.store(0, Ordering::Relaxed);
+    N_RANGES.store(0, Ordering::Relaxed);
+    BY_NAME.store(false, Ordering::Relaxed);
+    RANGES_HOLD.store(false, Ordering::Relaxed);
+    if !IMAGE_MAPPED.load(Ordering::Acquire) {
+        return;
     }
-
-    /// Notes the image mappings of `m`, unless another thread does or the filter is off.
-    fn build(m: &maps::Maps) {
-        if FILTER.compare_exchange(NONE, BUILDING, Ordering::Acquire, Ordering::Relaxed).is_err() {
-            return;
-        }
-        let mut n = 0;
-        let mut last: Option<((u64, u64), bool)> = None;
-        for e in &m.entries[..m.n] {
-            // Image mappings come one per page window: look at each file once.
-            let image = if e.shared || e.ino == 0 || e.prot & sys::PROT_EXEC as u32 != 0 {
-                false
-            } else if let Some((_, v)) = last.filter(|(id, _)| *id == (e.dev, e.ino)) {
+    let m = Scratch::new(SCRATCH).ok().and_then(|mut s| maps::read(&mut s, MAPS_CAP).ok().map(|m| (s, m)));
+    let Some((_s, m)) = m else {
+        BY_NAME.store(true, Ordering::Release);
+        return;
+    };
+    let (mut files, mut ranges, mut hold) = (0, 0, true);
+    // Image mappings come one per page window, one after another: open each file once.
+    let mut last: Option<((u64, u64), bool)> = None;
+    for e in m.entries[..m.n].iter().filter(|e| could_be(e)) {
+        let id = (e.dev, e.ino);
+        let image = match last {
+            Some((l, v)) if l == id => v,
+            _ => {
+                let v = image_file(m.name(e));
+                last = Some((id, v));
+                if v && !FILES[..files].iter().any(|[d, i]| (d.load(Ordering::Relaxed), i.load(Ordering::Relaxed)) == id) {
+                    if files == MAX_FILES {
+                        BY_NAME.store(true, Ordering::Relaxed);
+                    } else {
+                        FILES[files][0].store(id.0, Ordering::Relaxed);
+                        FILES[files][1].store(id.1, Ordering::Relaxed);
+                        files += 1;
+                    }
+                }
                 v
-            } else {
-                let v = is_image(e, m.name(e));
-                last = Some(((e.dev, e.ino), v));
-                v
-            };
-            if !image {
-                continue;
             }
-            if n > 0 && RANGES[n - 1][1].load(Ordering::Relaxed) == e.start {
-                RANGES[n - 1][1].store(e.end, Ordering::Relaxed);
-            } else if n == MAX_RANGES {
-                FILTER.store(OFF, Ordering::Release);
-                return;
-            } else {
-                RANGES[n][0].store(e.start, Ordering::Relaxed);
-                RANGES[n][1].store(e.end, Ordering::Relaxed);
-                n += 1;
-            }
+        };
+        if !image {
+            continue;
         }
-        N_RANGES.store(n, Ordering::Relaxed);
-        // Unless `moved` turned it off meanwhile.
-        let _ = FILTER.compare_exchange(BUILDING, READY, Ordering::Release, Ordering::Relaxed);
+        if ranges > 0 && RANGES[ranges - 1][1].load(Ordering::Relaxed) == e.start {
+            RANGES[ranges - 1][1].store(e.end, Ordering::Relaxed);
+        } else if ranges == MAX_RANGES {
+            hold = false;
+        } else {
+            RANGES[ranges][0].store(e.start, Ordering::Relaxed);
+            RANGES[ranges][1].store(e.end, Ordering::Relaxed);
+            ranges += 1;
+        }
     }
-}
-
-/// At a restore: the filter of the process checkpointed no longer applies.
-pub fn restored() {
-    FILTER.store(NONE, Ordering::Release);
+    N_FILES.store(files, Ordering::Release);
+    N_RANGES.store(ranges, Ordering::Release);
+    RANGES_HOLD.store(hold, Ordering::Release);
 }
 
 /// After `mremap`, which may have moved an image mapping: every later discard reads the
 /// map.
 pub fn moved() {
     if IMAGE_MAPPED.load(Ordering::Acquire) {
-        FILTER.store(OFF, Ordering::Release);
+        RANGES_HOLD.store(false, Ordering::Release);
     }
+}
+
+/// Whether `addr..end` may hold an image mapping.
+fn may_hold(addr: u64, end: u64) -> bool {
+    if !RANGES_HOLD.load(Ordering::Acquire) {
+        return true;
+    }
+    let r = &RANGES[..N_RANGES.load(Ordering::Acquire)];
+    r.iter().any(|[s, e]| s.load(Ordering::Relaxed) < end && addr < e.load(Ordering::Relaxed))
 }
 
 /// Before `madvise` discards `addr..addr + len`: the parts of it that map an image's page
 /// data become fresh anonymous memory with the same protection.
 pub fn before_discard(addr: usize, len: usize) {
     let end = addr.saturating_add(len) as u64;
-    if !IMAGE_MAPPED.load(Ordering::Acquire) || !Filter::may_hold(addr as u64, end) {
+    if !IMAGE_MAPPED.load(Ordering::Acquire) || !may_hold(addr as u64, end) {
         return;
     }
     let Ok(mut s) = Scratch::new(SCRATCH) else { return };
     let Ok(m) = maps::read(&mut s, MAPS_CAP) else { return };
-    Filter::build(&m);
     for e in &m.entries[..m.n] {
         if e.end <= addr as u64 || e.start >= end || !is_image(e, m.name(e)) {
             continue;

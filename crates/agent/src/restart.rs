@@ -51,7 +51,6 @@ pub unsafe extern "C" fn limitless_restart(args: *const RestartArgs) -> ! {
         crate::track::forget();
     }
     IMAGE_MAPPED.store(a.flags & limitless_image::plan::restart_flags::MAPPED != 0, Ordering::Release);
-    crate::mapped::restored();
     // SAFETY: the leader is the only thread; it owns all agent state.
     let sv = unsafe { saved() };
     sv.gap_start = a.gap_start as usize;
@@ -156,6 +155,7 @@ pub fn continue_manager() {
         let _ = unsafe { sys::munmap(sv.gap_start, sv.gap_len) };
         sv.gap_len = 0;
     }
+    crate::mapped::note();
     let restore_ns = sys::monotonic_ns().saturating_sub(sv.restart_started_ns);
     let r = Restored { pid: sys::getpid() as u32, threads: expected + 1, restore_ns, epoch: crate::track::epoch() };
     let _ = ctl::send_wire(msg::RESTORED, &r);
