@@ -21,7 +21,7 @@ static void on_term(int s) { (void)s; stop = 1; }
 
 static volatile sig_atomic_t touch;
 
-static void on_usr1(int s) { touch = s == SIGUSR1 ? 1 : 2; }
+static void on_touch(int s) { touch = s == SIGUSR1 ? 1 : 2; }
 
 static double now_ms(void) {
   struct timespec t;
@@ -44,8 +44,8 @@ int main(int argc, char **argv) {
   }
   if (tick) signal(SIGTERM, on_term);
   else {
-    signal(SIGUSR1, on_usr1);
-    signal(SIGUSR2, on_usr1);
+    signal(SIGUSR1, on_touch);
+    signal(SIGUSR2, on_touch);
   }
   printf("READY\n");
   if (!tick) {

@@ -64,12 +64,9 @@ fn could_be(e: &MapEntry) -> bool {
 
 /// Whether the file at `name` starts with an image's magic.
 fn image_file(name: &[u8]) -> bool {
-    let mut p = [0u8; 4097];
-    if name.len() >= p.len() || !name.starts_with(b"/") {
-        return false;
-    }
-    p[..name.len()].copy_from_slice(name);
-    let Ok(fd) = sys::openat(sys::AT_FDCWD, &p[..name.len() + 1], sys::O_RDONLY | sys::O_CLOEXEC, 0) else { return false };
+    let mut buf = [0u8; maps::PATH_BUF];
+    let Some(p) = maps::c_path(name, &mut buf).filter(|_| name.starts_with(b"/")) else { return false };
+    let Ok(fd) = sys::openat(sys::AT_FDCWD, p, sys::O_RDONLY | sys::O_CLOEXEC, 0) else { return false };
     let mut magic = [0u8; 8];
     let got = sys::pread(fd, &mut magic, 0);
     let _ = sys::close(fd);

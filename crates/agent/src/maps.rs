@@ -38,6 +38,20 @@ impl Maps {
     }
 }
 
+/// Room for a path and its NUL ([`c_path`]).
+pub const PATH_BUF: usize = 4097;
+
+/// `name` (a path from the map, or any path) NUL-terminated in `buf`, if it fits.
+pub fn c_path<'a>(name: &[u8], buf: &'a mut [u8; PATH_BUF]) -> Option<&'a [u8]> {
+    let n = name.len();
+    if n >= buf.len() {
+        return None;
+    }
+    buf[..n].copy_from_slice(name);
+    buf[n] = 0;
+    Some(&buf[..n + 1])
+}
+
 /// Linux `makedev` as `st_dev` encodes it.
 pub fn makedev(major: u64, minor: u64) -> u64 {
     ((major & 0xffff_f000) << 32) | ((major & 0xfff) << 8) | ((minor & 0xffff_ff00) << 12) | (minor & 0xff)

@@ -210,9 +210,10 @@ pub fn restore_kernel_state(sv: &Saved) {
     }
     sys::umask(sv.umask);
     if sv.cwd_len > 0 && sv.cwd_len < sv.cwd.len() {
-        let mut p = [0u8; 4097];
-        p[..sv.cwd_len].copy_from_slice(&sv.cwd[..sv.cwd_len]);
-        let _ = sys::chdir(&p[..sv.cwd_len + 1]);
+        let mut buf = [0u8; crate::maps::PATH_BUF];
+        if let Some(p) = crate::maps::c_path(&sv.cwd[..sv.cwd_len], &mut buf) {
+            let _ = sys::chdir(p);
+        }
     }
     for fd in 0..MAX_FD {
         if sv.cloexec[fd / 64] & (1 << (fd % 64)) != 0 {

@@ -13,7 +13,7 @@
 //! Pages come from the `PAGEMAP_SCAN` ioctl (Linux 6.7+), or from `/proc/self/pagemap`
 //! entries on older kernels. The vDSO block is recorded, not saved.
 
-use crate::maps::{MapEntry, Maps};
+use crate::maps::{self, MapEntry, Maps};
 use crate::objects::{self, Obj, ObjMap, Objects};
 use crate::scratch::Scratch;
 use limitless_image::format::{file_kind, vdso_kind, vma_kind, GuardRange, PagesHeader, VdsoArea, VdsoInfo, VmaInfo, PAGE, WINDOW_PAGES};
@@ -332,22 +332,12 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &Ma
     } else {
         return Err(unsupported(e, "a mapping of a special file or device is not supported"));
     }
-    if info.kind == vma_kind::FILE_GONE && extends_gone(sc, e) {
-        // One area with the one before: the anonymous memory both become.
-        let ai = (sc.n_areas - 1) as u32;
-        let first_win = sc.n_wins;
-        scan_all(sc, cx, e, ai)?;
-        let pages: u64 = sc.wins[first_win..sc.n_wins].iter().map(|w| w.hdr.count as u64).sum();
-        let a = &mut sc.areas[ai as usize];
-        a.info.end = e.end;
-        a.info.pages += pages;
-        sc.pages += pages;
-        return Ok(());
-    }
-    if sc.n_areas == sc.areas.len() {
+    // One area with the one before (the anonymous memory both become), or a new one.
+    let extend = info.kind == vma_kind::FILE_GONE && extends_gone(sc, e);
+    if !extend && sc.n_areas == sc.areas.len() {
         return Err(ScanError::NoMem);
     }
-    let ai = sc.n_areas as u32;
+    let ai = (sc.n_areas - extend as usize) as u32;
     let first_win = sc.n_wins;
     let guard_first = sc.n_guards;
     match want {
@@ -355,9 +345,16 @@ fn add_area(sc: &mut Scan, cx: &mut Ctx, maps: &Maps, objs: &mut Objects, e: &Ma
         Want::All => scan_all(sc, cx, e, ai)?,
         Want::Anon | Want::Cow => scan_present(sc, cx, e, ai, want, via_mem)?,
     }
-    info.pages = sc.wins[first_win..sc.n_wins].iter().map(|w| w.hdr.count as u64).sum();
+    let pages: u64 = sc.wins[first_win..sc.n_wins].iter().map(|w| w.hdr.count as u64).sum();
+    sc.pages += pages;
+    if extend {
+        let a = &mut sc.areas[ai as usize].info;
+        a.end = e.end;
+        a.pages += pages;
+        return Ok(());
+    }
+    info.pages = pages;
     info.n_guards = (sc.n_guards - guard_first) as u32;
-    sc.pages += info.pages;
     sc.areas[sc.n_areas] = Area {
         info,
         name_off: e.name_off,
@@ -388,13 +385,9 @@ fn extends_gone(sc: &Scan, e: &MapEntry) -> bool {
 }
 
 fn stat_path(name: &[u8]) -> Option<sys::Stat> {
-    let mut p = [0u8; 4097];
-    if name.len() >= p.len() {
-        return None;
-    }
-    p[..name.len()].copy_from_slice(name);
+    let mut buf = [0u8; maps::PATH_BUF];
     let mut st = sys::Stat::default();
-    sys::fstatat(sys::AT_FDCWD, &p[..name.len() + 1], &mut st, 0).ok()?;
+    sys::fstatat(sys::AT_FDCWD, maps::c_path(name, &mut buf)?, &mut st, 0).ok()?;
     Some(st)
 }
 

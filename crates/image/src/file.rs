@@ -458,13 +458,7 @@ impl<W: Write> Writer<W> {
         }
         let pad = (PAGE - (self.offset + RecordHeader::SIZE as u64 + head) % PAGE) % PAGE;
         let zeros = vec![0u8; pad as usize];
-        let h = record_sum(self.minor, kind::PAD, &zeros);
-        let rh = RecordHeader { kind: kind::PAD, flags: 0, stored_len: pad, raw_len: pad, reserved: 0 };
-        self.out.write_all(&enc(&rh))?;
-        self.out.write_all(&zeros)?;
-        self.index.push(IndexEntry { offset: self.offset, kind: kind::PAD, flags: 0, stored_len: pad, raw_len: pad, hash: h });
-        self.offset += RecordHeader::SIZE as u64 + pad;
-        Ok(())
+        self.put(kind::PAD, 0, pad, &zeros, record_sum(self.minor, kind::PAD, &zeros))
     }
 
     /// Appends a PAGES record whose pages (`raw`: pages header, then pages) were compressed
