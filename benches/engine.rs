@@ -16,6 +16,10 @@
 //! fills costs on this machine); the table gives checkpoint / dd and restore / cat for the
 //! 1 GiB rows.
 //!
+//! Then pages stored as their changes (the default) against `--whole-pages`, for the 1 MiB
+//! program and a Python interpreter: image size, checkpoint and restore, alternately
+//! (`cargo bench --bench engine -- changes` runs this alone).
+//!
 //! Last, the cost while running: a CPU-bound loop (`examples/factors.c`) plain and under
 //! the engine, alternately, and what stdio, malloc and mutexes cost in a single-threaded
 //! program (`tests/programs/locks.c`) plain and under `limitless launch`.
@@ -61,20 +65,26 @@ struct Run {
     compressed: (u64, u64),
 }
 
+/// Launches `prog args` under the engine and waits until it has printed something (it
+/// prints READY when its memory is filled).
+fn launch_ready(prog: &Path, args: &[std::ffi::OsString], opts: &Options) -> Supervisor {
+    let sup = Supervisor::launch(prog, args, opts).expect("launch");
+    assert!(sup.wait_ready(Duration::from_secs(30)), "agent did not start");
+    let t = Instant::now();
+    while sup.inner.out.bytes.load(Ordering::Relaxed) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(120), "program did not get ready");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sup
+}
+
 fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Compress) -> Run {
     let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
     let mut args = vec![mib.to_string().into(), kind.into()];
     if after == After::Resume {
         args.push("tick".into());
     }
-    let sup = Supervisor::launch(prog, &args, &opts).expect("launch");
-    assert!(sup.wait_ready(Duration::from_secs(30)), "agent did not start");
-    // The program prints READY when its memory is filled; wait for its output to flow.
-    let t = Instant::now();
-    while sup.inner.out.bytes.load(Ordering::Relaxed) == 0 {
-        assert!(t.elapsed() < Duration::from_secs(120), "program did not get ready");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let sup = launch_ready(prog, &args, &opts);
     let img = dir.join("bench.img");
     let stats = sup
         .inner
@@ -86,6 +96,7 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Co
             parent: None,
             compress,
             self_contained: false,
+            whole_pages: false,
         })
         .expect("checkpoint");
     let mut seen_ms = None;
@@ -192,6 +203,7 @@ fn incremental(dir: &Path, how: Delta) -> (u64, f64, u64, f64, f64, f64, u64) {
         parent,
         compress: Off,
         self_contained: false,
+        whole_pages: false,
     };
     let (a, sup) = if how == Delta::Restored {
         let a = sup.inner.checkpoint(&Request { after: After::Kill, ..req(&full, None) }).expect("full checkpoint");
@@ -383,6 +395,68 @@ fn compress_ab(prog: &Path, dir: &Path, n: usize) {
     );
 }
 
+/// One stop-and-restore cycle of `prog args` (which prints a line when ready, then waits):
+/// (image bytes, checkpoint ms, restore ms), with pages stored whole or as their changes.
+fn cycle(prog: &Path, args: &[std::ffi::OsString], dir: &Path, whole_pages: bool) -> (u64, f64, f64) {
+    let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
+    let sup = launch_ready(prog, args, &opts);
+    let img = dir.join("cycle.img");
+    let req = Request {
+        output: img.clone(),
+        after: After::Kill,
+        freeze_timeout: Duration::from_secs(10),
+        wait_idle: Duration::ZERO,
+        parent: None,
+        compress: Off,
+        self_contained: false,
+        whole_pages,
+    };
+    let stats = sup.inner.checkpoint(&req).expect("checkpoint");
+    assert_eq!(stats.diff_records == 0, whole_pages, "records stored as changes: {}", stats.diff_records);
+    sup.wait().expect("wait");
+    let (sup2, rs) = restore(&img, &opts).expect("restore");
+    sup2.inner.kill();
+    let _ = sup2.wait();
+    let _ = std::fs::remove_file(&img);
+    (stats.image_bytes, stats.total_ms, rs.total_ms)
+}
+
+/// Pages stored as their changes from the file mapped there or from zeros (the default)
+/// against `--whole-pages`, for the 1 MiB program and a Python interpreter that imported a
+/// few modules and built a dict: image size, checkpoint and restore, `n` alternating pairs.
+fn changes_ab(mem: &Path, dir: &Path, n: usize) {
+    let py = "import json, decimal, sqlite3, ssl, hashlib, signal\nd = {i: str(i) * 3 for i in range(20000)}\nprint('READY', flush=True)\nsignal.pause()";
+    let progs: [(&str, &Path, Vec<std::ffi::OsString>); 2] = [
+        ("1 MiB program", mem, vec!["1".into(), "random".into()]),
+        ("Python", Path::new("/usr/bin/python3"), vec!["-c".into(), py.into()]),
+    ];
+    for (name, prog, args) in progs {
+        let mut runs: [Vec<(u64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..n {
+            for (k, whole) in [false, true].into_iter().enumerate() {
+                runs[k].push(cycle(prog, &args, dir, whole));
+            }
+        }
+        let m = |k: usize| {
+            let r = &runs[k];
+            (
+                median(r.iter().map(|x| x.0 as f64).collect()),
+                median(r.iter().map(|x| x.1).collect()),
+                median(r.iter().map(|x| x.2).collect()),
+            )
+        };
+        let ((ci, cc, cr), (wi, wc, wr)) = (m(0), m(1));
+        println!(
+            "pages as changes A/B, {name}, {n} alternating pairs (medians): image {:.0} KiB vs {:.0} KiB whole ({:.3}x), checkpoint {cc:.1} vs {wc:.1} ms ({:.2}x), restore {cr:.1} vs {wr:.1} ms ({:.2}x)",
+            ci / 1024.0,
+            wi / 1024.0,
+            ci / wi,
+            cc / wc,
+            cr / wr
+        );
+    }
+}
+
 /// A row of the table: size in MiB, contents, what follows the checkpoint, compression,
 /// label.
 type RowSpec = (u64, &'static str, After, Compress, &'static str);
@@ -499,6 +573,12 @@ fn main() {
     };
     let dir = bench_dir(std::env::var_os("LIMITLESS_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir));
     let prog = build_mem(&dir);
+    // `cargo bench --bench engine -- changes`: that A/B alone.
+    if std::env::args().skip(1).any(|a| a == "changes") {
+        changes_ab(&prog, &dir, 7);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let memcpy = memcpy_ms();
     println!("memcpy of 1 GiB: {memcpy:.1} ms");
     let rows_spec = [
@@ -518,6 +598,7 @@ fn main() {
     let rows = table(&prog, &dir, &rows_spec, 3);
     against_dmtcp(&rows);
     compress_ab(&prog, &dir, 7);
+    changes_ab(&prog, &dir, 7);
     // Compression pays only where the disk is slower than the checkpoint's stream.
     match std::env::var_os("LIMITLESS_BENCH_SLOW_DIR") {
         Some(slow) => {

@@ -60,6 +60,7 @@ fn checkpoint_to_store(sup: &Supervisor, store: &S3Store, key: &str, parent: Opt
         parent: None,
         compress: Default::default(),
         self_contained: false,
+        whole_pages: false,
     };
     let t = Instant::now();
     let sink = store.image_sink(key, parent).expect("sink").expect("the S3 store streams");

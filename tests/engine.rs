@@ -682,3 +682,73 @@ fn restore_map_shares_the_image_pages_and_the_program_sees_anonymous_memory() {
         assert_eq!(lines(&out), lines(&want), "output differs from an uninterrupted run");
     });
 }
+
+/// Pages stored as their changes from the file mapped there or from zeros (the default)
+/// make the image smaller than `--whole-pages` does and restore exactly, with userfaultfd
+/// and without. A file such pages were stored against, changed since in its contents only
+/// (same size, same time, same ELF build-id), makes the restore fail before the program
+/// runs.
+#[test]
+fn pages_stored_as_changes_restore_exactly_and_a_changed_base_file_is_caught() {
+    let orig = program("ticker");
+    let wrap = program("nouffd");
+    let args = ["150"];
+    let want = reference(&orig, &args, "");
+    each_user("changes", |u, d| {
+        // A copy of the program, changed below.
+        let prog = d.join("ticker");
+        std::fs::copy(&orig, &prog).unwrap();
+        let records = |img: &std::path::Path| {
+            let o = command(u, limitless()).args(["inspect", "--json"]).arg(img).output().unwrap();
+            assert!(o.status.success(), "inspect failed: {}", String::from_utf8_lossy(&o.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            (v["memory"]["records"]["changes"].as_u64().unwrap(), std::fs::metadata(img).unwrap().len())
+        };
+        let (img, whole) = (d.join("image"), d.join("whole"));
+        let out1 = launch_and_stop(u, d, &prog, &args, "READY", &img, &[]);
+        launch_and_stop(u, d, &prog, &args, "READY", &whole, &["--whole-pages"]);
+        let ((changes, size), (whole_changes, whole_size)) = (records(&img), records(&whole));
+        eprintln!("image {size} bytes with {changes} page records stored as changes; {whole_size} bytes with --whole-pages");
+        assert!(changes > 0, "no page record was stored as changes");
+        assert_eq!(whole_changes, 0, "--whole-pages stored records as changes");
+        assert!(size + (16 << 10) < whole_size, "storing changes saved too little: {size} vs {whole_size} bytes");
+        for wrapper in [None, Some(wrap.as_path())] {
+            let (st, out2, err) = restore_via(u, wrapper, d, &img).finish();
+            assert_eq!(st.code(), Some(0), "restore failed (wrapper {wrapper:?}); stderr: {err}");
+            assert_eq!(lines(&(out1.clone() + &out2)), lines(&want), "output differs (wrapper {wrapper:?})");
+        }
+        // Flip every byte of the file pages the program's writable segment is mapped from,
+        // keeping the file's size and time (and its build-id, in the first page).
+        let mut bytes = std::fs::read(&prog).unwrap();
+        let (from, to) = writable_segment_pages(&bytes);
+        assert!(from >= 4096, "the writable segment starts in the first page");
+        bytes[from..to].iter_mut().for_each(|b| *b ^= 0xff);
+        let mtime = std::fs::metadata(&prog).unwrap().modified().unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&prog).unwrap();
+        std::io::Write::write_all(&mut &f, &bytes).unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+        let (st, out2, err) = restore(u, d, &img).finish();
+        assert_eq!(st.code(), Some(125), "a restore against a changed file did not fail; stdout: {out2}; stderr: {err}");
+        assert!(out2.is_empty(), "the program ran: {out2}");
+        assert!(err.contains("does not rebuild"), "{err}");
+    });
+}
+
+/// The file range of whole pages that the writable `PT_LOAD` segment of the ELF file
+/// `elf` is mapped from.
+fn writable_segment_pages(elf: &[u8]) -> (usize, usize) {
+    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
+    let (phoff, size, n) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
+    for i in 0..n {
+        let ph = phoff + i * size;
+        let (kind, flags) =
+            (u32::from_le_bytes(elf[ph..ph + 4].try_into().unwrap()), u32::from_le_bytes(elf[ph + 4..ph + 8].try_into().unwrap()));
+        if kind == 1 && flags & 2 != 0 {
+            let (off, filesz) = (u64_at(ph + 8), u64_at(ph + 32));
+            return (off & !4095, ((off + filesz + 4095) & !4095).min(elf.len()));
+        }
+    }
+    panic!("no writable PT_LOAD segment");
+}

@@ -572,6 +572,7 @@ fn request(output: PathBuf, after: limitless::engine::checkpoint::After) -> limi
         parent: None,
         compress: Default::default(),
         self_contained: false,
+        whole_pages: false,
     }
 }
 

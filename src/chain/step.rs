@@ -359,6 +359,7 @@ fn checkpoint(
         parent: None,
         compress: Default::default(),
         self_contained: false,
+        whole_pages: false,
     };
     let r = match sink {
         Some(sink) => sup.inner.checkpoint_to(&req, sink),

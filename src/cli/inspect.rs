@@ -69,6 +69,8 @@ struct Memory {
     mapped_bytes: u64,
     stored_bytes: u64,
     guard_bytes: u64,
+    /// How the page records are stored.
+    records: PageRecords,
     by_kind: BTreeMap<&'static str, KindRow>,
     /// Every area, in address order (with `--areas` only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -88,6 +90,50 @@ struct AreaRow {
     mapped_bytes: u64,
     stored_bytes: u64,
     guard_bytes: u64,
+}
+
+/// Page records by how they are stored, and the bytes they take in this file.
+#[derive(Serialize, Default)]
+struct PageRecords {
+    /// The pages as they are.
+    raw: usize,
+    /// zstd frames (`dump --compress`).
+    compressed: usize,
+    /// The words that differ from the file mapped there or from zeros.
+    changes: usize,
+    /// References to records of parent images (a delta image).
+    references: usize,
+    /// Bytes of the records in this file, headers included.
+    file_bytes: u64,
+}
+
+impl PageRecords {
+    fn of(img: &Image) -> PageRecords {
+        let mut r = PageRecords::default();
+        for p in &img.pages {
+            let e = &img.index[p.index];
+            *match e.flags {
+                rflags::ZSTD => &mut r.compressed,
+                rflags::DIFF => &mut r.changes,
+                rflags::REF => &mut r.references,
+                _ => &mut r.raw,
+            } += 1;
+            r.file_bytes += e.stored_len;
+        }
+        r
+    }
+
+    fn line(&self) -> String {
+        let parts = [
+            (self.raw, "raw"),
+            (self.compressed, "compressed"),
+            (self.changes, "as changes to their files or to zeros"),
+            (self.references, "in parent images"),
+        ];
+        let parts: Vec<String> = parts.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
+        let total = self.raw + self.compressed + self.changes + self.references;
+        format!("{total} page records: {}; {} in this file", parts.join(", "), bytes(self.file_bytes))
+    }
 }
 
 #[derive(Serialize, Default)]
@@ -220,6 +266,7 @@ fn report(path: &Path, img: &Image, verified: bool, areas: bool) -> Report {
             mapped_bytes: mapped,
             stored_bytes: stored,
             guard_bytes: guards,
+            records: PageRecords::of(img),
             by_kind,
             list: areas.then(|| img.vmas.iter().map(area_row).collect()),
         },
@@ -283,11 +330,12 @@ pub fn run(image: &Path, json: bool, verify: bool, areas: bool) -> Result<()> {
         println!("          {:>7} {:<6} {}{}", t.tid, t.role, t.name, if t.rseq { " (rseq)" } else { "" });
     }
     println!(
-        "memory    {} areas, {} mapped, {} stored in the image",
+        "memory    {} areas, {} mapped, {} of it in the image",
         r.memory.areas,
         bytes(r.memory.mapped_bytes),
         bytes(r.memory.stored_bytes)
     );
+    println!("          {}", r.memory.records.line());
     if r.memory.guard_bytes > 0 {
         println!("          guard pages over {}", bytes(r.memory.guard_bytes));
     }

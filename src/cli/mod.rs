@@ -386,10 +386,16 @@ struct DumpArgs {
     /// mapped from the files again, which must be the same (size, time, ELF build-id).
     #[arg(long)]
     self_contained: bool,
+    /// Store every changed page whole. By default a page that differs in few words from
+    /// the file mapped there, or from zeros (library data, stacks, a sparse heap), is
+    /// stored as those words, and a restore reads the rest from that file again. Also
+    /// LIMITLESS_DIFF=0 in the environment of launch/restore
+    #[arg(long)]
+    whole_pages: bool,
 }
 
 fn dump(socket: Option<PathBuf>, pid: Option<u32>, what: DumpArgs) -> i32 {
-    let DumpArgs { output, leave_running, freeze_timeout, wait_idle, parent, compress, self_contained } = what;
+    let DumpArgs { output, leave_running, freeze_timeout, wait_idle, parent, compress, self_contained, whole_pages } = what;
     let sock = match (socket, pid) {
         (Some(s), _) => s,
         (None, Some(p)) => api::default_socket(p),
@@ -410,6 +416,7 @@ fn dump(socket: Option<PathBuf>, pid: Option<u32>, what: DumpArgs) -> i32 {
         },
         compress: compress.unwrap_or_default(),
         self_contained,
+        whole_pages,
     };
     match api::request(&sock, &req) {
         Ok(r) if r.ok => {

@@ -41,6 +41,9 @@ pub enum ApiRequest {
         /// Store the program's and its libraries' file pages too.
         #[serde(default)]
         self_contained: bool,
+        /// Store every page whole, not as its changes.
+        #[serde(default)]
+        whole_pages: bool,
     },
     /// Report the program's pid and whether its agent is ready.
     Status,
@@ -149,7 +152,7 @@ fn serve(c: UnixStream, inner: &Inner) {
                 ..Default::default()
             }
         }
-        Ok(ApiRequest::Dump { output, leave_running, freeze_timeout_ms, wait_idle_ms, parent, compress, self_contained }) => {
+        Ok(ApiRequest::Dump { output, leave_running, freeze_timeout_ms, wait_idle_ms, parent, compress, self_contained, whole_pages }) => {
             let after = if leave_running { After::Resume } else { After::Kill };
             let req = Request {
                 output,
@@ -159,6 +162,7 @@ fn serve(c: UnixStream, inner: &Inner) {
                 parent,
                 compress,
                 self_contained,
+                whole_pages,
             };
             match inner.checkpoint(&req) {
                 Ok(s) => ApiReply { ok: true, stats: Some(s), pid: Some(inner.pid), ..Default::default() },

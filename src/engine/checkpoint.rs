@@ -70,6 +70,9 @@ pub struct Request {
     /// Store private file mappings (the program, its libraries) whole, so that a restore
     /// needs none of those files.
     pub self_contained: bool,
+    /// Store every page whole, never as its changes from the file mapped there or from
+    /// zeros ([`super::diff`]; also with `LIMITLESS_DIFF=0` in the environment).
+    pub whole_pages: bool,
 }
 
 /// What a checkpoint cost.
@@ -122,6 +125,9 @@ pub struct Stats {
     /// pays and a core is free).
     #[serde(default)]
     pub compressed_records: u64,
+    /// Page records stored as their changes from the files mapped there or from zeros.
+    #[serde(default)]
+    pub diff_records: u64,
     /// The program keeps running.
     pub left_running: bool,
     /// The program ran on while a copy-on-write snapshot wrote the image.
@@ -484,6 +490,7 @@ impl Inner {
         // to the agent's stream breaking off.
         let mut write_err: Option<String> = None;
         let mut exec_files = ExecFiles::default();
+        let mut differ = super::diff::Differ::new(!req.whole_pages);
         let streamed = read_stream_ahead(reader, squeeze.wants_sums(), |h, payload, sum| {
             records += 1;
             if h.kind == kind::PAGES && h.flags == rflags::REF {
@@ -500,7 +507,13 @@ impl Inner {
                 return r.map(|()| Some(payload)).inspect_err(|e| write_err = Some(e.to_string()));
             }
             if h.kind == kind::PAGES {
-                let r = boundary(&mut w).and_then(|()| squeeze.pages(&mut w, payload, sum)).and_then(|p| boundary(&mut w).map(|()| p));
+                let r = boundary(&mut w)
+                    .and_then(|()| match differ.encode(&payload) {
+                        // In order: the records queued for compression go first.
+                        Some(body) => squeeze.flush(&mut w).and_then(|()| w.diff_pages(&payload, &body)).map(|()| Some(payload)),
+                        None => squeeze.pages(&mut w, payload, sum),
+                    })
+                    .and_then(|p| boundary(&mut w).map(|()| p));
                 return r.inspect_err(|e| write_err = Some(e.to_string()));
             }
             squeeze.flush(&mut w).inspect_err(|e| write_err = Some(e.to_string()))?;
@@ -512,6 +525,7 @@ impl Inner {
             }
             if h.kind == kind::VMA {
                 exec_files.note(&payload);
+                differ.note(&payload);
             }
             if h.kind == kind::END {
                 if let Some(ids) = exec_files.record() {
@@ -528,7 +542,8 @@ impl Inner {
             w.plain(h.kind, &payload).map(|()| Some(payload)).inspect_err(|e| write_err = Some(e.to_string()))
         });
         stats.carried_bytes = carrier.bytes;
-        stats.page_records = squeeze.compressed + squeeze.raw;
+        stats.page_records = squeeze.compressed + squeeze.raw + differ.records;
+        stats.diff_records = differ.records;
         stats.compressed_records = squeeze.compressed;
         if let Err(e) = streamed {
             if let Some(why) = write_err {

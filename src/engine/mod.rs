@@ -5,6 +5,7 @@ pub mod api;
 pub mod carry;
 pub mod checkpoint;
 pub mod compress;
+pub mod diff;
 pub mod early;
 pub mod elf;
 pub mod embedded;

@@ -95,6 +95,8 @@ pub struct InPlace {
     /// The payload's XXH3-128 for the restorer to check, or `None` if the supervisor
     /// checks it.
     pub sum: Option<[u8; 16]>,
+    /// For a record stored as its changes ([`pcf::DIFF`]): its payload's length.
+    pub changes: Option<u64>,
 }
 
 /// Builds the plan. `vma_fd(i)` is the fd number at which the file of area `i` is open
@@ -129,20 +131,24 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
             }
         });
         let sum = at.and_then(|a| a.sum);
+        let changes = at.and_then(|a| a.changes);
         let map = fds.map
+            && changes.is_none()
             && sum.is_some()
             && at.is_some_and(|a| a.data_off % PAGE == 0)
             && runs[first_run..].iter().all(|(_, a)| a.is_some_and(|k| mappable(&img.vmas[k].info, fds.track)));
         checks.push(PlanCheck {
             // Where the payload starts in its file (0 in a ring slot).
             file_off: at.map_or(0, |a| a.data_off - PagesHeader::SIZE as u64),
-            len: PagesHeader::SIZE as u64 + p.header.count as u64 * PAGE,
+            len: changes.unwrap_or(PagesHeader::SIZE as u64 + p.header.count as u64 * PAGE),
             sum: sum.unwrap_or_default(),
             first_run: first_run as u64,
             n_runs: (runs.len() - first_run) as u32,
             fd,
             flags: if at.is_none() {
                 pcf::STAGED
+            } else if changes.is_some() {
+                pcf::VERIFY | pcf::DIFF
             } else if map {
                 pcf::VERIFY | pcf::MAP
             } else if sum.is_some() {
@@ -161,6 +167,9 @@ pub fn build(img: &Image, vma_fd: impl Fn(usize) -> i32, pages_fd: impl Fn(usize
         .map(|(mut r, a)| {
             if a.is_some_and(|k| copy[k]) {
                 r.flags |= prf::COPY;
+            }
+            if a.is_some_and(|k| img.vmas[k].info.kind == vma_kind::FILE_PRIVATE) {
+                r.flags |= prf::FILE;
             }
             r
         })

@@ -186,8 +186,13 @@ fn restore_image(
     let mut srcs: Vec<Option<InPlace>> = Vec::with_capacity(img.pages.len());
     for p in &img.pages {
         srcs.push(match img.pages_at(p).map_err(|e| anyhow!("{e}"))? {
-            PagesAt::Here(data_off, sum) => image_fd.map(|fd| InPlace { fd, data_off, sum }),
-            PagesAt::Parent(k, data_off, sum) => parent_fds.get(k).map(|&fd| InPlace { fd, data_off, sum }),
+            PagesAt::Here(data_off, sum) => image_fd.map(|fd| InPlace { fd, data_off, sum, changes: None }),
+            PagesAt::Parent(k, data_off, sum) => parent_fds.get(k).map(|&fd| InPlace { fd, data_off, sum, changes: None }),
+            PagesAt::Changes(k, data_off, len, sum) => match k {
+                None => image_fd,
+                Some(k) => parent_fds.get(k).copied(),
+            }
+            .map(|fd| InPlace { fd, data_off, sum: Some(sum), changes: Some(len) }),
             PagesAt::Packed => None,
         });
     }

@@ -207,15 +207,16 @@ impl ParentMap {
         Ok(m)
     }
 
-    /// Whether record `record` of image `img` (as in `by_header`) stores exactly `payload`,
-    /// read through `buf`. False where it cannot be read (a parent whose own parents are
-    /// not attached): the record is then stored again, which is never wrong.
-    fn stored_is(&self, (img, record, _): Held, payload: &[u8], buf: &mut Vec<u8>) -> io::Result<bool> {
+    /// Whether record `record` of image `img` (as in `by_header`) stores exactly `payload`
+    /// with record flags `flags`, read through `buf`. False where it cannot be read (a
+    /// parent whose own parents are not attached): the record is then stored again, which
+    /// is never wrong.
+    fn stored_is(&self, (img, record, _): Held, flags: u32, payload: &[u8], buf: &mut Vec<u8>) -> io::Result<bool> {
         let Some(p) = &self.parent else { return Ok(false) };
         let holder = if img as usize + 1 == self.images.len() { Some(&**p) } else { p.ancestors.get(img as usize) };
         let Some(h) = holder else { return Ok(false) };
         let Some(e) = usize::try_from(record).ok().and_then(|i| h.index.get(i)) else { return Ok(false) };
-        if e.flags != 0 || e.stored_len != payload.len() as u64 {
+        if e.flags != flags || e.stored_len != payload.len() as u64 {
             return Ok(false);
         }
         buf.resize(payload.len(), 0);
@@ -338,7 +339,7 @@ impl<W: Write> Writer<W> {
             // Same window, same checksum: the same bytes, if the parent's record says so byte
             // for byte (a checksum is no proof). `found` comes from the parent map.
             if let (Some(f), Some(m)) = (found, &self.parent) {
-                if m.stored_is(f, payload, &mut self.theirs)? {
+                if m.stored_is(f, flags, payload, &mut self.theirs)? {
                     return self.put_ref(head, f, raw_len);
                 }
             }
@@ -471,6 +472,16 @@ impl<W: Write> Writer<W> {
         self.record(kind::PAGES, rflags::ZSTD, raw.len() as u64, &stored)
     }
 
+    /// Appends a PAGES record (`raw`: pages header, then pages) stored as its changes
+    /// `body` ([`crate::diff`]): the header stays as it is.
+    pub fn diff_pages(&mut self, raw: &[u8], body: &[u8]) -> io::Result<()> {
+        if self.minor < DIFF_MINOR {
+            return Err(io::Error::other(format!("image format 1.{} cannot store pages as changes", self.minor)));
+        }
+        let h = raw.get(..PagesHeader::SIZE).ok_or_else(|| io::Error::other("a page record without its header"))?;
+        self.record(kind::PAGES, rflags::DIFF, raw.len() as u64, &[h, body].concat())
+    }
+
     /// Appends an uncompressed record.
     pub fn plain(&mut self, kind: u32, payload: &[u8]) -> io::Result<()> {
         self.record(kind, 0, payload.len() as u64, payload)
@@ -550,6 +561,21 @@ pub struct Vma {
     pub guards: Vec<GuardRange>,
 }
 
+impl Vma {
+    /// A `VMA` record's payload, if its lengths are right (its fields are checked with the
+    /// rest of the image).
+    pub fn decode(p: &[u8]) -> Option<Vma> {
+        let v = VmaInfo::decode(p)?;
+        let name_end = VmaInfo::SIZE + v.name_len as usize;
+        if v.name_len > limits::MAX_PATH || v.n_guards > limits::MAX_GUARDS || p.len() != name_end + v.n_guards as usize * GuardRange::SIZE
+        {
+            return None;
+        }
+        let guards = p[name_end..].chunks_exact(GuardRange::SIZE).filter_map(GuardRange::decode).collect();
+        Some(Vma { info: v, name: p[VmaInfo::SIZE..name_end].to_vec(), guards })
+    }
+}
+
 /// A file descriptor, its path, and its kind-specific state.
 #[derive(Clone, Debug)]
 pub struct Fd {
@@ -594,6 +620,11 @@ pub enum PagesAt {
     /// In attached parent image `.0` (as in [`Image::parents`]), at offset `.1`, with the
     /// checksum `.2` as for `Here`.
     Parent(usize, u64, Option<[u8; 16]>),
+    /// Stored as changes ([`crate::diff`], format 1.6): in this image's file (`.0` is
+    /// `None`) or in attached parent `.0`, the payload after the pages header at offset
+    /// `.1`, `.2` bytes of payload (pages header included), with the checksum `.3` of the
+    /// payload as stored, for a restorer that rebuilds the pages in place.
+    Changes(Option<usize>, u64, u64, [u8; 16]),
     /// Only through [`Image::check_pages`] (compressed, or in a stream).
     Packed,
 }
@@ -862,6 +893,9 @@ impl Image {
             Some(o) => Some(o.get_mut(..want).ok_or_else(|| corrupt(format!("page record {} holds more pages than asked for", p.index)))?),
             None => None,
         };
+        if e.flags & rflags::DIFF != 0 {
+            return self.rebuild(p, &buf[head..], out).map(|()| want as u64);
+        }
         if e.flags & rflags::ZSTD != 0 {
             // Compressed pages are checked by decompressing them, into room of their own if
             // the caller keeps none.
@@ -884,6 +918,52 @@ impl Image {
             }
         }
         Ok(want as u64)
+    }
+
+    /// Checks the changes `body` of page record `p` (stored as changes, [`crate::diff`]) and,
+    /// given `out`, rebuilds its pages there from their bases: the files the image's
+    /// private file mappings map (which must have the size and modification time the image
+    /// records) and zeros. Without `out` only the form is checked, so that an image can be
+    /// verified where its files are not.
+    fn rebuild(&self, p: &PageRecord, body: &[u8], out: Option<&mut [u8]>) -> Result<(), ImageError> {
+        let count = p.header.count as usize;
+        let file = crate::diff::parse(body, count).ok_or_else(|| corrupt(format!("page record {} has malformed changes", p.index)))?;
+        let Some(out) = out else { return Ok(()) };
+        let mut bases = crate::diff::Bases::default();
+        let mut k = 0;
+        let mut err = None;
+        p.header.runs(|start, len| {
+            for addr in (start..start + len).step_by(PAGE as usize) {
+                let page = &mut out[k * PAGE as usize..(k + 1) * PAGE as usize];
+                if err.is_none() {
+                    let want = crate::diff::file_based(&file, k);
+                    match bases.fill(&self.vmas, addr, want, page) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            err = Some(ImageError::Io(io::Error::other(format!(
+                                "page record {} is stored as changes to the file mapped at {addr:#x}, which is missing or not the file checkpointed (its size or time differs)",
+                                p.index
+                            ))))
+                        }
+                        Err(e) => err = Some(ImageError::Io(e)),
+                    }
+                }
+                k += 1;
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let Some(sum) = crate::diff::apply(body, count, out) else {
+            return Err(corrupt(format!("page record {} has malformed changes", p.index)));
+        };
+        if sum != crate::diff::sum(body) {
+            return Err(ImageError::Io(io::Error::other(format!(
+                "page record {} (stored as changes to files the program had mapped) does not rebuild to the pages it was made from: one of those files differs from the one checkpointed",
+                p.index
+            ))));
+        }
+        Ok(())
     }
 
     /// Checks that the pages header in record bytes `b` is the one the page map gave.
@@ -953,6 +1033,10 @@ impl Image {
             sum
         });
         Ok(match k {
+            _ if e.flags == rflags::DIFF => match sum {
+                Some(s) => PagesAt::Changes(k, e.offset + skip, e.stored_len, s),
+                None => PagesAt::Packed,
+            },
             _ if e.flags != 0 => PagesAt::Packed,
             Some(k) => PagesAt::Parent(k, e.offset + skip, sum),
             None => PagesAt::Here(e.offset + skip, sum),
@@ -1091,6 +1175,13 @@ impl Image {
             if e.flags & rflags::REF != 0 && (e.flags != rflags::REF || e.stored_len != (PagesHeader::SIZE + PageRef::SIZE) as u64) {
                 return Err(corrupt(format!("page reference {i} has the wrong flags or length")));
             }
+            if e.flags & rflags::DIFF != 0
+                && (e.flags != rflags::DIFF
+                    || self.header.minor < DIFF_MINOR
+                    || e.stored_len < (PagesHeader::SIZE + crate::diff::HEAD) as u64)
+            {
+                return Err(corrupt(format!("page record {i} (stored as changes) has the wrong flags or length")));
+            }
             let want = match e.kind {
                 kind::PROCESS => 0,
                 kind::THREAD => 1,
@@ -1180,18 +1271,7 @@ impl Image {
                 }
                 self.threads.push(ThreadInfo::decode(p).ok_or_else(bad_len)?);
             }
-            kind::VMA => {
-                let v = VmaInfo::decode(p).ok_or_else(bad_len)?;
-                let name_end = VmaInfo::SIZE + v.name_len as usize;
-                if v.name_len > limits::MAX_PATH
-                    || v.n_guards > limits::MAX_GUARDS
-                    || p.len() != name_end + v.n_guards as usize * GuardRange::SIZE
-                {
-                    return Err(bad_len());
-                }
-                let guards = p[name_end..].chunks_exact(GuardRange::SIZE).filter_map(GuardRange::decode).collect();
-                self.vmas.push(Vma { info: v, name: p[VmaInfo::SIZE..name_end].to_vec(), guards });
-            }
+            kind::VMA => self.vmas.push(Vma::decode(p).ok_or_else(bad_len)?),
             kind::FD => {
                 let f = FdInfo::decode(p).ok_or_else(bad_len)?;
                 if f.path_len > limits::MAX_PATH || p.len() as u64 != FdInfo::SIZE as u64 + f.path_len as u64 + f.extra_len as u64 {
@@ -1671,6 +1751,15 @@ pub fn rewrite_as(src: &Path, dst: &Path, minor: u16, mut f: impl FnMut(u32, &mu
     for i in 0..img.index.len() {
         let e = img.index[i];
         let mut payload = img.read_record(i)?;
+        if e.flags == rflags::DIFF && minor < DIFF_MINOR {
+            // Rebuilt from the files mapped, as an older version stored it.
+            let p = img.pages.iter().find(|p| p.index == i).ok_or_else(|| corrupt("a page record not in the page map"))?;
+            payload.truncate(PagesHeader::SIZE);
+            payload.extend_from_slice(&img.read_pages(p)?);
+            f(e.kind, &mut payload);
+            w.record(e.kind, 0, payload.len() as u64, &payload)?;
+            continue;
+        }
         f(e.kind, &mut payload);
         w.record(e.kind, e.flags, e.raw_len, &payload)?;
     }
@@ -1756,20 +1845,13 @@ mod tests {
         synthetic_n(minor, fill, 2, guards, parent, f)
     }
 
-    /// [`synthetic_as`] with `n` pages (2, or the first `n` of the area).
-    fn synthetic_n(
-        minor: u16,
-        fill: u8,
-        n: u32,
-        guards: &[GuardRange],
-        parent: Option<ParentMap>,
-        f: impl FnOnce(&mut Vec<u8>),
-    ) -> Vec<u8> {
+    /// The process and thread records of the synthetic images, with `vmas` areas.
+    fn synthetic_process(vmas: u32) -> (ProcessInfo, ThreadInfo) {
         let mut p = ProcessInfo::zeroed();
         p.pid = 42;
         p.page_size = PAGE as u32;
         p.thread_count = 1;
-        p.vma_count = 1;
+        p.vma_count = vmas;
         p.sig_ckpt = 61;
         p.ctl_fd = 1023;
         p.mm.start_code = 0x10000;
@@ -1784,6 +1866,19 @@ mod tests {
         t.role = role::MANAGER;
         t.ctx.rsp = 0x18000;
         t.ctx.rip = 0x10400;
+        (p, t)
+    }
+
+    /// [`synthetic_as`] with `n` pages (2, or the first `n` of the area).
+    fn synthetic_n(
+        minor: u16,
+        fill: u8,
+        n: u32,
+        guards: &[GuardRange],
+        parent: Option<ParentMap>,
+        f: impl FnOnce(&mut Vec<u8>),
+    ) -> Vec<u8> {
+        let (p, t) = synthetic_process(1);
         let v = VmaInfo {
             start: 0x10000,
             end: 0x20000,
@@ -1817,6 +1912,89 @@ mod tests {
         w.plain(kind::END, &enc_all(&end, &[])).unwrap();
         f(&mut w.pagemap);
         w.finish().unwrap().0
+    }
+
+    /// A record stored as changes to a private file mapping's pages rebuilds them from the
+    /// file; with the file changed in its contents only, rebuilding fails (verifying the
+    /// image, which reads no base file, still passes), and so does a malformed record.
+    #[test]
+    fn pages_stored_as_changes_rebuild_from_their_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("limitless-diff-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("lib.so");
+        let contents: Vec<u8> = (0..4 * PAGE as usize).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&base, &contents).unwrap();
+        let m = std::fs::metadata(&base).unwrap();
+        let image = |body_fix: &dyn Fn(&mut Vec<u8>)| {
+            let (p, t) = synthetic_process(2);
+            let anon = VmaInfo { start: 0x10000, end: 0x20000, prot: 7, kind: vma_kind::ANON, pages: 1, ..VmaInfo::zeroed() };
+            let name = base.as_os_str().as_bytes();
+            let file = VmaInfo {
+                start: 0x20000,
+                end: 0x24000,
+                prot: 3,
+                kind: vma_kind::FILE_PRIVATE,
+                name_len: name.len() as u32,
+                ino: m.ino(),
+                dev: m.dev(),
+                file_size: m.size(),
+                mtime_sec: m.mtime(),
+                mtime_nsec: m.mtime_nsec() as u32,
+                pages: 2,
+                ..VmaInfo::zeroed()
+            };
+            // Page 0 of the anonymous area (zeros but a word), pages 0 and 3 of the file's:
+            // a record each (a record lies in one area).
+            let mut anon_h = PagesHeader { start: 0x10000, npages: 1, count: 1, ..PagesHeader::zeroed() };
+            anon_h.set(0);
+            let mut anon_page = vec![0u8; PAGE as usize];
+            anon_page[8] = 1;
+            let mut anon_body = Vec::new();
+            assert!(crate::diff::encode(&anon_page, &[0; PAGE as usize], [0; 4], usize::MAX, &mut anon_body));
+            let mut ph = PagesHeader { start: 0x20000, npages: 4, count: 2, ..PagesHeader::zeroed() };
+            ph.set(0);
+            ph.set(3);
+            let mut pages = [&contents[..PAGE as usize], &contents[3 * PAGE as usize..]].concat();
+            let bases = pages.clone();
+            pages[100] ^= 0x55;
+            pages[2 * PAGE as usize - 1] ^= 0x55;
+            let mut body = Vec::new();
+            assert!(crate::diff::encode(&pages, &bases, [0b11, 0, 0, 0], usize::MAX, &mut body));
+            assert!(crate::diff::worth(body.len(), 2), "{} bytes of changes", body.len());
+            body_fix(&mut body);
+            let end = EndInfo { pages: 3, ..EndInfo::zeroed() };
+            let mut w = Writer::new(Vec::new(), 1).unwrap();
+            w.plain(kind::PROCESS, &enc_all(&p, &[])).unwrap();
+            w.plain(kind::THREAD, &enc_all(&t, &[])).unwrap();
+            w.plain(kind::VMA, &enc_all(&anon, &[])).unwrap();
+            w.plain(kind::VMA, &enc_all(&file, name)).unwrap();
+            w.diff_pages(&enc_all(&anon_h, &anon_page), &anon_body).unwrap();
+            w.diff_pages(&enc_all(&ph, &pages), &body).unwrap();
+            w.plain(kind::END, &enc_all(&end, &[])).unwrap();
+            (w.finish().unwrap().0, anon_page, pages)
+        };
+        let (b, anon_page, pages) = image(&|_| {});
+        let img = open_bytes(&b).unwrap();
+        assert!(img.pages.iter().all(|p| img.index[p.index].flags == rflags::DIFF));
+        assert!(img.read_pages(&img.pages[0]).unwrap() == anon_page, "the anonymous page did not rebuild");
+        assert!(img.read_pages(&img.pages[1]).unwrap() == pages, "the file's pages did not rebuild");
+        // A byte too many: malformed, caught by verifying alone.
+        let (bad, ..) = image(&|b| b.push(0));
+        assert!(matches!(open_bytes(&bad), Err(ImageError::Corrupt(_))), "a malformed record verified");
+        // The file changed in its last page, same size and time.
+        let mut changed = contents.clone();
+        changed[3 * PAGE as usize + 7] ^= 1;
+        std::fs::write(&base, &changed).unwrap();
+        std::fs::File::options().write(true).open(&base).unwrap().set_modified(m.modified().unwrap()).unwrap();
+        let img = open_bytes(&b).unwrap();
+        let e = img.read_pages(&img.pages[1]).unwrap_err().to_string();
+        assert!(e.contains("does not rebuild"), "{e}");
+        // Another time: the file is no base at all.
+        std::fs::File::options().write(true).open(&base).unwrap().set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+        let e = img.read_pages(&img.pages[1]).unwrap_err().to_string();
+        assert!(e.contains("not the file checkpointed"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn open_bytes(b: &[u8]) -> Result<Image, ImageError> {
@@ -2017,7 +2195,7 @@ mod tests {
         assert_eq!(img.check_pages_head(&p).unwrap(), want);
         let sum = |i: &Image, p: &PageRecord| match i.pages_at(p).unwrap() {
             PagesAt::Here(_, s) | PagesAt::Parent(_, _, s) => s,
-            PagesAt::Packed => panic!("a raw record"),
+            PagesAt::Packed | PagesAt::Changes(..) => panic!("a raw record"),
         };
         assert_eq!(sum(&img, &p).map(|s| s.to_vec()), Some(e.hash[..16].to_vec()));
         // Through a delta's reference, the parent's record is the one checked.

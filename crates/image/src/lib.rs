@@ -13,6 +13,7 @@ pub mod wire;
 
 pub mod cpu;
 pub mod ctl;
+pub mod diff;
 pub mod format;
 pub mod plan;
 pub mod xxh;

@@ -128,6 +128,8 @@ pub mod pvf {
 pub mod prf {
     /// The run's area has [`pvf::COPY`](super::pvf::COPY).
     pub const COPY: u32 = 1;
+    /// The run's area is a private mapping of a file ([`pk::FILE_PRIVATE`]).
+    pub const FILE: u32 = 2;
 }
 
 wire! {
@@ -172,6 +174,10 @@ pub mod pcf {
     /// run from the file copy-on-write instead of copying it; if a mapping fails it copies
     /// the record instead.
     pub const MAP: u32 = 4;
+    /// With [`VERIFY`]: the record is stored as its changes ([`crate::diff`]); `len` is its
+    /// payload's length. The restorer applies them to each page in place (the file the
+    /// run's area maps, [`prf::FILE`], or zeros) and checks the rebuilt pages' sum.
+    pub const DIFF: u32 = 8;
 }
 
 wire! {

@@ -31,6 +31,7 @@
 
 use super::{entry, report, Stage1};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use limitless_image::diff;
 use limitless_image::format::{PagesHeader, PAGE, WINDOW_PAGES};
 use limitless_image::plan::{pcf, pk, prf, pvf, PlanCheck, PlanHeader, PlanRun, PlanVma, RING_SLOT_LEN, TOKEN_END};
 use limitless_sys as sys;
@@ -235,6 +236,8 @@ fn take_checks(w: &Work) {
         Ok(b) => b,
         Err(e) => report::fail_errno("cannot get a buffer for the page data", e),
     };
+    // Where the pages of a record stored as changes are rebuilt before `UFFDIO_COPY`.
+    let mut scratch = 0usize;
     loop {
         let k = w.next.fetch_add(1, Ordering::Relaxed);
         if k >= w.h.n_checks {
@@ -246,6 +249,19 @@ fn take_checks(w: &Work) {
         }
         check_shape(w, &c);
         read_checked(w, &c, buf);
+        if c.flags & pcf::DIFF != 0 {
+            if scratch == 0 {
+                // SAFETY: as for `buf`.
+                scratch = match unsafe {
+                    sys::mmap(0, BUF_LEN, sys::PROT_READ | sys::PROT_WRITE, sys::MAP_PRIVATE | sys::MAP_ANONYMOUS, -1, 0)
+                } {
+                    Ok(b) => b,
+                    Err(e) => report::fail_errno("cannot get a buffer for the page data", e),
+                };
+            }
+            place_changes(w, &c, buf, scratch);
+            continue;
+        }
         match if c.flags & pcf::MAP != 0 { map_runs(w, &c) } else { Mapped::No } {
             Mapped::Yes => {
                 w.mapped.fetch_add(1, Ordering::Relaxed);
@@ -256,6 +272,10 @@ fn take_checks(w: &Work) {
     }
     // SAFETY: unmaps exactly the buffer mapped above, which nothing refers to any more.
     let _ = unsafe { sys::munmap(buf, BUF_LEN) };
+    if scratch != 0 {
+        // SAFETY: as for `buf`.
+        let _ = unsafe { sys::munmap(scratch, BUF_LEN) };
+    }
 }
 
 /// Fails unless check `c`'s payload fits a window and its runs are in the plan.
@@ -361,6 +381,74 @@ fn read_checked(w: &Work, c: &PlanCheck, buf: usize) {
             let first: PlanRun = entry(w.s, w.h.runs_off, c.first_run);
             report::fail_at("image is corrupt: page data fails its checksum (damaged, or changed while it was read), for", first.start);
         }
+    }
+}
+
+/// Rebuilds the pages of check `c` ([`pcf::DIFF`]), whose payload [`read_checked`] has
+/// read into `buf` and checked, in place: each page's base is what its area holds (the
+/// file a [`prf::FILE`] run's area maps, zeros in fresh anonymous memory) and its changed
+/// words are written over it; in a userfaultfd-registered area the run is rebuilt in
+/// `scratch` (`BUF_LEN` bytes of this thread's) and copied in. Fails unless the rebuilt
+/// pages have the sum the record gives: the file may not be the one checkpointed.
+fn place_changes(w: &Work, c: &PlanCheck, buf: usize, scratch: usize) {
+    let head = PagesHeader::SIZE;
+    let inconsistent = || -> ! { report::fail("the restore plan is inconsistent (a page record stored as changes)") };
+    // SAFETY: `read_checked` read `c.len` bytes (at least a pages header, at most a window's
+    // worth: `check_shape`) at one page minus the header into `buf`.
+    let payload = unsafe { core::slice::from_raw_parts((buf + PAGE as usize - head) as *const u8, c.len as usize) };
+    let h = PagesHeader::decode(payload).unwrap_or_else(|| inconsistent());
+    let count = h.count as usize;
+    let body = &payload[head..];
+    let Some(file) = diff::parse(body, count) else {
+        let first: PlanRun = entry(w.s, w.h.runs_off, c.first_run);
+        report::fail_at("image is corrupt: page data stored as changes is malformed, for", first.start);
+    };
+    let mut sums = diff::Sums::default();
+    let (mut k, mut at) = (0usize, diff::HEAD);
+    for j in c.first_run..c.first_run + c.n_runs as u64 {
+        let r: PlanRun = entry(w.s, w.h.runs_off, j);
+        let pages = (r.len / PAGE) as usize;
+        if r.fd != c.fd || !r.len.is_multiple_of(PAGE) || k + pages > count {
+            inconsistent();
+        }
+        let copy = w.uffd >= 0 && r.flags & prf::COPY != 0;
+        if !copy {
+            // SAFETY: as in `place_runs`.
+            let _ = unsafe { sys::madvise(r.start as usize, r.len as usize, sys::MADV_POPULATE_WRITE) };
+        }
+        for i in 0..pages {
+            let based = diff::file_based(&file, k + i);
+            if based && r.flags & prf::FILE == 0 {
+                inconsistent();
+            }
+            let dst = if copy { scratch + i * PAGE as usize } else { (r.start + i as u64 * PAGE) as usize };
+            // SAFETY: `dst` is a page of this thread's scratch buffer (`pages` is at most a
+            // window: `k + pages <= count <= 256`), or a page of the run, which lies inside
+            // an area this restorer mapped writable and no other thread writes (as in
+            // `place_runs`).
+            let page = unsafe { core::slice::from_raw_parts_mut(dst as *mut u8, PAGE as usize) };
+            if copy || !based && r.flags & prf::FILE != 0 {
+                // Zeros: a scratch page, or a page of a file mapping whose base is zeros.
+                page.fill(0);
+            }
+            if !diff::apply_page(body, &mut at, page) || !sums.add(page) {
+                inconsistent();
+            }
+        }
+        if copy {
+            uffd_copy(w.uffd, r.start, scratch as u64, r.len);
+        }
+        k += pages;
+    }
+    if k != count || at != body.len() {
+        inconsistent();
+    }
+    if sums.finish() != diff::sum(body) {
+        let first: PlanRun = entry(w.s, w.h.runs_off, c.first_run);
+        report::fail_at(
+            "page data stored as changes to a file the program had mapped does not rebuild: the file differs from the one checkpointed, for",
+            first.start,
+        );
     }
 }
 

@@ -1,0 +1,94 @@
+//! Page records stored as their changes ([`limitless_image::diff`]), chosen as the image
+//! is written.
+//!
+//! The pages a program writes in its libraries' data and relocations, and much of its heap
+//! and stacks, differ from their starting point (the file, or zeros) in a few words each.
+//! For a Python program that imported a few modules, the image shrank from 8.9 to 6.0 MiB
+//! so (docs/benchmarks.md). A record is tried only if its first page differs from its base
+//! in at most half its words, so random or text-like memory costs one page's look; it is
+//! stored so only if that takes at most 7/8 of its pages ([`diff::worth`]).
+//!
+//! Such records restore through the supervisor, which reads the base files again (the
+//! restore maps them anyway) and checks the rebuilt pages' XXH3-128. `LIMITLESS_DIFF=0` in
+//! the environment of launch/restore stores every record as it is.
+
+use limitless_image::diff::{self, Bases};
+use limitless_image::file::Vma;
+use limitless_image::format::{PagesHeader, PAGE};
+
+/// Decides, record by record, whether to store pages as their changes.
+pub struct Differ {
+    on: bool,
+    /// The program's areas, from the image's `VMA` records, in address order.
+    vmas: Vec<Vma>,
+    /// Whether `vmas` was found in address order (checked at the first page record).
+    ordered: bool,
+    bases: Bases,
+    /// The bases of a record's pages.
+    base: Vec<u8>,
+    /// Page records stored as changes.
+    pub records: u64,
+}
+
+impl Differ {
+    /// A differ, on if `on` and `LIMITLESS_DIFF=0` is not in the environment.
+    pub fn new(on: bool) -> Differ {
+        let on = on && std::env::var("LIMITLESS_DIFF").as_deref() != Ok("0");
+        Differ { on, vmas: Vec::new(), ordered: false, bases: Bases::default(), base: Vec::new(), records: 0 }
+    }
+
+    /// Notes the area of a `VMA` record's payload.
+    pub fn note(&mut self, payload: &[u8]) {
+        if let Some(v) = Vma::decode(payload) {
+            self.vmas.push(v);
+        }
+    }
+
+    /// The body of the page record `payload` (pages header, then pages) stored as its
+    /// changes, if that is worth it.
+    pub fn encode(&mut self, payload: &[u8]) -> Option<Vec<u8>> {
+        if !self.on {
+            return None;
+        }
+        let h = PagesHeader::decode(payload)?;
+        let pages = payload.get(PagesHeader::SIZE..)?;
+        let count = h.count as usize;
+        if count == 0 || pages.len() != count * PAGE as usize {
+            return None;
+        }
+        if !self.ordered {
+            // Not in address order, the bases could not be found (never so from the agent).
+            self.on = self.vmas.windows(2).all(|w| w[0].info.end <= w[1].info.start);
+            self.ordered = true;
+            if !self.on {
+                return None;
+            }
+        }
+        let mut addrs = Vec::with_capacity(count);
+        h.runs(|start, len| addrs.extend((start..start + len).step_by(PAGE as usize)));
+        if addrs.len() != count {
+            return None;
+        }
+        self.base.resize(pages.len(), 0);
+        let mut file = [0u64; 4];
+        for (k, (&addr, base)) in addrs.iter().zip(self.base.chunks_exact_mut(PAGE as usize)).enumerate() {
+            // A file that cannot be read serves as no base: zeros instead.
+            if !self.bases.fill(&self.vmas, addr, true, base).unwrap_or(false) {
+                base.fill(0);
+            } else {
+                file[k / 64] |= 1 << (k % 64);
+            }
+            // One look at the first page: most of it changed, the rest likely too.
+            if k == 0 && diff::changed_words(&pages[..PAGE as usize], base) > diff::WORDS / 2 {
+                return None;
+            }
+        }
+        let limit = count * PAGE as usize / 8 * 7;
+        let mut body = Vec::with_capacity(limit / 4);
+        if !diff::encode(pages, &self.base, file, limit, &mut body) || !diff::worth(body.len(), count) {
+            return None;
+        }
+        self.records += 1;
+        Some(body)
+    }
+}
