@@ -509,8 +509,8 @@ impl Inner {
             if h.kind == kind::PAGES {
                 let r = boundary(&mut w)
                     .and_then(|()| match differ.encode(&payload) {
-                        // In order: the records queued for compression go first.
-                        Some(body) => squeeze.flush(&mut w).and_then(|()| w.diff_pages(&payload, &body)).map(|()| Some(payload)),
+                        // In order, after the records queued for compression.
+                        Some(body) => squeeze.changes(&mut w, payload, body),
                         None => squeeze.pages(&mut w, payload, sum),
                     })
                     .and_then(|p| boundary(&mut w).map(|()| p));

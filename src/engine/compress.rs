@@ -73,6 +73,8 @@ enum Slot {
     Working(u64),
     /// Compressed (`Some`) or found not worth it (`None`).
     Done(Vec<u8>, Option<Vec<u8>>),
+    /// Stored as its changes ([`super::diff`]): the record and the changes.
+    Changes(Vec<u8>, Vec<u8>),
 }
 
 /// A finished job: sequence number, the record, its compressed pages if they are smaller.
@@ -223,6 +225,22 @@ impl Compressor {
         Ok(None)
     }
 
+    /// Writes the PAGES record `payload` stored as its changes `body`
+    /// ([`Writer::diff_pages`]), after the records queued before it. Returns `payload` if
+    /// it was written at once, for reuse.
+    pub fn changes<W: Write>(&mut self, w: &mut Writer<W>, payload: Vec<u8>, body: Vec<u8>) -> io::Result<Option<Vec<u8>>> {
+        self.collect(w, false)?;
+        if self.queue.is_empty() {
+            w.diff_pages(&payload, &body)?;
+            return Ok(Some(payload));
+        }
+        self.queue.push_back(Slot::Changes(payload, body));
+        while self.queue.len() > HELD {
+            self.collect(w, true)?;
+        }
+        Ok(None)
+    }
+
     /// Writes every queued record, waiting for the workers.
     pub fn flush<W: Write>(&mut self, w: &mut Writer<W>) -> io::Result<()> {
         while !self.queue.is_empty() {
@@ -259,6 +277,7 @@ impl Compressor {
                     self.compressed += 1;
                     w.compressed_pages(&r, &z)?;
                 }
+                Some(Slot::Changes(r, body)) => w.diff_pages(&r, &body)?,
                 _ => {}
             }
         }
@@ -269,6 +288,7 @@ impl Compressor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use limitless_image::diff;
     use limitless_image::format::{rflags, FileHeader, RecordHeader};
     use limitless_image::wire::Wire;
 
@@ -309,8 +329,8 @@ mod tests {
         assert_eq!(c.compressed, 80, "every text-like record is compressed while the disk is behind");
     }
 
-    /// Writes 120 records (two in three text-like, the others random) through `c`, checks
-    /// what comes out and returns `c`.
+    /// Writes 120 records (two in three text-like, the others random, one in three of
+    /// those stored as changes) through `c`, checks what comes out and returns `c`.
     fn in_order_and_whole(mut c: Compressor) -> Compressor {
         let mut out = Vec::new();
         let mut rng = 0x9e3779b97f4a7c15u64;
@@ -330,11 +350,19 @@ mod tests {
                     }
                 });
                 want.push((text, rec.clone()));
-                c.pages(&mut w, rec, None).unwrap();
+                if r % 9 == 0 {
+                    // Changes from zeros: every word (larger than the record, which the
+                    // writer does not judge).
+                    let mut body = Vec::new();
+                    assert!(diff::encode(&rec[PagesHeader::SIZE..], &vec![0; 64 * 4096], [0; 4], usize::MAX, &mut body));
+                    c.changes(&mut w, rec, body).unwrap();
+                } else {
+                    c.pages(&mut w, rec, None).unwrap();
+                }
             }
             c.flush(&mut w).unwrap();
         }
-        assert_eq!(c.compressed + c.raw, 120);
+        assert_eq!(c.compressed + c.raw, 120 - 14);
         let mut at = FileHeader::SIZE;
         for (i, (text, rec)) in want.iter().enumerate() {
             let mut h = RecordHeader::get(&out[at..]);
@@ -352,7 +380,13 @@ mod tests {
             at += h.stored_len as usize;
             assert_eq!(h.kind, kind::PAGES, "record {i}");
             assert_eq!(h.raw_len, rec.len() as u64, "record {i}");
-            if h.flags & rflags::ZSTD != 0 {
+            assert_eq!(h.flags == rflags::DIFF, i % 9 == 0, "record {i}: flags {}", h.flags);
+            if h.flags == rflags::DIFF {
+                assert_eq!(stored[..PagesHeader::SIZE], rec[..PagesHeader::SIZE]);
+                let mut pages = vec![0; 64 * 4096];
+                assert!(diff::apply(&stored[PagesHeader::SIZE..], 64, &mut pages).is_some());
+                assert!(pages == rec[PagesHeader::SIZE..], "record {i} rebuilds to other pages");
+            } else if h.flags & rflags::ZSTD != 0 {
                 assert!(text, "random record {i} was compressed");
                 assert_eq!(stored[..PagesHeader::SIZE], rec[..PagesHeader::SIZE]);
                 let pages = zstd::bulk::decompress(&stored[PagesHeader::SIZE..], rec.len()).unwrap();

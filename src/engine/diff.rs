@@ -34,7 +34,7 @@ impl Differ {
     /// A differ, on if `on` and `LIMITLESS_DIFF=0` is not in the environment.
     pub fn new(on: bool) -> Differ {
         let on = on && std::env::var("LIMITLESS_DIFF").as_deref() != Ok("0");
-        Differ { on, vmas: Vec::new(), ordered: false, bases: Bases::default(), base: Vec::new(), records: 0 }
+        Differ { on, vmas: Vec::new(), ordered: false, bases: Bases::same_inodes(), base: Vec::new(), records: 0 }
     }
 
     /// Notes the area of a `VMA` record's payload.

@@ -193,14 +193,23 @@ pub fn encode(pages: &[u8], bases: &[u8], file: [u64; 4], limit: usize, out: &mu
 pub struct Bases {
     /// Files by name; `None` if it cannot be opened.
     files: Vec<(Vec<u8>, Option<BaseFile>)>,
+    /// Whether a file must also have the inode its area records (where the image is made:
+    /// elsewhere the inode numbers differ).
+    inodes: bool,
 }
 
-/// An open base file, with its size and modification time (seconds, nanoseconds).
+/// An open base file, with its size, modification time (seconds, nanoseconds) and inode.
 #[cfg(feature = "std")]
-type BaseFile = (std::fs::File, u64, i64, i64);
+type BaseFile = (std::fs::File, u64, i64, i64, u64);
 
 #[cfg(feature = "std")]
 impl Bases {
+    /// Bases whose files must also have the inode their areas record: for the writer, so
+    /// that a file replaced at its path since the program mapped it serves as no base.
+    pub fn same_inodes() -> Bases {
+        Bases { inodes: true, ..Bases::default() }
+    }
+
     /// Fills `page` with the base of the page at `addr`: zeros unless `file`; with `file`,
     /// the bytes the private file mapping among `vmas` (in address order) that holds
     /// `addr` maps there (zeros past the file's end). Returns false, with `file`, where
@@ -238,14 +247,15 @@ impl Bases {
                 let path = std::path::Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&v.name));
                 let f = std::fs::File::open(path).ok().and_then(|f| {
                     let m = f.metadata().ok().filter(|m| m.is_file())?;
-                    Some((f, m.size(), m.mtime(), m.mtime_nsec()))
+                    Some((f, m.size(), m.mtime(), m.mtime_nsec(), m.ino()))
                 });
                 self.files.push((v.name.clone(), f));
                 self.files.len() - 1
             }
         };
-        let (f, size, sec, nsec) = self.files[i].1.as_ref()?;
-        (*size == v.info.file_size && *sec == v.info.mtime_sec && *nsec == i64::from(v.info.mtime_nsec)).then_some(f)
+        let (f, size, sec, nsec, ino) = self.files[i].1.as_ref()?;
+        let same = *size == v.info.file_size && *sec == v.info.mtime_sec && *nsec == i64::from(v.info.mtime_nsec);
+        (same && (!self.inodes || *ino == v.info.ino)).then_some(f)
     }
 }
 
@@ -290,6 +300,46 @@ mod tests {
         bad[HEAD] = 0xff;
         assert_eq!(parse(&bad, 3), None);
         assert_eq!(apply(&bad, 3, &mut bases.clone()), None);
+    }
+
+    /// A file serves as a base only with the size, time (and for the writer, inode) its
+    /// area records, and only within the file.
+    #[test]
+    fn a_base_file_must_be_the_one_mapped() {
+        use crate::file::Vma;
+        use crate::format::{vma_kind, VmaInfo};
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::MetadataExt;
+        let path = std::env::temp_dir().join(format!("limitless-bases-test-{}", std::process::id()));
+        let contents = pages(2, |i| (i % 251) as u8);
+        std::fs::write(&path, &contents).unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        let info = VmaInfo {
+            start: 0x10000,
+            end: 0x13000,
+            kind: vma_kind::FILE_PRIVATE,
+            file_size: m.size(),
+            mtime_sec: m.mtime(),
+            mtime_nsec: m.mtime_nsec() as u32,
+            ino: m.ino(),
+            ..VmaInfo::zeroed()
+        };
+        let area = |info: VmaInfo| vec![Vma { info, name: path.as_os_str().as_bytes().to_vec(), guards: Vec::new() }];
+        let mut page = vec![1u8; PAGE as usize];
+        assert!(Bases::same_inodes().fill(&area(info), 0x11000, true, &mut page).unwrap());
+        assert!(page == contents[PAGE as usize..], "not the file's second page");
+        // Without `file`: zeros.
+        assert!(Bases::same_inodes().fill(&area(info), 0x11000, false, &mut page).unwrap());
+        assert!(page.iter().all(|&b| b == 0));
+        // Past the file's end, outside the area, or another inode, size or time: no base.
+        assert!(!Bases::default().fill(&area(info), 0x12000, true, &mut page).unwrap());
+        assert!(!Bases::default().fill(&area(info), 0x13000, true, &mut page).unwrap());
+        let other = VmaInfo { ino: m.ino() + 1, ..info };
+        assert!(!Bases::same_inodes().fill(&area(other), 0x10000, true, &mut page).unwrap());
+        assert!(Bases::default().fill(&area(other), 0x10000, true, &mut page).unwrap(), "the inode counts only where the image is made");
+        assert!(!Bases::default().fill(&area(VmaInfo { file_size: m.size() + 1, ..info }), 0x10000, true, &mut page).unwrap());
+        assert!(!Bases::default().fill(&area(VmaInfo { mtime_nsec: info.mtime_nsec ^ 1, ..info }), 0x10000, true, &mut page).unwrap());
+        std::fs::remove_file(&path).unwrap();
     }
 
     /// Encoding stops once past its limit.
