@@ -18,7 +18,8 @@
 //!
 //! Then pages stored as their changes (the default) against `--whole-pages`, for the 1 MiB
 //! program and a Python interpreter: image size, checkpoint and restore, alternately
-//! (`cargo bench --bench engine -- changes` runs this alone).
+//! (`cargo bench --bench engine -- changes` runs this alone; `-- compress` runs the
+//! compression A/B alone).
 //!
 //! Last, the cost while running: a CPU-bound loop (`examples/factors.c`) plain and under
 //! the engine, alternately, and what stdio, malloc and mutexes cost in a single-threaded
@@ -373,16 +374,24 @@ fn locking(dir: &Path, n: usize) -> Vec<(String, f64, f64)> {
 }
 
 /// `--compress` against raw, 1 GiB of text-like memory stopped, `n` alternating pairs (a
-/// closer look at "never slower than raw" than three rounds give on a noisy machine).
+/// closer look at "never slower than raw" than three rounds give on a noisy machine;
+/// `cargo bench --bench engine -- compress` runs it alone, in the image directory).
 fn compress_ab(prog: &Path, dir: &Path, n: usize) {
     let (mut raw, mut idle, mut compressed) = (Vec::new(), Vec::new(), 0);
-    for _ in 0..n {
-        settle();
-        raw.push(one(prog, dir, 1024, "text", After::Kill, Off).checkpoint_ms);
-        settle();
-        let r = one(prog, dir, 1024, "text", After::Kill, Idle);
-        compressed += r.compressed.0;
-        idle.push(r.checkpoint_ms);
+    for i in 0..n {
+        // Each side goes first in every other pair, so that what the run before leaves
+        // (a deleted 1 GiB image, dirty pages) weighs on both alike.
+        let order = if i % 2 == 0 { [Off, Idle] } else { [Idle, Off] };
+        for mode in order {
+            settle();
+            let r = one(prog, dir, 1024, "text", After::Kill, mode);
+            if mode == Off {
+                raw.push(r.checkpoint_ms);
+            } else {
+                compressed += r.compressed.0;
+                idle.push(r.checkpoint_ms);
+            }
+        }
     }
     let span = |v: &[f64]| format!("{:.0}-{:.0}", v.iter().cloned().fold(f64::MAX, f64::min), v.iter().cloned().fold(0.0, f64::max));
     let (r, i) = (median(raw.clone()), median(idle.clone()));
@@ -573,9 +582,14 @@ fn main() {
     };
     let dir = bench_dir(std::env::var_os("LIMITLESS_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir));
     let prog = build_mem(&dir);
-    // `cargo bench --bench engine -- changes`: that A/B alone.
-    if std::env::args().skip(1).any(|a| a == "changes") {
-        changes_ab(&prog, &dir, 7);
+    // `cargo bench --bench engine -- changes` (or `compress`): that A/B alone.
+    let alone = std::env::args().skip(1).find(|a| a == "changes" || a == "compress");
+    if let Some(ab) = alone {
+        if ab == "changes" {
+            changes_ab(&prog, &dir, 7);
+        } else {
+            compress_ab(&prog, &dir, 7);
+        }
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
