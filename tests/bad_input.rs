@@ -396,3 +396,49 @@ fn fuzz_image_reader_with_random_mutations() {
         .unwrap();
     eprintln!("fuzz: {} mutated images, all refused without a panic", ran.into_inner());
 }
+
+/// A page record stored as changes, re-sealed with valid checksums but with a word map
+/// that does not match its words, is refused by `inspect` and by the restore; one whose
+/// form is right but one changed word is wrong verifies (`inspect` reads no base file)
+/// but fails the restore's check of the rebuilt pages. Each in one line, before the
+/// program runs.
+#[test]
+fn page_records_stored_as_changes_that_are_malformed_or_wrong_are_refused() {
+    use limitless_image::diff;
+    use limitless_image::format::{kind, PagesHeader};
+    let d = workdir("bad-changes", User::Root);
+    let img = base_image();
+    let parsed = Image::open(&img).unwrap();
+    let target = parsed.pages.iter().position(|p| parsed.index[p.index].flags == rflags::DIFF).expect("no record stored as changes");
+    let edit = |name: &str, f: &dyn Fn(&mut Vec<u8>)| -> PathBuf {
+        let out = d.join(name);
+        let mut n = 0;
+        rewrite_as(&img, &out, limitless_image::format::FORMAT_MINOR, |k, payload| {
+            if k == kind::PAGES {
+                if n == target {
+                    f(payload);
+                }
+                n += 1;
+            }
+        })
+        .unwrap();
+        out
+    };
+    let first_map = PagesHeader::SIZE + diff::HEAD;
+    // One bit of the first page's word map flipped: the words no longer add up.
+    let malformed = edit("malformed.img", &|p| p[first_map] ^= 1);
+    assert!(inspect_fails(&malformed).contains("malformed changes"));
+    // The first changed word of the first page flipped, the form kept.
+    let words = |p: &[u8]| p[first_map..first_map + diff::MAP].iter().map(|b| b.count_ones()).sum::<u32>();
+    let wrong = edit("wrong.img", &|p| {
+        assert!(words(p) > 0, "the first page has no changed word");
+        p[first_map + diff::MAP] ^= 0x80;
+    });
+    let o = inspect(&[], &wrong);
+    assert!(o.status.success(), "inspect of a well-formed record failed: {}", String::from_utf8_lossy(&o.stderr));
+    for u in users() {
+        let d = workdir("bad-changes-restore", u);
+        restore_must_fail(u, &d, &malformed, "malformed");
+        restore_must_fail(u, &d, &wrong, "does not rebuild");
+    }
+}

@@ -1175,10 +1175,13 @@ impl Image {
             if e.flags & rflags::REF != 0 && (e.flags != rflags::REF || e.stored_len != (PagesHeader::SIZE + PageRef::SIZE) as u64) {
                 return Err(corrupt(format!("page reference {i} has the wrong flags or length")));
             }
+            // Stored as changes only where that is smaller (so a restorer's buffer for the
+            // record's pages holds it too).
             if e.flags & rflags::DIFF != 0
                 && (e.flags != rflags::DIFF
                     || self.header.minor < DIFF_MINOR
-                    || e.stored_len < (PagesHeader::SIZE + crate::diff::HEAD) as u64)
+                    || e.stored_len < (PagesHeader::SIZE + crate::diff::HEAD) as u64
+                    || e.stored_len > e.raw_len)
             {
                 return Err(corrupt(format!("page record {i} (stored as changes) has the wrong flags or length")));
             }
@@ -1982,6 +1985,10 @@ mod tests {
         // A byte too many: malformed, caught by verifying alone.
         let (bad, ..) = image(&|b| b.push(0));
         assert!(matches!(open_bytes(&bad), Err(ImageError::Corrupt(_))), "a malformed record verified");
+        // Changes longer than the pages: refused when the image is opened.
+        let (bad, ..) = image(&|b| b.resize(3 * PAGE as usize, 0));
+        let e = open_bytes(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("stored as changes) has the wrong flags or length"), "{e}");
         // The file changed in its last page, same size and time.
         let mut changed = contents.clone();
         changed[3 * PAGE as usize + 7] ^= 1;
