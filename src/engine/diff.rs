@@ -3,14 +3,17 @@
 //!
 //! The pages a program writes in its libraries' data and relocations, and much of its heap
 //! and stacks, differ from their starting point (the file, or zeros) in a few words each.
-//! For a Python program that imported a few modules, the image shrank from 8.9 to 6.0 MiB
-//! so (docs/benchmarks.md). A record is tried only if its first page differs from its base
-//! in at most half its words, so random or text-like memory costs one page's look; it is
-//! stored so only if that takes at most 7/8 of its pages ([`diff::worth`]).
+//! For a Python interpreter that imported a few modules and built a dict, the image shrank
+//! from 8.9 to 7.1-7.4 MiB so (docs/benchmarks.md). A record is tried only if its first
+//! page differs from its base in at most half its words, so random or text-like memory
+//! costs one page's look; it is stored so only if that takes at most 7/8 of its pages
+//! ([`diff::max_len`]).
 //!
-//! Such records restore through the supervisor, which reads the base files again (the
-//! restore maps them anyway) and checks the rebuilt pages' XXH3-128. `LIMITLESS_DIFF=0` in
-//! the environment of launch/restore stores every record as it is.
+//! The restorer rebuilds such records in place (the file is mapped there again, fresh
+//! anonymous memory is zeros) and checks the rebuilt pages' sum; records the supervisor
+//! stages (an object store's) it rebuilds itself, reading the base files.
+//! `dump --whole-pages`, or `LIMITLESS_DIFF=0` in the environment of launch/restore,
+//! stores every record whole.
 
 use limitless_image::diff::{self, Bases};
 use limitless_image::file::Vma;
@@ -64,8 +67,7 @@ impl Differ {
                 return None;
             }
         }
-        let mut addrs = Vec::with_capacity(count);
-        h.runs(|start, len| addrs.extend((start..start + len).step_by(PAGE as usize)));
+        let addrs = diff::page_addrs(&h);
         if addrs.len() != count {
             return None;
         }
@@ -83,9 +85,8 @@ impl Differ {
                 return None;
             }
         }
-        let limit = count * PAGE as usize / 8 * 7;
-        let mut body = Vec::with_capacity(limit / 4);
-        if !diff::encode(pages, &self.base, file, limit, &mut body) || !diff::worth(body.len(), count) {
+        let mut body = Vec::with_capacity(diff::max_len(count) / 4);
+        if !diff::encode(pages, &self.base, file, diff::max_len(count), &mut body) {
             return None;
         }
         self.records += 1;

@@ -16,7 +16,7 @@
 //! - per page, in order: an 8 × `u64` map of its 512 words (bit `w` set: word `w` differs
 //!   from the base), then those words in order.
 //!
-//! A record is stored so only where that is smaller ([`worth`]). Decoding checks every
+//! A record is stored so only where that is smaller ([`max_len`]). Decoding checks every
 //! length against the payload and never reads past it.
 
 use crate::format::PAGE;
@@ -28,11 +28,11 @@ pub const MAP: usize = 64;
 /// Words in a page.
 pub const WORDS: usize = PAGE as usize / 8;
 
-/// Whether a record whose changes take `stored` bytes (after the pages header) is worth
-/// storing so instead of its `count` pages: at most 7/8 of their size, so that small gains
-/// do not cost the slower restore of a record the supervisor must rebuild.
-pub fn worth(stored: usize, count: usize) -> bool {
-    stored <= count * PAGE as usize / 8 * 7
+/// The most bytes the changes of `count` pages (after the pages header) may take for the
+/// record to be stored so instead of whole: 7/8 of the pages, so that a small saving does
+/// not cost rebuilding the pages at every restore.
+pub fn max_len(count: usize) -> usize {
+    count * PAGE as usize / 8 * 7
 }
 
 fn word(b: &[u8], w: usize) -> u64 {
@@ -46,8 +46,8 @@ pub fn changed_words(page: &[u8], base: &[u8]) -> usize {
     page.chunks_exact(8).zip(base.chunks_exact(8)).filter(|(v, b)| v != b).count()
 }
 
-/// The file-base bits and the length of the page maps of a payload's changes (`body`: the
-/// payload after the pages header), if it is well formed for `count` pages.
+/// The file-base bits of a payload's changes (`body`: the payload after the pages header),
+/// if it is well formed for `count` pages: every page's map and words, and nothing after.
 pub fn parse(body: &[u8], count: usize) -> Option<[u64; 4]> {
     let head = body.get(..HEAD)?;
     let mut file = [0u64; 4];
@@ -150,19 +150,18 @@ pub fn apply(body: &[u8], count: usize, out: &mut [u8]) -> Option<u128> {
     (at == body.len()).then(|| sums.finish())
 }
 
-/// Encodes `pages` (`count` pages) as their changes from `bases` (as long), with `file`
-/// the file-base bits, appending the body to `out`: the caller compares its length with
-/// [`worth`]. Stops early, returning false, once the body would pass `limit` bytes.
+/// Encodes `pages` (at most 256) as their changes from `bases` (as long), with `file` the
+/// file-base bits, appending the body to `out`. Stops early, returning false, once the
+/// body would pass `limit` bytes ([`max_len`] for a record to be stored so): the pages'
+/// sum is computed only for a body that is kept.
 #[cfg(feature = "std")]
 pub fn encode(pages: &[u8], bases: &[u8], file: [u64; 4], limit: usize, out: &mut Vec<u8>) -> bool {
     let start = out.len();
-    let mut sums = Sums::default();
-    for page in pages.chunks_exact(PAGE as usize) {
-        if !sums.add(page) {
-            return false;
-        }
+    if pages.len() > 256 * PAGE as usize {
+        return false;
     }
-    out.extend_from_slice(&sums.finish().to_le_bytes());
+    // The sum goes first; it is filled in at the end.
+    out.extend_from_slice(&[0; 16]);
     for f in file {
         out.extend_from_slice(&f.to_le_bytes());
     }
@@ -183,7 +182,20 @@ pub fn encode(pages: &[u8], bases: &[u8], file: [u64; 4], limit: usize, out: &mu
             return false;
         }
     }
+    let mut sums = Sums::default();
+    for page in pages.chunks_exact(PAGE as usize) {
+        sums.add(page);
+    }
+    out[start..start + 16].copy_from_slice(&sums.finish().to_le_bytes());
     true
+}
+
+/// The address of each page of the record with header `h`, in the record's order.
+#[cfg(feature = "std")]
+pub fn page_addrs(h: &crate::format::PagesHeader) -> Vec<u64> {
+    let mut addrs = Vec::with_capacity(h.count as usize);
+    h.runs(|start, len| addrs.extend((start..start + len).step_by(PAGE as usize)));
+    addrs
 }
 
 /// The bases of pages, read from the files of an image's private file mappings (each file
@@ -286,7 +298,7 @@ mod tests {
         assert!(out == want, "the pages did not come back");
         // Page 0 changed one word, page 2 none.
         assert_eq!(body.len(), HEAD + 3 * MAP + 8 + changed_words(&want[4096..8192], &[0; 4096]) * 8);
-        assert!(!worth(body.len(), 3) || body.len() <= 3 * 4096 * 7 / 8);
+        assert!(body.len() <= max_len(3), "{} bytes of changes", body.len());
         // Cut short, one byte more, a base bit past the pages: refused.
         assert_eq!(parse(&body[..body.len() - 1], 3), None);
         let mut longer = body.clone();

@@ -930,29 +930,13 @@ impl Image {
         let file = crate::diff::parse(body, count).ok_or_else(|| corrupt(format!("page record {} has malformed changes", p.index)))?;
         let Some(out) = out else { return Ok(()) };
         let mut bases = crate::diff::Bases::default();
-        let mut k = 0;
-        let mut err = None;
-        p.header.runs(|start, len| {
-            for addr in (start..start + len).step_by(PAGE as usize) {
-                let page = &mut out[k * PAGE as usize..(k + 1) * PAGE as usize];
-                if err.is_none() {
-                    let want = crate::diff::file_based(&file, k);
-                    match bases.fill(&self.vmas, addr, want, page) {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            err = Some(ImageError::Io(io::Error::other(format!(
-                                "page record {} is stored as changes to the file mapped at {addr:#x}, which is missing or not the file checkpointed (its size or time differs)",
-                                p.index
-                            ))))
-                        }
-                        Err(e) => err = Some(ImageError::Io(e)),
-                    }
-                }
-                k += 1;
+        for ((k, addr), page) in crate::diff::page_addrs(&p.header).into_iter().enumerate().zip(out.chunks_exact_mut(PAGE as usize)) {
+            if !bases.fill(&self.vmas, addr, crate::diff::file_based(&file, k), page)? {
+                return Err(ImageError::Io(io::Error::other(format!(
+                    "page record {} is stored as changes to the file mapped at {addr:#x}, which is missing or not the file checkpointed (its size or time differs)",
+                    p.index
+                ))));
             }
-        });
-        if let Some(e) = err {
-            return Err(e);
         }
         let Some(sum) = crate::diff::apply(body, count, out) else {
             return Err(corrupt(format!("page record {} has malformed changes", p.index)));
@@ -1964,7 +1948,7 @@ mod tests {
             pages[2 * PAGE as usize - 1] ^= 0x55;
             let mut body = Vec::new();
             assert!(crate::diff::encode(&pages, &bases, [0b11, 0, 0, 0], usize::MAX, &mut body));
-            assert!(crate::diff::worth(body.len(), 2), "{} bytes of changes", body.len());
+            assert!(body.len() <= crate::diff::max_len(2), "{} bytes of changes", body.len());
             body_fix(&mut body);
             let end = EndInfo { pages: 3, ..EndInfo::zeroed() };
             let mut w = Writer::new(Vec::new(), 1).unwrap();

@@ -229,13 +229,7 @@ fn take_checks(w: &Work) {
     if w.next.load(Ordering::Relaxed) >= w.h.n_checks {
         return;
     }
-    // SAFETY: a new private anonymous buffer at an address the kernel picks (a free one: it
-    // cannot replace any of the program's areas); only this thread uses it, and unmaps it
-    // at the end.
-    let buf = match unsafe { sys::mmap(0, BUF_LEN, sys::PROT_READ | sys::PROT_WRITE, sys::MAP_PRIVATE | sys::MAP_ANONYMOUS, -1, 0) } {
-        Ok(b) => b,
-        Err(e) => report::fail_errno("cannot get a buffer for the page data", e),
-    };
+    let buf = thread_buffer();
     // Where the pages of a record stored as changes are rebuilt before `UFFDIO_COPY`.
     let mut scratch = 0usize;
     loop {
@@ -251,13 +245,7 @@ fn take_checks(w: &Work) {
         read_checked(w, &c, buf);
         if c.flags & pcf::DIFF != 0 {
             if scratch == 0 {
-                // SAFETY: as for `buf`.
-                scratch = match unsafe {
-                    sys::mmap(0, BUF_LEN, sys::PROT_READ | sys::PROT_WRITE, sys::MAP_PRIVATE | sys::MAP_ANONYMOUS, -1, 0)
-                } {
-                    Ok(b) => b,
-                    Err(e) => report::fail_errno("cannot get a buffer for the page data", e),
-                };
+                scratch = thread_buffer();
             }
             place_changes(w, &c, buf, scratch);
             continue;
@@ -270,11 +258,19 @@ fn take_checks(w: &Work) {
             Mapped::Replaced => place_runs(w, &c, buf, false),
         }
     }
-    // SAFETY: unmaps exactly the buffer mapped above, which nothing refers to any more.
-    let _ = unsafe { sys::munmap(buf, BUF_LEN) };
-    if scratch != 0 {
-        // SAFETY: as for `buf`.
-        let _ = unsafe { sys::munmap(scratch, BUF_LEN) };
+    for b in [buf, scratch].into_iter().filter(|&b| b != 0) {
+        // SAFETY: unmaps exactly a buffer mapped above, which nothing refers to any more.
+        let _ = unsafe { sys::munmap(b, BUF_LEN) };
+    }
+}
+
+/// A new buffer of [`BUF_LEN`] bytes for the calling thread alone, which unmaps it.
+fn thread_buffer() -> usize {
+    // SAFETY: a new private anonymous mapping at an address the kernel picks (a free one:
+    // it cannot replace any of the program's areas).
+    match unsafe { sys::mmap(0, BUF_LEN, sys::PROT_READ | sys::PROT_WRITE, sys::MAP_PRIVATE | sys::MAP_ANONYMOUS, -1, 0) } {
+        Ok(b) => b,
+        Err(e) => report::fail_errno("cannot get a buffer for the page data", e),
     }
 }
 
