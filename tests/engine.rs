@@ -685,9 +685,9 @@ fn restore_map_shares_the_image_pages_and_the_program_sees_anonymous_memory() {
 
 /// Pages stored as their changes from the file mapped there or from zeros (the default)
 /// make the image smaller than `--whole-pages` does and restore exactly, with userfaultfd
-/// and without. A file such pages were stored against, changed since in its contents only
-/// (same size, same time, same ELF build-id), makes the restore fail before the program
-/// runs.
+/// and without; so do they compressed (`--compress=all`, which the supervisor rebuilds).
+/// A file such pages were stored against, changed since in its contents only (same size,
+/// same time, same ELF build-id), makes either restore fail before the program runs.
 #[test]
 fn pages_stored_as_changes_restore_exactly_and_a_changed_base_file_is_caught() {
     let orig = program("ticker");
@@ -702,20 +702,30 @@ fn pages_stored_as_changes_restore_exactly_and_a_changed_base_file_is_caught() {
             let o = command(u, limitless()).args(["inspect", "--json"]).arg(img).output().unwrap();
             assert!(o.status.success(), "inspect failed: {}", String::from_utf8_lossy(&o.stderr));
             let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            (v["memory"]["records"]["changes"].as_u64().unwrap(), std::fs::metadata(img).unwrap().len())
+            let n = |k: &str| v["memory"]["records"][k].as_u64().unwrap();
+            (n("changes") + n("compressed_changes"), n("compressed_changes"), std::fs::metadata(img).unwrap().len())
         };
-        let (img, whole) = (d.join("image"), d.join("whole"));
+        let (img, whole, packed) = (d.join("image"), d.join("whole"), d.join("packed"));
         let out1 = launch_and_stop(u, d, &prog, &args, "READY", &img, &[]);
         launch_and_stop(u, d, &prog, &args, "READY", &whole, &["--whole-pages"]);
-        let ((changes, size), (whole_changes, whole_size)) = (records(&img), records(&whole));
-        eprintln!("image {size} bytes with {changes} page records stored as changes; {whole_size} bytes with --whole-pages");
+        let packed_out1 = launch_and_stop(u, d, &prog, &args, "READY", &packed, &["--compress=all"]);
+        let ((changes, _, size), (whole_changes, _, whole_size)) = (records(&img), records(&whole));
+        let (_, packed_changes, packed_size) = records(&packed);
+        eprintln!(
+            "image {size} bytes with {changes} page records stored as changes; {whole_size} bytes with --whole-pages; \
+             {packed_size} bytes with {packed_changes} compressed with --compress=all"
+        );
         assert!(changes > 0, "no page record was stored as changes");
         assert_eq!(whole_changes, 0, "--whole-pages stored records as changes");
         assert!(size + (16 << 10) < whole_size, "storing changes saved too little: {size} vs {whole_size} bytes");
-        for wrapper in [None, Some(wrap.as_path())] {
-            let (st, out2, err) = restore_via(u, wrapper, d, &img).finish();
-            assert_eq!(st.code(), Some(0), "restore failed (wrapper {wrapper:?}); stderr: {err}");
-            assert_eq!(lines(&(out1.clone() + &out2)), lines(&want), "output differs (wrapper {wrapper:?})");
+        assert!(packed_changes > 0, "--compress=all compressed no record of changes");
+        assert!(packed_size < size, "compressed changes took more room: {packed_size} vs {size} bytes");
+        for (img, out1) in [(&img, &out1), (&packed, &packed_out1)] {
+            for wrapper in [None, Some(wrap.as_path())] {
+                let (st, out2, err) = restore_via(u, wrapper, d, img).finish();
+                assert_eq!(st.code(), Some(0), "restore of {img:?} failed (wrapper {wrapper:?}); stderr: {err}");
+                assert_eq!(lines(&(out1.clone() + &out2)), lines(&want), "output of {img:?} differs (wrapper {wrapper:?})");
+            }
         }
         // Flip every byte of the file pages the program's writable segment is mapped from,
         // keeping the file's size and time (and its build-id, in the first page).
@@ -728,10 +738,12 @@ fn pages_stored_as_changes_restore_exactly_and_a_changed_base_file_is_caught() {
         std::io::Write::write_all(&mut &f, &bytes).unwrap();
         f.set_modified(mtime).unwrap();
         drop(f);
-        let (st, out2, err) = restore(u, d, &img).finish();
-        assert_eq!(st.code(), Some(125), "a restore against a changed file did not fail; stdout: {out2}; stderr: {err}");
-        assert!(out2.is_empty(), "the program ran: {out2}");
-        assert!(err.contains("does not rebuild"), "{err}");
+        for img in [&img, &packed] {
+            let (st, out2, err) = restore(u, d, img).finish();
+            assert_eq!(st.code(), Some(125), "a restore of {img:?} against a changed file did not fail; stdout: {out2}; stderr: {err}");
+            assert!(out2.is_empty(), "the program ran: {out2}");
+            assert!(err.contains("does not rebuild"), "{err}");
+        }
     });
 }
 

@@ -101,6 +101,8 @@ struct PageRecords {
     compressed: usize,
     /// The words that differ from the file mapped there or from zeros.
     changes: usize,
+    /// Those words, compressed (`dump --compress`).
+    compressed_changes: usize,
     /// References to records of parent images (a delta image).
     references: usize,
     /// Bytes of the records in this file, headers included.
@@ -115,6 +117,7 @@ impl PageRecords {
             *match e.flags {
                 rflags::ZSTD => &mut r.compressed,
                 rflags::DIFF => &mut r.changes,
+                f if f == rflags::DIFF | rflags::ZSTD => &mut r.compressed_changes,
                 rflags::REF => &mut r.references,
                 _ => &mut r.raw,
             } += 1;
@@ -128,10 +131,11 @@ impl PageRecords {
             (self.raw, "raw"),
             (self.compressed, "compressed"),
             (self.changes, "as changes to their files or to zeros"),
+            (self.compressed_changes, "as compressed changes"),
             (self.references, "in parent images"),
         ];
         let parts: Vec<String> = parts.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
-        let total = self.raw + self.compressed + self.changes + self.references;
+        let total = self.raw + self.compressed + self.changes + self.compressed_changes + self.references;
         format!("{total} page records: {}; {} in this file", parts.join(", "), bytes(self.file_bytes))
     }
 }

@@ -542,9 +542,9 @@ impl Inner {
             w.plain(h.kind, &payload).map(|()| Some(payload)).inspect_err(|e| write_err = Some(e.to_string()))
         });
         stats.carried_bytes = carrier.bytes;
-        stats.page_records = squeeze.compressed + squeeze.raw + differ.records;
-        stats.diff_records = differ.records;
-        stats.compressed_records = squeeze.compressed;
+        stats.diff_records = squeeze.changes + squeeze.compressed_changes;
+        stats.page_records = squeeze.compressed + squeeze.raw + stats.diff_records;
+        stats.compressed_records = squeeze.compressed + squeeze.compressed_changes;
         if let Err(e) = streamed {
             if let Some(why) = write_err {
                 return Err(WriteFailed(why).into());

@@ -65,16 +65,15 @@ impl Compress {
 /// Records held in memory behind one that is being compressed before the writer waits.
 const HELD: usize = 32;
 
-/// A page record on its way out.
+/// A page record on its way out: its pages, or (`changes`) its changes ([`super::diff`]),
+/// each after its pages header.
 enum Slot {
     /// Stored as it is.
-    Raw(Vec<u8>),
+    Raw(Vec<u8>, bool),
     /// With a worker; its result carries this sequence number.
-    Working(u64),
+    Working(u64, bool),
     /// Compressed (`Some`) or found not worth it (`None`).
-    Done(Vec<u8>, Option<Vec<u8>>),
-    /// Stored as its changes ([`super::diff`]): the record and the changes.
-    Changes(Vec<u8>, Vec<u8>),
+    Done(Vec<u8>, Option<Vec<u8>>, bool),
 }
 
 /// A finished job: sequence number, the record, its compressed pages if they are smaller.
@@ -150,13 +149,29 @@ pub struct Compressor {
     pub compressed: u64,
     /// Page records written raw.
     pub raw: u64,
+    /// Page records written as their changes, raw.
+    pub changes: u64,
+    /// Page records written as their changes, compressed.
+    pub compressed_changes: u64,
 }
 
 impl Compressor {
     /// A compressor; `Compress::Off` writes every record as it comes.
     pub fn new(mode: Compress) -> Compressor {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
-        Compressor { mode, workers, pool: None, behind: None, queue: VecDeque::new(), next_seq: 0, busy: 0, compressed: 0, raw: 0 }
+        Compressor {
+            mode,
+            workers,
+            pool: None,
+            behind: None,
+            queue: VecDeque::new(),
+            next_seq: 0,
+            busy: 0,
+            compressed: 0,
+            raw: 0,
+            changes: 0,
+            compressed_changes: 0,
+        }
     }
 
     /// Whether a page record's [`page_sum`](limitless_image::format::page_sum) is worth
@@ -176,16 +191,21 @@ impl Compressor {
     /// if given, is its [`page_sum`](limitless_image::format::page_sum), for a record
     /// written raw at once. Returns `payload` if it was written at once, for reuse.
     pub fn pages<W: Write>(&mut self, w: &mut Writer<W>, payload: Vec<u8>, sum: Option<[u8; 32]>) -> io::Result<Option<Vec<u8>>> {
-        let raw_now = |w: &mut Writer<W>, payload: Vec<u8>| {
-            match sum {
-                Some(s) => w.plain_pages(&payload, s),
-                None => w.plain(kind::PAGES, &payload),
-            }
-            .map(|()| Some(payload))
-        };
+        self.put(w, payload, sum, false)
+    }
+
+    /// Writes the PAGES record `payload` stored as its changes `record` (its pages header,
+    /// then the changes, [`Writer::diff_pages`]), or queues that; the changes are
+    /// compressed as pages would be. Returns `payload`, for reuse.
+    pub fn changes<W: Write>(&mut self, w: &mut Writer<W>, payload: Vec<u8>, record: Vec<u8>) -> io::Result<Option<Vec<u8>>> {
+        self.put(w, record, None, true).map(|_| Some(payload))
+    }
+
+    /// Writes `rec` (pages, or `changes`), compressed or not, or queues it; returns it if
+    /// it was written at once.
+    fn put<W: Write>(&mut self, w: &mut Writer<W>, rec: Vec<u8>, sum: Option<[u8; 32]>, changes: bool) -> io::Result<Option<Vec<u8>>> {
         if self.mode == Compress::Off {
-            self.raw += 1;
-            return raw_now(w, payload);
+            return self.write(w, rec, None, sum, changes);
         }
         self.collect(w, false)?;
         // While the disk is behind, compressing costs no time: wait for a worker as `All`
@@ -193,29 +213,27 @@ impl Compressor {
         // known to keep up, which also saves the trial.
         let behind = self.behind.as_ref().map(|b| b.load(Ordering::Relaxed));
         let wait = self.mode == Compress::All || behind == Some(true);
-        let worth =
-            (wait || (self.busy < self.workers && behind.is_none())) && payload.get(PagesHeader::SIZE..).is_some_and(sample_compresses);
+        let worth = (wait || (self.busy < self.workers && behind.is_none())) && rec.get(PagesHeader::SIZE..).is_some_and(sample_compresses);
         while worth && wait && self.busy >= self.workers {
             self.collect(w, true)?;
         }
         if !worth {
             if self.queue.is_empty() {
-                self.raw += 1;
-                return raw_now(w, payload);
+                return self.write(w, rec, None, sum, changes);
             }
-            self.queue.push_back(Slot::Raw(payload));
+            self.queue.push_back(Slot::Raw(rec, changes));
         } else {
             let (workers, idle) = (self.workers, self.mode == Compress::Idle);
             let pool = self.pool.get_or_insert_with(|| Pool::start(workers, idle));
             let seq = self.next_seq;
             self.next_seq += 1;
-            match pool.jobs.as_ref().map(|j| j.send((seq, payload))) {
+            match pool.jobs.as_ref().map(|j| j.send((seq, rec))) {
                 Some(Ok(())) => {
                     self.busy += 1;
-                    self.queue.push_back(Slot::Working(seq));
+                    self.queue.push_back(Slot::Working(seq, changes));
                 }
                 // The workers are gone (cannot happen while the pool lives): store raw.
-                Some(Err(e)) => self.queue.push_back(Slot::Raw(e.0 .1)),
+                Some(Err(e)) => self.queue.push_back(Slot::Raw(e.0 .1, changes)),
                 None => return Err(io::Error::other("the compression workers are closed")),
             }
         }
@@ -225,20 +243,25 @@ impl Compressor {
         Ok(None)
     }
 
-    /// Writes the PAGES record `payload` stored as its changes `body`
-    /// ([`Writer::diff_pages`]), after the records queued before it. Returns `payload` if
-    /// it was written at once, for reuse.
-    pub fn changes<W: Write>(&mut self, w: &mut Writer<W>, payload: Vec<u8>, body: Vec<u8>) -> io::Result<Option<Vec<u8>>> {
-        self.collect(w, false)?;
-        if self.queue.is_empty() {
-            w.diff_pages(&payload, &body)?;
-            return Ok(Some(payload));
-        }
-        self.queue.push_back(Slot::Changes(payload, body));
-        while self.queue.len() > HELD {
-            self.collect(w, true)?;
-        }
-        Ok(None)
+    /// Writes `rec` (pages, or `changes`), as `z` if that is given, and counts it; returns
+    /// `rec`.
+    fn write<W: Write>(
+        &mut self,
+        w: &mut Writer<W>,
+        rec: Vec<u8>,
+        z: Option<Vec<u8>>,
+        sum: Option<[u8; 32]>,
+        changes: bool,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let (r, n) = match (changes, &z, sum) {
+            (true, _, _) => (w.diff_pages(&rec, z.as_deref()), if z.is_some() { &mut self.compressed_changes } else { &mut self.changes }),
+            (false, Some(z), _) => (w.compressed_pages(&rec, z), &mut self.compressed),
+            (false, None, Some(s)) => (w.plain_pages(&rec, s), &mut self.raw),
+            (false, None, None) => (w.plain(kind::PAGES, &rec), &mut self.raw),
+        };
+        r?;
+        *n += 1;
+        Ok(Some(rec))
     }
 
     /// Writes every queued record, waiting for the workers.
@@ -256,30 +279,24 @@ impl Compressor {
             let mut next = if wait && self.busy > 0 { pool.results.recv().ok() } else { pool.results.try_recv().ok() };
             while let Some((seq, raw, z)) = next {
                 self.busy -= 1;
-                if let Some(s) = self.queue.iter_mut().find(|s| matches!(s, Slot::Working(n) if *n == seq)) {
-                    *s = Slot::Done(raw, z);
+                if let Some(s) = self.queue.iter_mut().find(|s| matches!(s, Slot::Working(n, _) if *n == seq)) {
+                    let changes = matches!(s, Slot::Working(_, true));
+                    *s = Slot::Done(raw, z, changes);
                 }
                 next = pool.results.try_recv().ok();
             }
         }
         while let Some(s) = self.queue.front() {
             match s {
-                Slot::Working(_) if self.busy == 0 => return Err(io::Error::other("a compression worker stopped")),
-                Slot::Working(_) => break,
+                Slot::Working(..) if self.busy == 0 => return Err(io::Error::other("a compression worker stopped")),
+                Slot::Working(..) => break,
                 _ => {}
             }
             match self.queue.pop_front() {
-                Some(Slot::Raw(r) | Slot::Done(r, None)) => {
-                    self.raw += 1;
-                    w.plain(kind::PAGES, &r)?;
-                }
-                Some(Slot::Done(r, Some(z))) => {
-                    self.compressed += 1;
-                    w.compressed_pages(&r, &z)?;
-                }
-                Some(Slot::Changes(r, body)) => w.diff_pages(&r, &body)?,
-                _ => {}
-            }
+                Some(Slot::Raw(r, changes)) => self.write(w, r, None, None, changes)?,
+                Some(Slot::Done(r, z, changes)) => self.write(w, r, z, None, changes)?,
+                _ => None,
+            };
         }
         Ok(())
     }
@@ -312,7 +329,7 @@ mod tests {
             let c = in_order_and_whole(Compressor::new(mode));
             assert!(c.compressed > 0, "no record was compressed");
             if mode == Compress::All {
-                assert_eq!(c.compressed, 80, "every text-like record is compressed");
+                assert_eq!((c.compressed, c.compressed_changes), (68, 12), "every text-like record is compressed");
             }
         }
     }
@@ -323,14 +340,14 @@ mod tests {
     fn idle_follows_the_disk() {
         let behind = Arc::new(AtomicBool::new(false));
         let c = in_order_and_whole(Compressor::new(Compress::Idle).when_behind(behind.clone()));
-        assert_eq!(c.compressed, 0, "compressed while the disk kept up");
+        assert_eq!(c.compressed + c.compressed_changes, 0, "compressed while the disk kept up");
         behind.store(true, Ordering::Relaxed);
         let c = in_order_and_whole(Compressor::new(Compress::Idle).when_behind(behind));
-        assert_eq!(c.compressed, 80, "every text-like record is compressed while the disk is behind");
+        assert_eq!((c.compressed, c.compressed_changes), (68, 12), "every text-like record is compressed while the disk is behind");
     }
 
-    /// Writes 120 records (two in three text-like, the others random, one in three of
-    /// those stored as changes) through `c`, checks what comes out and returns `c`.
+    /// Writes 120 records (two in three text-like, the others random, one in seven stored
+    /// as changes) through `c`, checks what comes out and returns `c`.
     fn in_order_and_whole(mut c: Compressor) -> Compressor {
         let mut out = Vec::new();
         let mut rng = 0x9e3779b97f4a7c15u64;
@@ -350,20 +367,21 @@ mod tests {
                     }
                 });
                 want.push((text, rec.clone()));
-                if r % 9 == 0 {
+                if r % 7 == 0 {
                     // Changes from zeros: every word (larger than the record, which the
                     // writer does not judge).
-                    let mut body = Vec::new();
-                    assert!(diff::encode(&rec[PagesHeader::SIZE..], &vec![0; 64 * 4096], [0; 4], usize::MAX, &mut body));
-                    c.changes(&mut w, rec, body).unwrap();
+                    let mut changes = rec[..PagesHeader::SIZE].to_vec();
+                    assert!(diff::encode(&rec[PagesHeader::SIZE..], &vec![0; 64 * 4096], [0; 4], usize::MAX, &mut changes));
+                    assert!(c.changes(&mut w, rec, changes).unwrap().is_some(), "the pages are not handed back");
                 } else {
                     c.pages(&mut w, rec, None).unwrap();
                 }
             }
             c.flush(&mut w).unwrap();
         }
-        assert_eq!(c.compressed + c.raw, 120 - 14);
+        assert_eq!((c.compressed + c.raw, c.changes + c.compressed_changes), (120 - 18, 18));
         let mut at = FileHeader::SIZE;
+        let mut zstd_seen = 0;
         for (i, (text, rec)) in want.iter().enumerate() {
             let mut h = RecordHeader::get(&out[at..]);
             at += RecordHeader::SIZE;
@@ -380,11 +398,19 @@ mod tests {
             at += h.stored_len as usize;
             assert_eq!(h.kind, kind::PAGES, "record {i}");
             assert_eq!(h.raw_len, rec.len() as u64, "record {i}");
-            assert_eq!(h.flags == rflags::DIFF, i % 9 == 0, "record {i}: flags {}", h.flags);
-            if h.flags == rflags::DIFF {
+            assert_eq!(h.flags & rflags::DIFF != 0, i % 7 == 0, "record {i}: flags {}", h.flags);
+            zstd_seen += (h.flags & rflags::ZSTD != 0) as u64;
+            if h.flags & rflags::DIFF != 0 {
                 assert_eq!(stored[..PagesHeader::SIZE], rec[..PagesHeader::SIZE]);
+                let changes = match h.flags & rflags::ZSTD {
+                    0 => stored[PagesHeader::SIZE..].to_vec(),
+                    _ => {
+                        assert!(text, "random record {i} was compressed");
+                        zstd::bulk::decompress(&stored[PagesHeader::SIZE..], 2 * rec.len()).unwrap()
+                    }
+                };
                 let mut pages = vec![0; 64 * 4096];
-                assert!(diff::apply(&stored[PagesHeader::SIZE..], 64, &mut pages).is_some());
+                assert!(diff::apply(&changes, 64, &mut pages).is_some());
                 assert!(pages == rec[PagesHeader::SIZE..], "record {i} rebuilds to other pages");
             } else if h.flags & rflags::ZSTD != 0 {
                 assert!(text, "random record {i} was compressed");
@@ -395,6 +421,7 @@ mod tests {
                 assert!(stored == &rec[..], "raw record {i} differs");
             }
         }
+        assert_eq!(zstd_seen, c.compressed + c.compressed_changes, "records counted as compressed are not");
         c
     }
 }

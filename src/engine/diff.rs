@@ -29,15 +29,13 @@ pub struct Differ {
     bases: Bases,
     /// The bases of a record's pages.
     base: Vec<u8>,
-    /// Page records stored as changes.
-    pub records: u64,
 }
 
 impl Differ {
     /// A differ, on if `on` and `LIMITLESS_DIFF=0` is not in the environment.
     pub fn new(on: bool) -> Differ {
         let on = on && std::env::var("LIMITLESS_DIFF").as_deref() != Ok("0");
-        Differ { on, vmas: Vec::new(), ordered: false, bases: Bases::same_inodes(), base: Vec::new(), records: 0 }
+        Differ { on, vmas: Vec::new(), ordered: false, bases: Bases::same_inodes(), base: Vec::new() }
     }
 
     /// Notes the area of a `VMA` record's payload.
@@ -47,8 +45,8 @@ impl Differ {
         }
     }
 
-    /// The body of the page record `payload` (pages header, then pages) stored as its
-    /// changes, if that is worth it.
+    /// The page record `payload` (pages header, then pages) stored as its changes (pages
+    /// header, then changes), if that is worth it.
     pub fn encode(&mut self, payload: &[u8]) -> Option<Vec<u8>> {
         if !self.on {
             return None;
@@ -86,10 +84,10 @@ impl Differ {
             }
         }
         let mut body = Vec::with_capacity(diff::max_len(count) / 4);
+        body.extend_from_slice(&payload[..PagesHeader::SIZE]);
         if !diff::encode(pages, &self.base, file, diff::max_len(count), &mut body) {
             return None;
         }
-        self.records += 1;
         Some(body)
     }
 }

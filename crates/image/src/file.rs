@@ -472,14 +472,22 @@ impl<W: Write> Writer<W> {
         self.record(kind::PAGES, rflags::ZSTD, raw.len() as u64, &stored)
     }
 
-    /// Appends a PAGES record (`raw`: pages header, then pages) stored as its changes
-    /// `body` ([`crate::diff`]): the header stays as it is.
-    pub fn diff_pages(&mut self, raw: &[u8], body: &[u8]) -> io::Result<()> {
-        if self.minor < DIFF_MINOR {
-            return Err(io::Error::other(format!("image format 1.{} cannot store pages as changes", self.minor)));
+    /// Appends a PAGES record stored as its changes ([`crate::diff`]): `record` is its pages
+    /// header, then the changes. With `z`, those changes compressed into one zstd frame,
+    /// which is stored instead (format 1.7).
+    pub fn diff_pages(&mut self, record: &[u8], z: Option<&[u8]>) -> io::Result<()> {
+        let need = if z.is_some() { DIFF_ZSTD_MINOR } else { DIFF_MINOR };
+        if self.minor < need {
+            return Err(io::Error::other(format!("image format 1.{} cannot store pages as changes this way", self.minor)));
         }
-        let h = raw.get(..PagesHeader::SIZE).ok_or_else(|| io::Error::other("a page record without its header"))?;
-        self.record(kind::PAGES, rflags::DIFF, raw.len() as u64, &[h, body].concat())
+        let (h, head) = PagesHeader::decode(record)
+            .zip(record.get(..PagesHeader::SIZE))
+            .ok_or_else(|| io::Error::other("a page record without its header"))?;
+        let raw_len = PagesHeader::SIZE as u64 + h.count as u64 * PAGE;
+        match z {
+            None => self.record(kind::PAGES, rflags::DIFF, raw_len, record),
+            Some(z) => self.record(kind::PAGES, rflags::DIFF | rflags::ZSTD, raw_len, &[head, z].concat()),
+        }
     }
 
     /// Appends an uncompressed record.
@@ -894,7 +902,13 @@ impl Image {
             None => None,
         };
         if e.flags & rflags::DIFF != 0 {
-            return self.rebuild(p, &buf[head..], out).map(|()| want as u64);
+            if e.flags & rflags::ZSTD == 0 {
+                return self.rebuild(p, &buf[head..], out).map(|()| want as u64);
+            }
+            // Changes are never longer than the pages they stand for (see `load_records`).
+            let body = zstd::bulk::decompress(&buf[head..], want)
+                .map_err(|err| corrupt(format!("page record {} (compressed changes) does not decompress ({err})", p.index)))?;
+            return self.rebuild(p, &body, out).map(|()| want as u64);
         }
         if e.flags & rflags::ZSTD != 0 {
             // Compressed pages are checked by decompressing them, into room of their own if
@@ -1160,14 +1174,17 @@ impl Image {
                 return Err(corrupt(format!("page reference {i} has the wrong flags or length")));
             }
             // Stored as changes only where that is smaller (so a restorer's buffer for the
-            // record's pages holds it too).
-            if e.flags & rflags::DIFF != 0
-                && (e.flags != rflags::DIFF
-                    || self.header.minor < DIFF_MINOR
-                    || e.stored_len < (PagesHeader::SIZE + crate::diff::HEAD) as u64
-                    || e.stored_len > e.raw_len)
-            {
-                return Err(corrupt(format!("page record {i} (stored as changes) has the wrong flags or length")));
+            // record's pages holds it too); compressed too from 1.7.
+            if e.flags & rflags::DIFF != 0 {
+                let zstd = e.flags == rflags::DIFF | rflags::ZSTD;
+                let (since, least) = if zstd { (DIFF_ZSTD_MINOR, 1) } else { (DIFF_MINOR, crate::diff::HEAD) };
+                if (e.flags != rflags::DIFF && !zstd)
+                    || self.header.minor < since
+                    || e.stored_len < (PagesHeader::SIZE + least) as u64
+                    || e.stored_len > e.raw_len
+                {
+                    return Err(corrupt(format!("page record {i} (stored as changes) has the wrong flags or length")));
+                }
             }
             let want = match e.kind {
                 kind::PROCESS => 0,
@@ -1738,7 +1755,8 @@ pub fn rewrite_as(src: &Path, dst: &Path, minor: u16, mut f: impl FnMut(u32, &mu
     for i in 0..img.index.len() {
         let e = img.index[i];
         let mut payload = img.read_record(i)?;
-        if e.flags == rflags::DIFF && minor < DIFF_MINOR {
+        let since = if e.flags & rflags::ZSTD != 0 { DIFF_ZSTD_MINOR } else { DIFF_MINOR };
+        if e.flags & rflags::DIFF != 0 && minor < since {
             // Rebuilt from the files mapped, as an older version stored it.
             let p = img.pages.iter().find(|p| p.index == i).ok_or_else(|| corrupt("a page record not in the page map"))?;
             payload.truncate(PagesHeader::SIZE);
@@ -1913,7 +1931,9 @@ mod tests {
         let contents: Vec<u8> = (0..4 * PAGE as usize).map(|i| (i % 253) as u8).collect();
         std::fs::write(&base, &contents).unwrap();
         let m = std::fs::metadata(&base).unwrap();
-        let image = |body_fix: &dyn Fn(&mut Vec<u8>)| {
+        // Records of changes, compressed (format 1.7) or not, with `body_fix` applied to the
+        // file's changes before compressing them.
+        let image = |zstd: bool, body_fix: &dyn Fn(&mut Vec<u8>)| {
             let (p, t) = synthetic_process(2);
             let anon = VmaInfo { start: 0x10000, end: 0x20000, prot: 7, kind: vma_kind::ANON, pages: 1, ..VmaInfo::zeroed() };
             let name = base.as_os_str().as_bytes();
@@ -1956,35 +1976,49 @@ mod tests {
             w.plain(kind::THREAD, &enc_all(&t, &[])).unwrap();
             w.plain(kind::VMA, &enc_all(&anon, &[])).unwrap();
             w.plain(kind::VMA, &enc_all(&file, name)).unwrap();
-            w.diff_pages(&enc_all(&anon_h, &anon_page), &anon_body).unwrap();
-            w.diff_pages(&enc_all(&ph, &pages), &body).unwrap();
+            let z = |b: &[u8]| zstd.then(|| zstd::bulk::compress(b, 1).unwrap());
+            w.diff_pages(&enc_all(&anon_h, &anon_body), z(&anon_body).as_deref()).unwrap();
+            w.diff_pages(&enc_all(&ph, &body), z(&body).as_deref()).unwrap();
             w.plain(kind::END, &enc_all(&end, &[])).unwrap();
             (w.finish().unwrap().0, anon_page, pages)
         };
-        let (b, anon_page, pages) = image(&|_| {});
-        let img = open_bytes(&b).unwrap();
-        assert!(img.pages.iter().all(|p| img.index[p.index].flags == rflags::DIFF));
-        assert!(img.read_pages(&img.pages[0]).unwrap() == anon_page, "the anonymous page did not rebuild");
-        assert!(img.read_pages(&img.pages[1]).unwrap() == pages, "the file's pages did not rebuild");
+        let (b, anon_page, pages) = image(false, &|_| {});
+        let (bz, ..) = image(true, &|_| {});
+        for (b, flags) in [(&b, rflags::DIFF), (&bz, rflags::DIFF | rflags::ZSTD)] {
+            let img = open_bytes(b).unwrap();
+            assert!(img.pages.iter().all(|p| img.index[p.index].flags == flags));
+            assert!(img.read_pages(&img.pages[0]).unwrap() == anon_page, "the anonymous page did not rebuild");
+            assert!(img.read_pages(&img.pages[1]).unwrap() == pages, "the file's pages did not rebuild");
+        }
         // A byte too many: malformed, caught by verifying alone.
-        let (bad, ..) = image(&|b| b.push(0));
-        assert!(matches!(open_bytes(&bad), Err(ImageError::Corrupt(_))), "a malformed record verified");
+        for zstd in [false, true] {
+            let (bad, ..) = image(zstd, &|b| b.push(0));
+            assert!(matches!(open_bytes(&bad), Err(ImageError::Corrupt(_))), "a malformed record verified");
+        }
         // Changes longer than the pages: refused when the image is opened.
-        let (bad, ..) = image(&|b| b.resize(3 * PAGE as usize, 0));
+        let (bad, ..) = image(false, &|b| b.resize(3 * PAGE as usize, 0));
         let e = open_bytes(&bad).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("stored as changes) has the wrong flags or length"), "{e}");
+        // Compressed changes that decompress to more than the pages: refused when verified.
+        let (bad, ..) = image(true, &|b| b.resize(2 * PAGE as usize + 1, 0));
+        let e = open_bytes(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("(compressed changes) does not decompress"), "{e}");
         // The file changed in its last page, same size and time.
         let mut changed = contents.clone();
         changed[3 * PAGE as usize + 7] ^= 1;
         std::fs::write(&base, &changed).unwrap();
         std::fs::File::options().write(true).open(&base).unwrap().set_modified(m.modified().unwrap()).unwrap();
-        let img = open_bytes(&b).unwrap();
-        let e = img.read_pages(&img.pages[1]).unwrap_err().to_string();
-        assert!(e.contains("does not rebuild"), "{e}");
+        let imgs = [open_bytes(&b).unwrap(), open_bytes(&bz).unwrap()];
+        for img in &imgs {
+            let e = img.read_pages(&img.pages[1]).unwrap_err().to_string();
+            assert!(e.contains("does not rebuild"), "{e}");
+        }
         // Another time: the file is no base at all.
         std::fs::File::options().write(true).open(&base).unwrap().set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
-        let e = img.read_pages(&img.pages[1]).unwrap_err().to_string();
-        assert!(e.contains("not the file checkpointed"), "{e}");
+        for img in &imgs {
+            let e = img.read_pages(&img.pages[1]).unwrap_err().to_string();
+            assert!(e.contains("not the file checkpointed"), "{e}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

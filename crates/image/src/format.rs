@@ -15,7 +15,7 @@ pub const END_MAGIC: [u8; 8] = *b"LMTLSEND";
 /// Format major version: a reader refuses any other.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Format minor version: a reader refuses a newer one.
-pub const FORMAT_MINOR: u16 = 6;
+pub const FORMAT_MINOR: u16 = 7;
 /// The first minor version whose `PAGES` records are checksummed with [`page_sum`] (BLAKE3
 /// before).
 pub const PAGE_SUM_MINOR: u16 = 4;
@@ -29,6 +29,9 @@ pub const ALIGN_FROM_PAGES: u64 = 16;
 /// The first minor version whose `PAGES` records may be stored as their changes from the
 /// file mapped there or from zeros ([`rflags::DIFF`], [`crate::diff`]).
 pub const DIFF_MINOR: u16 = 6;
+/// The first minor version whose records stored as changes may be compressed too
+/// (`DIFF | ZSTD`): the changes are then one zstd frame.
+pub const DIFF_ZSTD_MINOR: u16 = 7;
 
 /// The checksum of a `PAGES` record's stored payload (format 1.4 on): its XXH3-128,
 /// little-endian, in the first 16 of the index entry's 32 hash bytes, the rest zero.
@@ -151,6 +154,7 @@ pub mod rflags {
     pub const REF: u32 = 2;
     /// A `PAGES` record stored as the words in which its pages differ from their bases
     /// (format 1.6, [`crate::diff`]); `raw_len` is the length of the record with its pages.
+    /// With [`ZSTD`] too (format 1.7), the changes are one zstd frame.
     pub const DIFF: u32 = 4;
     /// All known flags.
     pub const ALL: u32 = ZSTD | REF | DIFF;
