@@ -405,8 +405,9 @@ fn compress_ab(prog: &Path, dir: &Path, n: usize) {
 }
 
 /// One stop-and-restore cycle of `prog args` (which prints a line when ready, then waits):
-/// (image bytes, checkpoint ms, restore ms), with pages stored whole or as their changes.
-fn cycle(prog: &Path, args: &[std::ffi::OsString], dir: &Path, whole_pages: bool) -> (u64, f64, f64) {
+/// (image bytes, checkpoint ms, restore ms), with pages stored whole or as their changes,
+/// compressed as `compress` says.
+fn cycle(prog: &Path, args: &[std::ffi::OsString], dir: &Path, whole_pages: bool, compress: Compress) -> (u64, f64, f64) {
     let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
     let sup = launch_ready(prog, args, &opts);
     let img = dir.join("cycle.img");
@@ -416,7 +417,7 @@ fn cycle(prog: &Path, args: &[std::ffi::OsString], dir: &Path, whole_pages: bool
         freeze_timeout: Duration::from_secs(10),
         wait_idle: Duration::ZERO,
         parent: None,
-        compress: Off,
+        compress,
         self_contained: false,
         whole_pages,
     };
@@ -432,20 +433,22 @@ fn cycle(prog: &Path, args: &[std::ffi::OsString], dir: &Path, whole_pages: bool
 
 /// Pages stored as their changes from the file mapped there or from zeros (the default)
 /// against `--whole-pages`, for the 1 MiB program and a Python interpreter that imported a
-/// few modules and built a dict: image size, checkpoint and restore, `n` alternating pairs.
+/// few modules and built a dict: image size, checkpoint and restore, `n` alternating pairs;
+/// then both with `--compress=all`.
 fn changes_ab(mem: &Path, dir: &Path, n: usize) {
     let py = "import json, decimal, sqlite3, ssl, hashlib, signal\nd = {i: str(i) * 3 for i in range(20000)}\nprint('READY', flush=True)\nsignal.pause()";
     let progs: [(&str, &Path, Vec<std::ffi::OsString>); 2] = [
         ("1 MiB program", mem, vec!["1".into(), "random".into()]),
         ("Python", Path::new("/usr/bin/python3"), vec!["-c".into(), py.into()]),
     ];
-    for (name, prog, args) in progs {
+    for ((name, prog, args), compress) in progs.iter().flat_map(|p| [(p, Off), (p, All)]) {
         let mut runs: [Vec<(u64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
         for _ in 0..n {
             for (k, whole) in [false, true].into_iter().enumerate() {
-                runs[k].push(cycle(prog, &args, dir, whole));
+                runs[k].push(cycle(prog, args, dir, whole, compress));
             }
         }
+        let name = if compress == Off { name.to_string() } else { format!("{name}, --compress=all") };
         let m = |k: usize| {
             let r = &runs[k];
             (
