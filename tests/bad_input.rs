@@ -17,19 +17,28 @@ use std::sync::OnceLock;
 /// by these tests.
 fn base_image() -> PathBuf {
     static IMG: OnceLock<PathBuf> = OnceLock::new();
-    IMG.get_or_init(|| {
-        let d = workdir("bad-input-base", User::Root);
-        let prog = program("leaverun");
-        let user = users()[0];
-        let r = launch(user, &d, &prog, &["4096"]);
-        r.expect_out("READY");
-        let img = d.join("base.img");
-        dump_ok(user, &r, &img, false);
-        let (st, _, _) = r.finish();
-        assert_eq!(st.code(), Some(EXIT_CHECKPOINTED));
-        img
-    })
-    .clone()
+    IMG.get_or_init(|| image_of_base_program("bad-input-base", &[])).clone()
+}
+
+/// The base program's image with `dump --compress=all`.
+fn compressed_base_image() -> PathBuf {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| image_of_base_program("bad-input-compressed", &["--compress=all"])).clone()
+}
+
+/// An image of the base program, dumped with `args`, in the work directory `name`.
+fn image_of_base_program(name: &str, args: &[&str]) -> PathBuf {
+    let d = workdir(name, User::Root);
+    let prog = program("leaverun");
+    let user = users()[0];
+    let r = launch(user, &d, &prog, &["4096"]);
+    r.expect_out("READY");
+    let img = d.join("base.img");
+    let (ok, err) = dump_with(user, &r.socket, &img, args);
+    assert!(ok, "dump {args:?} failed: {err}");
+    let (st, _, _) = r.finish();
+    assert_eq!(st.code(), Some(EXIT_CHECKPOINTED));
+    img
 }
 
 /// `limitless restore IMAGE` as `user` with "go" on stdin: must fail cleanly.
@@ -439,6 +448,68 @@ fn page_records_stored_as_changes_that_are_malformed_or_wrong_are_refused() {
     for u in users() {
         let d = workdir("bad-changes-restore", u);
         restore_must_fail(u, &d, &malformed, "malformed");
+        restore_must_fail(u, &d, &wrong, "does not rebuild");
+    }
+}
+
+/// Page records stored as compressed changes (`dump --compress=all`, format 1.7), sealed
+/// again with valid checksums: a frame that is not zstd, one that decompresses to more
+/// than the record's pages, and changes whose word map does not match their words are
+/// each refused by `inspect` and by the restore, in one line, before the program runs;
+/// one changed word in well-formed changes fails the restore's check of the rebuilt pages.
+#[test]
+fn page_records_stored_as_compressed_changes_that_are_malformed_or_wrong_are_refused() {
+    use limitless_image::diff;
+    use limitless_image::format::{kind, PagesHeader};
+    let d = workdir("bad-zchanges", User::Root);
+    let img = compressed_base_image();
+    let parsed = Image::open(&img).unwrap();
+    let zdiff = rflags::DIFF | rflags::ZSTD;
+    let target = parsed.pages.iter().position(|p| parsed.index[p.index].flags == zdiff).expect("no record stored as compressed changes");
+    let pages = parsed.pages[target].header.count as usize * 4096;
+    // Rewrites the target record's payload (pages header, then frame) with `f`.
+    let raw_edit = |name: &str, f: &dyn Fn(&mut Vec<u8>)| -> PathBuf {
+        let out = d.join(name);
+        let mut n = 0;
+        rewrite_as(&img, &out, limitless_image::format::FORMAT_MINOR, |k, payload| {
+            if k == kind::PAGES {
+                if n == target {
+                    f(payload);
+                }
+                n += 1;
+            }
+        })
+        .unwrap();
+        out
+    };
+    // Rewrites the target record's changes, decompressed, with `f`, and compresses them
+    // again.
+    let edit = |name: &str, f: &dyn Fn(&mut Vec<u8>)| -> PathBuf {
+        raw_edit(name, &|payload| {
+            let mut changes = zstd::bulk::decompress(&payload[PagesHeader::SIZE..], pages).unwrap();
+            f(&mut changes);
+            payload.truncate(PagesHeader::SIZE);
+            payload.extend_from_slice(&zstd::bulk::compress(&changes, 1).unwrap());
+        })
+    };
+    let first_map = diff::HEAD;
+    let malformed = edit("malformed.img", &|c| c[first_map] ^= 1);
+    assert!(inspect_fails(&malformed).contains("malformed changes"));
+    let too_long = edit("too-long.img", &|c| c.resize(pages + 1, 0));
+    assert!(inspect_fails(&too_long).contains("does not decompress"));
+    let not_zstd = raw_edit("not-zstd.img", &|p| p[PagesHeader::SIZE..].iter_mut().for_each(|b| *b = 0x5a));
+    assert!(inspect_fails(&not_zstd).contains("does not decompress"));
+    let wrong = edit("wrong.img", &|c| {
+        assert!(c[first_map..first_map + diff::MAP].iter().any(|&b| b != 0), "the first page has no changed word");
+        c[first_map + diff::MAP] ^= 0x80;
+    });
+    let o = inspect(&[], &wrong);
+    assert!(o.status.success(), "inspect of well-formed changes failed: {}", String::from_utf8_lossy(&o.stderr));
+    for u in users() {
+        let d = workdir("bad-zchanges-restore", u);
+        restore_must_fail(u, &d, &malformed, "malformed");
+        restore_must_fail(u, &d, &too_long, "does not decompress");
+        restore_must_fail(u, &d, &not_zstd, "does not decompress");
         restore_must_fail(u, &d, &wrong, "does not rebuild");
     }
 }
