@@ -12,7 +12,8 @@
 //! `SCHED_IDLE`. Records are written in their order: raw records that come behind one still
 //! being compressed wait in memory (at most [`HELD`] of them) and are written as soon as it
 //! is done. A sink that cannot tell whether its disk keeps up (no `cachestat`) gets every
-//! record a free worker can take.
+//! record a free worker can take. A record stored as its changes ([`super::diff`]) goes the
+//! same way, its changes compressed in place of its pages (image format 1.7).
 //!
 //! With [`Compress::All`] (`dump --compress=all`) every record whose sample compresses is
 //! compressed, the writer waiting for a free worker, and the workers run at normal

@@ -11,7 +11,8 @@
 //!
 //! The restorer rebuilds such records in place (the file is mapped there again, fresh
 //! anonymous memory is zeros) and checks the rebuilt pages' sum; records the supervisor
-//! stages (an object store's) it rebuilds itself, reading the base files.
+//! stages (compressed ones, and an object store's) it rebuilds itself, reading the base
+//! files.
 //! `dump --whole-pages`, or `LIMITLESS_DIFF=0` in the environment of launch/restore,
 //! stores every record whole.
 
