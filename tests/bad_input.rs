@@ -414,25 +414,12 @@ fn fuzz_image_reader_with_random_mutations() {
 #[test]
 fn page_records_stored_as_changes_that_are_malformed_or_wrong_are_refused() {
     use limitless_image::diff;
-    use limitless_image::format::{kind, PagesHeader};
+    use limitless_image::format::PagesHeader;
     let d = workdir("bad-changes", User::Root);
     let img = base_image();
     let parsed = Image::open(&img).unwrap();
     let target = parsed.pages.iter().position(|p| parsed.index[p.index].flags == rflags::DIFF).expect("no record stored as changes");
-    let edit = |name: &str, f: &dyn Fn(&mut Vec<u8>)| -> PathBuf {
-        let out = d.join(name);
-        let mut n = 0;
-        rewrite_as(&img, &out, limitless_image::format::FORMAT_MINOR, |k, payload| {
-            if k == kind::PAGES {
-                if n == target {
-                    f(payload);
-                }
-                n += 1;
-            }
-        })
-        .unwrap();
-        out
-    };
+    let edit = |name: &str, f: &dyn Fn(&mut Vec<u8>)| rewrite_page_record(&img, &d.join(name), target, f);
     let first_map = PagesHeader::SIZE + diff::HEAD;
     // One bit of the first page's word map flipped: the words no longer add up.
     let malformed = edit("malformed.img", &|p| p[first_map] ^= 1);
@@ -452,6 +439,22 @@ fn page_records_stored_as_changes_that_are_malformed_or_wrong_are_refused() {
     }
 }
 
+/// Rewrites `img` to `out` (sealed again, valid checksums) with the payload of its page
+/// record number `target` (pages header, then its data as stored) changed by `f`.
+fn rewrite_page_record(img: &Path, out: &Path, target: usize, f: &dyn Fn(&mut Vec<u8>)) -> PathBuf {
+    let mut n = 0;
+    rewrite_as(img, out, limitless_image::format::FORMAT_MINOR, |k, payload| {
+        if k == limitless_image::format::kind::PAGES {
+            if n == target {
+                f(payload);
+            }
+            n += 1;
+        }
+    })
+    .unwrap();
+    out.to_path_buf()
+}
+
 /// Page records stored as compressed changes (`dump --compress=all`, format 1.7), sealed
 /// again with valid checksums: a frame that is not zstd, one that decompresses to more
 /// than the record's pages, and changes whose word map does not match their words are
@@ -460,7 +463,7 @@ fn page_records_stored_as_changes_that_are_malformed_or_wrong_are_refused() {
 #[test]
 fn page_records_stored_as_compressed_changes_that_are_malformed_or_wrong_are_refused() {
     use limitless_image::diff;
-    use limitless_image::format::{kind, PagesHeader};
+    use limitless_image::format::PagesHeader;
     let d = workdir("bad-zchanges", User::Root);
     let img = compressed_base_image();
     let parsed = Image::open(&img).unwrap();
@@ -468,20 +471,7 @@ fn page_records_stored_as_compressed_changes_that_are_malformed_or_wrong_are_ref
     let target = parsed.pages.iter().position(|p| parsed.index[p.index].flags == zdiff).expect("no record stored as compressed changes");
     let pages = parsed.pages[target].header.count as usize * 4096;
     // Rewrites the target record's payload (pages header, then frame) with `f`.
-    let raw_edit = |name: &str, f: &dyn Fn(&mut Vec<u8>)| -> PathBuf {
-        let out = d.join(name);
-        let mut n = 0;
-        rewrite_as(&img, &out, limitless_image::format::FORMAT_MINOR, |k, payload| {
-            if k == kind::PAGES {
-                if n == target {
-                    f(payload);
-                }
-                n += 1;
-            }
-        })
-        .unwrap();
-        out
-    };
+    let raw_edit = |name: &str, f: &dyn Fn(&mut Vec<u8>)| rewrite_page_record(&img, &d.join(name), target, f);
     // Rewrites the target record's changes, decompressed, with `f`, and compresses them
     // again.
     let edit = |name: &str, f: &dyn Fn(&mut Vec<u8>)| -> PathBuf {
