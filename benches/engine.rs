@@ -599,6 +599,9 @@ fn main() {
     let memcpy = memcpy_ms();
     println!("memcpy of 1 GiB: {memcpy:.1} ms");
     let rows_spec = [
+        // `mem.c 0`: a C program with no buffer (resident about 1.3 MiB plain, most of
+        // it its libraries' unchanged pages), the other reading of "a 1 MiB program".
+        (0, "random", After::Kill, Off, "stop, C program, no buffer"),
         (1, "random", After::Kill, Off, "stop, 1 MiB random"),
         (1, "random", After::Kill, All, "stop, 1 MiB random, zstd all"),
         (1024, "random", After::Kill, Off, "stop, 1 GiB random"),
