@@ -510,7 +510,7 @@ impl Inner {
                 let r = boundary(&mut w)
                     .and_then(|()| match differ.encode(&payload) {
                         // In order, after the records queued for compression.
-                        Some(body) => squeeze.changes(&mut w, payload, body),
+                        Some(changes) => squeeze.changes(&mut w, payload, changes),
                         None => squeeze.pages(&mut w, payload, sum),
                     })
                     .and_then(|p| boundary(&mut w).map(|()| p));

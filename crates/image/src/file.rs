@@ -476,8 +476,8 @@ impl<W: Write> Writer<W> {
     /// header, then the changes. With `z`, those changes compressed into one zstd frame,
     /// which is stored instead (format 1.7).
     pub fn diff_pages(&mut self, record: &[u8], z: Option<&[u8]>) -> io::Result<()> {
-        let need = if z.is_some() { DIFF_ZSTD_MINOR } else { DIFF_MINOR };
-        if self.minor < need {
+        let flags = if z.is_some() { rflags::DIFF | rflags::ZSTD } else { rflags::DIFF };
+        if self.minor < diff_since(flags) {
             return Err(io::Error::other(format!("image format 1.{} cannot store pages as changes this way", self.minor)));
         }
         let (h, head) = PagesHeader::decode(record)
@@ -485,8 +485,8 @@ impl<W: Write> Writer<W> {
             .ok_or_else(|| io::Error::other("a page record without its header"))?;
         let raw_len = PagesHeader::SIZE as u64 + h.count as u64 * PAGE;
         match z {
-            None => self.record(kind::PAGES, rflags::DIFF, raw_len, record),
-            Some(z) => self.record(kind::PAGES, rflags::DIFF | rflags::ZSTD, raw_len, &[head, z].concat()),
+            None => self.record(kind::PAGES, flags, raw_len, record),
+            Some(z) => self.record(kind::PAGES, flags, raw_len, &[head, z].concat()),
         }
     }
 
@@ -902,13 +902,16 @@ impl Image {
             None => None,
         };
         if e.flags & rflags::DIFF != 0 {
-            if e.flags & rflags::ZSTD == 0 {
-                return self.rebuild(p, &buf[head..], out).map(|()| want as u64);
-            }
-            // Changes are never longer than the pages they stand for (see `load_records`).
-            let body = zstd::bulk::decompress(&buf[head..], want)
-                .map_err(|err| corrupt(format!("page record {} (compressed changes) does not decompress ({err})", p.index)))?;
-            return self.rebuild(p, &body, out).map(|()| want as u64);
+            let unpacked;
+            let body = if e.flags & rflags::ZSTD == 0 {
+                &buf[head..]
+            } else {
+                // Changes are never longer than the pages they stand for (see `load_records`).
+                unpacked = zstd::bulk::decompress(&buf[head..], want)
+                    .map_err(|err| corrupt(format!("page record {} (compressed changes) does not decompress ({err})", p.index)))?;
+                &unpacked[..]
+            };
+            return self.rebuild(p, body, out).map(|()| want as u64);
         }
         if e.flags & rflags::ZSTD != 0 {
             // Compressed pages are checked by decompressing them, into room of their own if
@@ -1177,9 +1180,9 @@ impl Image {
             // record's pages holds it too); compressed too from 1.7.
             if e.flags & rflags::DIFF != 0 {
                 let zstd = e.flags == rflags::DIFF | rflags::ZSTD;
-                let (since, least) = if zstd { (DIFF_ZSTD_MINOR, 1) } else { (DIFF_MINOR, crate::diff::HEAD) };
+                let least = if zstd { 1 } else { crate::diff::HEAD };
                 if (e.flags != rflags::DIFF && !zstd)
-                    || self.header.minor < since
+                    || self.header.minor < diff_since(e.flags)
                     || e.stored_len < (PagesHeader::SIZE + least) as u64
                     || e.stored_len > e.raw_len
                 {
@@ -1755,8 +1758,7 @@ pub fn rewrite_as(src: &Path, dst: &Path, minor: u16, mut f: impl FnMut(u32, &mu
     for i in 0..img.index.len() {
         let e = img.index[i];
         let mut payload = img.read_record(i)?;
-        let since = if e.flags & rflags::ZSTD != 0 { DIFF_ZSTD_MINOR } else { DIFF_MINOR };
-        if e.flags & rflags::DIFF != 0 && minor < since {
+        if e.flags & rflags::DIFF != 0 && minor < diff_since(e.flags) {
             // Rebuilt from the files mapped, as an older version stored it.
             let p = img.pages.iter().find(|p| p.index == i).ok_or_else(|| corrupt("a page record not in the page map"))?;
             payload.truncate(PagesHeader::SIZE);

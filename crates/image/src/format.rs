@@ -33,6 +33,16 @@ pub const DIFF_MINOR: u16 = 6;
 /// (`DIFF | ZSTD`): the changes are then one zstd frame.
 pub const DIFF_ZSTD_MINOR: u16 = 7;
 
+/// The first minor version in which a record stored as changes may have record flags
+/// `flags` ([`DIFF_ZSTD_MINOR`] if compressed too, else [`DIFF_MINOR`]).
+pub fn diff_since(flags: u32) -> u16 {
+    if flags & rflags::ZSTD != 0 {
+        DIFF_ZSTD_MINOR
+    } else {
+        DIFF_MINOR
+    }
+}
+
 /// The checksum of a `PAGES` record's stored payload (format 1.4 on): its XXH3-128,
 /// little-endian, in the first 16 of the index entry's 32 hash bytes, the rest zero.
 ///
