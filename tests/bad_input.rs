@@ -54,6 +54,17 @@ fn restore_must_fail(user: User, dir: &Path, image: &Path, want: &str) {
     assert!(lines[0].contains(want), "`{}` does not mention `{want}`", lines[0]);
 }
 
+/// `restore_must_fail` of each image with its message, as every test user, in a work
+/// directory named `name`.
+fn every_user_restore_fails(name: &str, cases: &[(&Path, &str)]) {
+    for u in users() {
+        let d = workdir(name, u);
+        for (image, want) in cases {
+            restore_must_fail(u, &d, image, want);
+        }
+    }
+}
+
 /// `limitless inspect ARGS IMAGE`, as the first test user.
 fn inspect(args: &[&str], image: &Path) -> std::process::Output {
     command(users()[0], limitless()).arg("inspect").args(args).arg(image).output().expect("run limitless inspect")
@@ -432,11 +443,7 @@ fn page_records_stored_as_changes_that_are_malformed_or_wrong_are_refused() {
     });
     let o = inspect(&[], &wrong);
     assert!(o.status.success(), "inspect of a well-formed record failed: {}", String::from_utf8_lossy(&o.stderr));
-    for u in users() {
-        let d = workdir("bad-changes-restore", u);
-        restore_must_fail(u, &d, &malformed, "malformed");
-        restore_must_fail(u, &d, &wrong, "does not rebuild");
-    }
+    every_user_restore_fails("bad-changes-restore", &[(&malformed, "malformed"), (&wrong, "does not rebuild")]);
 }
 
 /// Rewrites `img` to `out` (sealed again, valid checksums) with the payload of its page
@@ -495,11 +502,8 @@ fn page_records_stored_as_compressed_changes_that_are_malformed_or_wrong_are_ref
     });
     let o = inspect(&[], &wrong);
     assert!(o.status.success(), "inspect of well-formed changes failed: {}", String::from_utf8_lossy(&o.stderr));
-    for u in users() {
-        let d = workdir("bad-zchanges-restore", u);
-        restore_must_fail(u, &d, &malformed, "malformed");
-        restore_must_fail(u, &d, &too_long, "does not decompress");
-        restore_must_fail(u, &d, &not_zstd, "does not decompress");
-        restore_must_fail(u, &d, &wrong, "does not rebuild");
-    }
+    every_user_restore_fails(
+        "bad-zchanges-restore",
+        &[(&malformed, "malformed"), (&too_long, "does not decompress"), (&not_zstd, "does not decompress"), (&wrong, "does not rebuild")],
+    );
 }
