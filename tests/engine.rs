@@ -729,8 +729,8 @@ fn pages_stored_as_changes_restore_exactly_and_a_changed_base_file_is_caught() {
         }
         // Flip every byte of the file pages the program's writable segment is mapped from,
         // keeping the file's size and time (and its build-id, in the first page).
+        let (from, to) = writable_segment_pages(&prog);
         let mut bytes = std::fs::read(&prog).unwrap();
-        let (from, to) = writable_segment_pages(&bytes);
         assert!(from >= 4096, "the writable segment starts in the first page");
         bytes[from..to].iter_mut().for_each(|b| *b ^= 0xff);
         let mtime = std::fs::metadata(&prog).unwrap().modified().unwrap();
@@ -748,19 +748,12 @@ fn pages_stored_as_changes_restore_exactly_and_a_changed_base_file_is_caught() {
 }
 
 /// The file range of whole pages that the writable `PT_LOAD` segment of the ELF file
-/// `elf` is mapped from.
-fn writable_segment_pages(elf: &[u8]) -> (usize, usize) {
-    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
-    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
-    let (phoff, size, n) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
-    for i in 0..n {
-        let ph = phoff + i * size;
-        let (kind, flags) =
-            (u32::from_le_bytes(elf[ph..ph + 4].try_into().unwrap()), u32::from_le_bytes(elf[ph + 4..ph + 8].try_into().unwrap()));
-        if kind == 1 && flags & 2 != 0 {
-            let (off, filesz) = (u64_at(ph + 8), u64_at(ph + 32));
-            return (off & !4095, ((off + filesz + 4095) & !4095).min(elf.len()));
-        }
-    }
-    panic!("no writable PT_LOAD segment");
+/// `path` is mapped from.
+fn writable_segment_pages(path: &std::path::Path) -> (usize, usize) {
+    use limitless::engine::elf::{segments, PF_W, PT_LOAD};
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    let s = segments(&f).expect("not a 64-bit ELF file").into_iter().find(|s| s.kind == PT_LOAD && s.flags & PF_W != 0);
+    let s = s.expect("no writable PT_LOAD segment");
+    (s.offset as usize & !4095, ((s.offset + s.file_size + 4095) & !4095).min(len) as usize)
 }

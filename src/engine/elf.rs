@@ -10,7 +10,11 @@ use std::path::Path;
 /// Longest build-id kept (GNU ld writes 20 bytes; 64 leaves room for others).
 pub const MAX_ID: usize = 64;
 
+/// Segment type of a loaded segment.
+pub const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
+/// Segment flag: writable.
+pub const PF_W: u32 = 2;
 const NT_GNU_BUILD_ID: u32 = 3;
 
 fn u16_at(b: &[u8], o: usize) -> Option<u16> {
@@ -25,10 +29,22 @@ fn u64_at(b: &[u8], o: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
 }
 
-/// The GNU build-id of the 64-bit little-endian ELF file at `path`; `None` when it is not
-/// one or has none (or cannot be read). Reads at most a few pages; every offset is checked.
-pub fn build_id(path: &Path) -> Option<Vec<u8>> {
-    let f = File::open(path).ok()?;
+/// One program header of an ELF file.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    /// The segment's type, as [`PT_LOAD`].
+    pub kind: u32,
+    /// Its flags, as [`PF_W`].
+    pub flags: u32,
+    /// Where it starts in the file.
+    pub offset: u64,
+    /// Its bytes in the file.
+    pub file_size: u64,
+}
+
+/// The program headers of the 64-bit little-endian ELF file `f`; `None` when it is not one
+/// (or has none, or more than 256) or they cannot be read.
+pub fn segments(f: &File) -> Option<Vec<Segment>> {
     let mut eh = [0u8; 64];
     f.read_exact_at(&mut eh, 0).ok()?;
     // Magic, 64-bit, little-endian.
@@ -41,11 +57,20 @@ pub fn build_id(path: &Path) -> Option<Vec<u8>> {
     }
     let mut ph = vec![0u8; phentsize * phnum];
     f.read_exact_at(&mut ph, phoff).ok()?;
-    for e in ph.chunks_exact(phentsize) {
-        if u32_at(e, 0)? != PT_NOTE {
+    ph.chunks_exact(phentsize)
+        .map(|e| Some(Segment { kind: u32_at(e, 0)?, flags: u32_at(e, 4)?, offset: u64_at(e, 8)?, file_size: u64_at(e, 32)? }))
+        .collect()
+}
+
+/// The GNU build-id of the 64-bit little-endian ELF file at `path`; `None` when it is not
+/// one or has none (or cannot be read). Reads at most a few pages; every offset is checked.
+pub fn build_id(path: &Path) -> Option<Vec<u8>> {
+    let f = File::open(path).ok()?;
+    for e in segments(&f)? {
+        if e.kind != PT_NOTE {
             continue;
         }
-        let (off, size) = (u64_at(e, 8)?, u64_at(e, 32)?);
+        let (off, size) = (e.offset, e.file_size);
         if size > 1 << 16 {
             continue;
         }
@@ -89,5 +114,9 @@ mod tests {
         assert_eq!(build_id(Path::new("/bin/true")), Some(id));
         assert_eq!(build_id(Path::new("/etc/passwd")), None);
         assert_eq!(build_id(Path::new("/nonexistent")), None);
+        // Its program headers: text and data are loaded, the data writable.
+        let segs = segments(&File::open("/bin/true").unwrap()).expect("/bin/true has program headers");
+        assert!(segs.iter().any(|s| s.kind == PT_LOAD && s.flags & PF_W != 0), "{segs:?}");
+        assert!(segments(&File::open("/etc/passwd").unwrap()).is_none());
     }
 }
