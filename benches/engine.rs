@@ -88,19 +88,7 @@ fn one(prog: &Path, dir: &Path, mib: u64, kind: &str, after: After, compress: Co
     }
     let sup = launch_ready(prog, &args, &opts);
     let img = dir.join("bench.img");
-    let stats = sup
-        .inner
-        .checkpoint(&Request {
-            output: img.clone(),
-            after,
-            freeze_timeout: Duration::from_secs(10),
-            wait_idle: Duration::ZERO,
-            parent: None,
-            compress,
-            self_contained: false,
-            whole_pages: false,
-        })
-        .expect("checkpoint");
+    let stats = sup.inner.checkpoint(&Request { compress, ..Request::new(img.clone(), after) }).expect("checkpoint");
     let mut seen_ms = None;
     if after == After::Resume {
         // Let it tick a little more, then ask for the longest gap it saw.
@@ -197,16 +185,7 @@ fn incremental(dir: &Path, how: Delta) -> (u64, f64, u64, f64, f64, f64, u64) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let (full, delta) = (dir.join("full.img"), dir.join("delta.img"));
-    let req = |output: &Path, parent: Option<PathBuf>| Request {
-        output: output.to_path_buf(),
-        after: After::Resume,
-        freeze_timeout: Duration::from_secs(10),
-        wait_idle: Duration::ZERO,
-        parent,
-        compress: Off,
-        self_contained: false,
-        whole_pages: false,
-    };
+    let req = |output: &Path, parent: Option<PathBuf>| Request { parent, ..Request::new(output.to_path_buf(), After::Resume) };
     let (a, sup) = if how == Delta::Restored {
         let a = sup.inner.checkpoint(&Request { after: After::Kill, ..req(&full, None) }).expect("full checkpoint");
         let _ = sup.wait();
@@ -412,16 +391,7 @@ fn cycle(prog: &Path, args: &[std::ffi::OsString], dir: &Path, whole_pages: bool
     let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
     let sup = launch_ready(prog, args, &opts);
     let img = dir.join("cycle.img");
-    let req = Request {
-        output: img.clone(),
-        after: After::Kill,
-        freeze_timeout: Duration::from_secs(10),
-        wait_idle: Duration::ZERO,
-        parent: None,
-        compress,
-        self_contained: false,
-        whole_pages,
-    };
+    let req = Request { compress, whole_pages, ..Request::new(img.clone(), After::Kill) };
     let stats = sup.inner.checkpoint(&req).expect("checkpoint");
     assert_eq!(stats.diff_records == 0, whole_pages, "records stored as changes: {}", stats.diff_records);
     sup.wait().expect("wait");

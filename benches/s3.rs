@@ -52,16 +52,7 @@ fn start_churn(churn: &Path, mib: u64) -> Supervisor {
 
 /// A leave-running checkpoint streamed into the store at `key`: (stats, seconds).
 fn checkpoint_to_store(sup: &Supervisor, store: &S3Store, key: &str, parent: Option<&str>) -> (Stats, f64) {
-    let req = Request {
-        output: PathBuf::new(),
-        after: After::Resume,
-        freeze_timeout: Duration::from_secs(10),
-        wait_idle: Duration::ZERO,
-        parent: None,
-        compress: Default::default(),
-        self_contained: false,
-        whole_pages: false,
-    };
+    let req = Request::new(PathBuf::new(), After::Resume);
     let t = Instant::now();
     let sink = store.image_sink(key, parent).expect("sink").expect("the S3 store streams");
     let st = sup.inner.checkpoint_to(&req, sink).expect("checkpoint");

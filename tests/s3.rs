@@ -467,7 +467,7 @@ fn a_server_that_ignores_if_none_match_is_refused_or_used_in_the_weaker_mode_whe
 /// program checks all of it: its last checksum is the uninterrupted run's).
 #[test]
 fn a_checkpoint_on_top_of_a_stored_image_takes_unwritten_memory_from_its_chunks() {
-    use limitless::engine::checkpoint::After;
+    use limitless::engine::checkpoint::{After, Request};
     use limitless::engine::restore::restore_stream;
     use limitless::engine::supervisor::{Options, Supervisor};
     use limitless::store::ImageAt;
@@ -481,7 +481,7 @@ fn a_checkpoint_on_top_of_a_stored_image_takes_unwritten_memory_from_its_chunks(
     let sup = Supervisor::launch(&prog, &args.map(Into::into), &opts).unwrap();
     assert!(sup.wait_ready(Duration::from_secs(30)), "the agent did not start");
     wait_output(&sup, "wpedge");
-    let req = |after| request(PathBuf::new(), after);
+    let req = |after| Request::new(PathBuf::new(), after);
     let (first, second) = ("images/w/1.0.img", "images/w/2.0.img");
     let a = sup.inner.checkpoint_to(&req(After::Resume), s.image_sink(first, None).unwrap().unwrap()).unwrap();
     assert_ne!(a.epoch, 0, "a leave-running checkpoint to the store did not arm dirty tracking (it needs Linux 6.7+)");
@@ -514,7 +514,7 @@ fn a_checkpoint_on_top_of_a_stored_image_takes_unwritten_memory_from_its_chunks(
 /// resident memory. No server needed: the image is a file.
 #[test]
 fn after_a_tracked_restore_the_estimate_of_what_to_store_follows_what_the_program_writes() {
-    use limitless::engine::checkpoint::After;
+    use limitless::engine::checkpoint::{After, Request};
     use limitless::engine::restore::restore;
     use limitless::engine::supervisor::{Options, Supervisor};
     let opts = Options { socket: None, carry: Default::default(), track: false, map: false };
@@ -529,7 +529,7 @@ fn after_a_tracked_restore_the_estimate_of_what_to_store_follows_what_the_progra
     let dir = std::env::temp_dir().join("limitless-tests").join(format!("estimate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let img = dir.join("image");
-    let req = request(img.clone(), After::Kill);
+    let req = Request::new(img.clone(), After::Kill);
     sup.inner.checkpoint(&req).unwrap();
     let _ = sup.wait();
     let (r, _) = restore(&img, &Options { track: true, ..opts }).unwrap();
@@ -562,20 +562,6 @@ fn after_a_tracked_restore_the_estimate_of_what_to_store_follows_what_the_progra
     assert!(all >= 64 << 20 && all * 10 >= rss2 * 9, "{all} bytes to store after it rewrote its 64 MiB heap (resident {rss2})");
 }
 
-/// A checkpoint request to `output` (a file, or empty for a sink), then `after`.
-fn request(output: PathBuf, after: limitless::engine::checkpoint::After) -> limitless::engine::checkpoint::Request {
-    limitless::engine::checkpoint::Request {
-        output,
-        after,
-        freeze_timeout: Duration::from_secs(10),
-        wait_idle: Duration::ZERO,
-        parent: None,
-        compress: Default::default(),
-        self_contained: false,
-        whole_pages: false,
-    }
-}
-
 fn wait_output(sup: &limitless::engine::supervisor::Supervisor, what: &str) {
     let t = Instant::now();
     while sup.inner.out.bytes.load(std::sync::atomic::Ordering::Relaxed) == 0 {
@@ -586,7 +572,7 @@ fn wait_output(sup: &limitless::engine::supervisor::Supervisor, what: &str) {
 
 #[test]
 fn an_image_streams_into_the_store_and_back_and_a_tampered_chunk_stops_the_restore_before_the_program_runs() {
-    use limitless::engine::checkpoint::After;
+    use limitless::engine::checkpoint::{After, Request};
     use limitless::engine::restore::restore_stream;
     use limitless::engine::supervisor::{Options, Supervisor};
     use limitless::store::ImageAt;
@@ -604,7 +590,7 @@ fn an_image_streams_into_the_store_and_back_and_a_tampered_chunk_stops_the_resto
     let sup = Supervisor::launch(&churn, &["32".into(), "100000".into(), "50".into()], &opts).unwrap();
     assert!(sup.wait_ready(Duration::from_secs(30)), "the agent did not start");
     wait_output(&sup, "churn");
-    let req = request(PathBuf::new(), After::Kill);
+    let req = Request::new(PathBuf::new(), After::Kill);
     let st = sup.inner.checkpoint_to(&req, s.image_sink(key, None).unwrap().expect("the S3 store takes a stream")).unwrap();
     let _ = sup.wait();
     assert!(st.pages >= 32 * 256, "{} pages stored", st.pages);

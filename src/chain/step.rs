@@ -351,16 +351,7 @@ fn checkpoint(
     };
     let streamed = sink.is_some();
     let staging = if streamed { PathBuf::new() } else { store.staging_path("image")? };
-    let req = Request {
-        output: staging.clone(),
-        after: After::Hold,
-        freeze_timeout,
-        wait_idle,
-        parent: None,
-        compress: Default::default(),
-        self_contained: false,
-        whole_pages: false,
-    };
+    let req = Request { freeze_timeout, wait_idle, ..Request::new(staging.clone(), After::Hold) };
     let r = match sink {
         Some(sink) => sup.inner.checkpoint_to(&req, sink),
         None => sup.inner.checkpoint(&req),

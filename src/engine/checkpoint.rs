@@ -75,6 +75,24 @@ pub struct Request {
     pub whole_pages: bool,
 }
 
+impl Request {
+    /// A checkpoint to `output` (an image file, or empty for a sink), then `after`; the
+    /// rest as `dump` has it by default: freeze within [`super::api::FREEZE_TIMEOUT`], no
+    /// wait for idle sockets, a full image, raw, pages stored as their changes.
+    pub fn new(output: PathBuf, after: After) -> Request {
+        Request {
+            output,
+            after,
+            freeze_timeout: super::api::FREEZE_TIMEOUT,
+            wait_idle: Duration::ZERO,
+            parent: None,
+            compress: Compress::Off,
+            self_contained: false,
+            whole_pages: false,
+        }
+    }
+}
+
 /// What a checkpoint cost.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Stats {
